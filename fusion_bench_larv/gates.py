@@ -1,0 +1,133 @@
+"""Composite score, gates and depth-only schedules (spec, "Composite score and gates" and
+"Depth-only schedules"). Plain Python floats in, plain lists out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+DEFAULT_LEVELS = (0.5, 1.0, 1.5)
+
+# Levels of the fixed tier schedules (paper Appendix D.1).
+TIER_LEVELS: dict[str, tuple[float, ...]] = {
+    "tier2": (0.5, 1.5),
+    "tier3": (0.5, 1.0, 1.5),
+    "tier6": (0.5, 0.7, 0.9, 1.1, 1.3, 1.5),
+    "tier12": tuple(0.5 + i / 11 for i in range(12)),
+}
+SCHEDULES = ("uniform", "linear", "tier2", "tier3", "tier6", "tier12", "custom", "lines")
+# Default `schedule_scales` where a schedule takes them; `lines` defaults to the 0.5 -> 1.5 range.
+SCHEDULE_DEFAULT_SCALES: dict[str, tuple[float, ...]] = {
+    "uniform": (1.0,),
+    "custom": (0.5, 1.0, 1.5),
+    "lines": (0.5, 1.0),
+}
+
+
+def depth_prior(num_layers: int) -> list[float]:
+    """r_ℓ = ℓ / L for ℓ = 1..L."""
+    return [(i + 1) / num_layers for i in range(num_layers)]
+
+
+def standardize(values: Sequence[float]) -> list[float]:
+    """z-scores with the population std; all zeros when the std is zero."""
+    n = len(values)
+    if n == 0:
+        return []
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / n
+    std = math.sqrt(var)
+    if std <= 1e-12 * max(1.0, abs(mean)):
+        return [0.0] * n
+    return [(v - mean) / std for v in values]
+
+
+def softplus(t: float) -> float:
+    """sp(t) = log(1 + e^t), overflow-safe."""
+    return max(t, 0.0) + math.log1p(math.exp(-abs(t)))
+
+
+def composite_score(
+    e: Sequence[float],
+    c: Sequence[float],
+    eta: float = 1.0,
+    rho: float = 0.5,
+    zeta: float = 1.0,
+    use_info: bool = True,
+    use_depth_prior: bool = True,
+    use_conflict: bool = True,
+) -> list[float]:
+    """w_ℓ = e_ℓ^η · r_ℓ^ρ / (sp(z(c_ℓ)) + 1)^ζ; a switched-off factor is 1 (paper Table 3)."""
+    if len(e) != len(c):
+        raise ValueError(f"e has {len(e)} layers but c has {len(c)}")
+    r = depth_prior(len(e))
+    z = standardize(c)
+    w = []
+    for e_l, r_l, z_l in zip(e, r, z, strict=True):
+        num = (e_l**eta if use_info else 1.0) * (r_l**rho if use_depth_prior else 1.0)
+        den = (softplus(z_l) + 1.0) ** zeta if use_conflict else 1.0
+        w.append(num / den)
+    return w
+
+
+def empirical_quantile(values: Sequence[float], q: float) -> float:
+    """t = inf{t : F̂(t) ≥ q} for the empirical CDF F̂ of ``values``."""
+    if not values:
+        raise ValueError("empirical_quantile of an empty list")
+    s = sorted(values)
+    n = len(s)
+    # smallest k (1-based) with k/n >= q; the tolerance keeps q = 1/3, n = 12 at k = 4
+    k = max(1, math.ceil(q * n - 1e-9))
+    return s[min(k, n) - 1]
+
+
+def tiered_gate(
+    w: Sequence[float],
+    alpha: float = 1 / 3,
+    beta: float = 2 / 3,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+) -> tuple[list[float], tuple[float, float]]:
+    """s = levels[0] if w ≤ t1, levels[1] if t1 < w ≤ t2, levels[2] otherwise, with (t1, t2) the
+    (α, β) empirical quantiles of the scores. Returns the scales and (t1, t2)."""
+    t1, t2 = empirical_quantile(w, alpha), empirical_quantile(w, beta)
+    lo, mid, hi = levels
+    return [lo if x <= t1 else (mid if x <= t2 else hi) for x in w], (t1, t2)
+
+
+def continuous_gate(w: Sequence[float], gamma: float = 3.0) -> list[float]:
+    """s = 1 + 0.5·tanh(γ(w − 1)), in (0.5, 1.5)."""
+    return [1.0 + 0.5 * math.tanh(gamma * (x - 1.0)) for x in w]
+
+
+def _tiers(num_layers: int, levels: Sequence[float]) -> list[float]:
+    """Proportional mapping of L layers onto len(levels) tiers: tier = ⌊i·K/L⌋."""
+    k = len(levels)
+    return [float(levels[(i * k) // num_layers]) for i in range(num_layers)]
+
+
+def depth_schedule(
+    name: str, num_layers: int, scales: Sequence[float] | None = None
+) -> list[float]:
+    """Depth-only scales for L layers.
+
+    ``uniform`` (one scale), ``linear`` (0.5 → 1.5), ``tier2/3/6/12`` (fixed levels, or
+    ``scales`` of the same length), ``custom`` (s_shallow, s_middle, s_deep in thirds) and
+    ``lines`` (LiNeS: α + β·ℓ/(L−1) with ``scales`` = (α, β))."""
+    if num_layers < 1:
+        raise ValueError("a schedule needs at least one layer")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+    if scales is None:
+        scales = SCHEDULE_DEFAULT_SCALES.get(name)
+    frac = [i / (num_layers - 1) if num_layers > 1 else 0.5 for i in range(num_layers)]
+    if name == "uniform":
+        return [float(scales[0])] * num_layers
+    if name == "linear":
+        return [0.5 + f for f in frac]
+    if name == "lines":
+        a, b = scales
+        return [a + b * f for f in frac]
+    if name == "custom":
+        return _tiers(num_layers, scales)
+    return _tiers(num_layers, scales if scales is not None else TIER_LEVELS[name])

@@ -1,0 +1,149 @@
+"""Layer grouping: which parameters form transformer block ℓ = 1..L (spec, "Layers").
+
+Plain strings and regexes only (no torch, no FusionBench), so it can be tested on key lists.
+
+A *layer pattern* is a regex whose named group ``idx`` (or, failing that, its first group)
+captures the block index. The text of the key before that index is the *stack*: one model can
+have several stacks (T5: ``encoder.block.`` then ``decoder.block.``), which are laid end to end
+on one depth axis in the order they first appear in the state dict.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+# Tried in this order; the first pattern that matches any key is used for the whole model.
+# Specific architectures come first so that nested indices (T5's `block.0.layer.1.`) are not
+# mistaken for blocks by the generic pattern.
+KNOWN_LAYER_PATTERNS: dict[str, str] = {
+    "t5": r"^(?:.*\.)?(?:encoder|decoder)\.block\.(?P<idx>\d+)\.",
+    "hf_clip": r"^(?:.*\.)?encoder\.layers\.(?P<idx>\d+)\.",  # with and without `vision_model.`
+    "open_clip": r"^(?:.*\.)?transformer\.resblocks\.(?P<idx>\d+)\.",
+    "generic": r"^(?:.*?\.)?(?:layers|blocks|h|layer|block)\.(?P<idx>\d+)\.",
+}
+
+# Names of parameters outside the blocks that sit *after* them in the forward pass even when the
+# state dict lists them first (open_clip's `visual.proj` is a direct parameter, so it precedes the
+# submodules). Used by the `nearest` policy only.
+POST_BLOCK_NAME = re.compile(
+    r"(?:^|\.)(?:ln_post|post_layernorm|final_layer_norm|ln_f|fc_norm|norm|head|lm_head|proj|"
+    r"text_projection|visual_projection|classifier)(?:\.|$)"
+)
+
+
+class LayerGroupingError(ValueError):
+    """No transformer block could be found (or a user pattern is malformed)."""
+
+
+@dataclass
+class LayerGroups:
+    """Result of grouping a model's parameter names into depth-ordered layers."""
+
+    pattern: str
+    prefixes: list[str]  # layer ℓ-1 -> its parameter-name prefix, e.g. "vision_model.encoder.layers.3."
+    members: list[list[str]]  # layer ℓ-1 -> parameter names in that block
+    outside: dict[str, int]  # parameter outside blocks -> index (0-based) of the layer it follows
+    outside_position: dict[str, str] = field(default_factory=dict)  # name -> "before" | "after"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.prefixes)
+
+
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise LayerGroupingError(f"layer_pattern {pattern!r} is not a valid regex: {err}") from err
+    if "idx" not in rx.groupindex and rx.groups < 1:
+        raise LayerGroupingError(
+            f"layer_pattern {pattern!r} must capture the block index, as a named group "
+            "(?P<idx>\\d+) or as its first group, e.g. r'^model\\.layers\\.(\\d+)\\.'"
+        )
+    return rx
+
+
+def _index_span(m: re.Match) -> tuple[int, int]:
+    group = "idx" if "idx" in m.re.groupindex else 1
+    return m.span(group)
+
+
+def detect_layer_pattern(names: Iterable[str]) -> str | None:
+    names = list(names)
+    for pattern in KNOWN_LAYER_PATTERNS.values():
+        rx = re.compile(pattern)
+        if any(rx.search(n) for n in names):
+            return pattern
+    return None
+
+
+def group_layers(names: Sequence[str], layer_pattern: str | None = None) -> LayerGroups:
+    """Group parameter names (in state-dict order) into transformer blocks.
+
+    ``layer_pattern=None`` auto-detects among :data:`KNOWN_LAYER_PATTERNS`.
+    """
+    names = list(names)
+    if layer_pattern is None:
+        layer_pattern = detect_layer_pattern(names)
+        if layer_pattern is None:
+            tried = "\n  ".join(f"{k}: {v}" for k, v in KNOWN_LAYER_PATTERNS.items())
+            raise LayerGroupingError(
+                "LARV found no transformer block in the model. Patterns tried:\n  "
+                f"{tried}\nPass your own with `layer_pattern=<regex>` (method.layer_pattern=... on "
+                "the command line); its group (?P<idx>\\d+) or first group must capture the block "
+                "index."
+            )
+    rx = _compile(layer_pattern)
+
+    stacks: list[str] = []  # stack prefixes in order of first appearance
+    blocks: dict[tuple[str, int], list[str]] = {}
+    block_prefix: dict[tuple[str, int], str] = {}
+    key_of: dict[str, tuple[str, int]] = {}
+    for name in names:
+        m = rx.search(name)
+        if m is None:
+            continue
+        start, end = _index_span(m)
+        stack, idx = name[:start], int(name[start:end])
+        if stack not in stacks:
+            stacks.append(stack)
+        key = (stack, idx)
+        blocks.setdefault(key, []).append(name)
+        block_prefix[key] = name[: m.end()]
+        key_of[name] = key
+
+    if not blocks:
+        raise LayerGroupingError(
+            f"layer_pattern {layer_pattern!r} matched no parameter name "
+            f"(first names: {names[:5]})"
+        )
+    ordered = sorted(blocks, key=lambda k: (stacks.index(k[0]), k[1]))
+    layer_of_key = {k: i for i, k in enumerate(ordered)}
+    last_layer_of_stack = {s: max(layer_of_key[k] for k in ordered if k[0] == s) for s in stacks}
+
+    outside: dict[str, int] = {}
+    position: dict[str, str] = {}
+    last_seen: int | None = None  # deepest layer seen so far in state-dict order
+    for name in names:
+        if name in key_of:
+            li = layer_of_key[key_of[name]]
+            last_seen = li if last_seen is None else max(last_seen, li)
+            continue
+        if POST_BLOCK_NAME.search(name):
+            # an output norm/projection: the last block of the stack it belongs to, if any
+            owner = [s for s in stacks if s and name.startswith(s.rsplit(".", 2)[0] + ".")]
+            outside[name] = last_layer_of_stack[owner[-1]] if owner else len(ordered) - 1
+            position[name] = "after"
+        elif last_seen is None:
+            outside[name], position[name] = 0, "before"
+        else:
+            outside[name], position[name] = last_seen, "after"
+    return LayerGroups(
+        pattern=layer_pattern,
+        prefixes=[block_prefix[k] for k in ordered],
+        members=[blocks[k] for k in ordered],
+        outside=outside,
+        outside_position=position,
+    )

@@ -1,0 +1,149 @@
+"""LARV's settings: the public config keys (spec, "Config names"), validated at construction so
+that a bad value fails before any model is loaded, with a message naming the key."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .gates import DEFAULT_LEVELS, SCHEDULES, TIER_LEVELS
+
+GATES = ("tiered", "continuous", "schedule")
+PLACEMENTS = ("merged", "task_vectors")
+SPECTRA = ("exact", "randomized")
+OUTSIDE_POLICIES = ("nearest", "neutral")
+
+
+class LarvConfigError(ValueError):
+    """A LARV config key has a value that is not allowed."""
+
+
+def _bad(key: str, value: Any, allowed: str) -> LarvConfigError:
+    return LarvConfigError(f"LARV config `{key}` = {value!r} is not allowed: {allowed}")
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(key, value, "expected a finite number")
+    return float(value)
+
+
+@dataclass
+class LarvSettings:
+    gate: str = "tiered"
+    alpha: float = 1 / 3
+    beta: float = 2 / 3
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    gamma: float = 3.0
+    eta: float = 1.0
+    rho: float = 0.5
+    zeta: float = 1.0
+    use_depth_prior: bool = True
+    use_info: bool = True
+    use_conflict: bool = True
+    schedule: str = "uniform"
+    schedule_scales: tuple[float, ...] | None = None
+    placement: str = "merged"
+    spectrum: str = "exact"
+    rank: int = 2
+    oversample: int = 10
+    seed: int = 0
+    outside_blocks: str = "nearest"
+    layer_pattern: str | None = None
+    eps: float = 1e-8
+    report_name: str = "larv_layers.json"
+    extra: dict = field(default_factory=dict, repr=False)  # not a config key; kept for reports
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> LarvSettings:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = set(values) - known
+        if unknown:
+            raise LarvConfigError(
+                f"unknown LARV config key(s) {sorted(unknown)}; allowed: {sorted(known)}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        d["levels"] = list(d["levels"])
+        if d["schedule_scales"] is not None:
+            d["schedule_scales"] = list(d["schedule_scales"])
+        return d
+
+    def validate(self) -> None:
+        if self.gate not in GATES:
+            raise _bad("gate", self.gate, f"one of {GATES}")
+        if self.placement not in PLACEMENTS:
+            raise _bad("placement", self.placement, f"one of {PLACEMENTS}")
+        if self.spectrum not in SPECTRA:
+            raise _bad("spectrum", self.spectrum, f"one of {SPECTRA}")
+        if self.outside_blocks not in OUTSIDE_POLICIES:
+            raise _bad("outside_blocks", self.outside_blocks, f"one of {OUTSIDE_POLICIES}")
+        if self.schedule not in SCHEDULES:
+            raise _bad("schedule", self.schedule, f"one of {SCHEDULES}")
+        self.alpha, self.beta = _number("alpha", self.alpha), _number("beta", self.beta)
+        if not 0 < self.alpha < 1:
+            raise _bad("alpha", self.alpha, "a quantile in (0, 1)")
+        if not 0 < self.beta < 1:
+            raise _bad("beta", self.beta, "a quantile in (0, 1)")
+        if not self.alpha < self.beta:
+            raise _bad("alpha", self.alpha, f"must be smaller than beta = {self.beta}")
+        for key in ("eta", "rho", "zeta"):
+            v = _number(key, getattr(self, key))
+            if v < 0:
+                raise _bad(key, v, "an exponent >= 0")
+            setattr(self, key, v)
+        self.gamma = _number("gamma", self.gamma)
+        if self.gamma <= 0:
+            raise _bad("gamma", self.gamma, "a sharpness > 0")
+        self.eps = _number("eps", self.eps)
+        if self.eps <= 0:
+            raise _bad("eps", self.eps, "a small number > 0")
+        self.levels = self._scales("levels", self.levels, 3)
+        for key in ("use_depth_prior", "use_info", "use_conflict"):
+            if not isinstance(getattr(self, key), bool):
+                raise _bad(key, getattr(self, key), "true or false")
+        for key, low in (("rank", 1), ("oversample", 0)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise _bad(key, v, f"an integer >= {low}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise _bad("seed", self.seed, "an integer")
+        if self.schedule_scales is not None:
+            expected = {"uniform": 1, "custom": 3, "lines": 2, "linear": 0}.get(self.schedule)
+            if expected is None:
+                expected = len(TIER_LEVELS[self.schedule])
+            if expected == 0:
+                raise _bad("schedule_scales", self.schedule_scales, "`linear` takes none (0.5 → 1.5)")
+            if self.schedule == "lines":  # (α, β) may be any finite numbers
+                self.schedule_scales = tuple(
+                    _number("schedule_scales", v) for v in self._seq("schedule_scales", self.schedule_scales, 2)
+                )
+            else:
+                self.schedule_scales = self._scales("schedule_scales", self.schedule_scales, expected)
+        if self.layer_pattern is not None and not isinstance(self.layer_pattern, str):
+            raise _bad("layer_pattern", self.layer_pattern, "null (auto) or a regex string")
+        if not isinstance(self.report_name, str) or not self.report_name or "/" in self.report_name:
+            raise _bad("report_name", self.report_name, "a plain file name")
+
+    @staticmethod
+    def _seq(key: str, value: Any, n: int) -> tuple:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise _bad(key, value, f"a list of {n} numbers")
+        value = tuple(value)
+        if len(value) != n:
+            raise _bad(key, list(value), f"a list of exactly {n} numbers, got {len(value)}")
+        return value
+
+    @classmethod
+    def _scales(cls, key: str, value: Any, n: int) -> tuple[float, ...]:
+        out = tuple(_number(key, v) for v in cls._seq(key, value, n))
+        if any(v < 0 for v in out):
+            raise _bad(key, list(out), "scales must be >= 0")
+        return out
