@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with fusion-bench-larv and its test tools.
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch first, pinned to the release this project is tested with (torchvision for open_clip)
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+# editable_mode=compat keeps `hydra_plugins` a plain folder on sys.path, which Hydra's plugin
+# discovery needs (the default "strict" editable finder hides it from pkgutil)
+.venv/bin/pip install -q -e ".[test]" --config-settings editable_mode=compat 2>&1 \
+  | grep -v -E "^WARNING: Location .* is ignored" || true
+.venv/bin/python - <<'PY'
+from importlib.metadata import version
+print("fusion-bench-larv", version("fusion-bench-larv"), "| fusion-bench", version("fusion-bench"),
+      "| transformers", version("transformers"), "| torch", version("torch"))
+PY
