@@ -89,16 +89,22 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
 
     def __init__(self, base_method: Any, report_dir: str | None = None, **larv: Any):
         if base_method is None:
-            raise LarvConfigError("LARV needs `base_method`: a FusionBench method config with `_target_`")
+            raise LarvConfigError(
+                "LARV needs `base_method`: a FusionBench method config with `_target_`"
+            )
         if isinstance(base_method, Mapping) and "_target_" not in base_method:
             raise LarvConfigError(
                 f"`base_method` must have a `_target_` (a FusionBench method class), got keys {list(base_method)}"
             )
         if not isinstance(base_method, (Mapping, BaseAlgorithm)):
-            raise LarvConfigError(f"`base_method` must be a config mapping or a BaseAlgorithm, got {type(base_method)}")
+            raise LarvConfigError(
+                f"`base_method` must be a config mapping or a BaseAlgorithm, got {type(base_method)}"
+            )
         self.base_method = base_method
         self.report_dir = report_dir
-        larv = {k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in larv.items()}
+        larv = {
+            k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in larv.items()
+        }
         self.settings = LarvSettings.from_mapping(larv)
         for k in LARV_KEYS:
             setattr(self, k, getattr(self.settings, k))
@@ -188,7 +194,11 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             base_cfg = {"_target_": f"{type(base_cfg).__module__}.{type(base_cfg).__qualname__}"}
         elif OmegaConf.is_config(base_cfg):
             base_cfg = OmegaConf.to_container(base_cfg, resolve=True)
-        return {"settings": self.settings.to_dict(), "base_method": dict(base_cfg), **result.to_dict()}
+        return {
+            "settings": self.settings.to_dict(),
+            "base_method": dict(base_cfg),
+            **result.to_dict(),
+        }
 
     def report_path(self) -> str | None:
         directory = self.report_dir

@@ -120,13 +120,18 @@ class LarvSettings:
             if expected is None:
                 expected = len(TIER_LEVELS[self.schedule])
             if expected == 0:
-                raise _bad("schedule_scales", self.schedule_scales, "`linear` takes none (0.5 → 1.5)")
+                raise _bad(
+                    "schedule_scales", self.schedule_scales, "`linear` takes none (0.5 → 1.5)"
+                )
             if self.schedule == "lines":  # (α, β) may be any finite numbers
                 self.schedule_scales = tuple(
-                    _number("schedule_scales", v) for v in self._seq("schedule_scales", self.schedule_scales, 2)
+                    _number("schedule_scales", v)
+                    for v in self._seq("schedule_scales", self.schedule_scales, 2)
                 )
             else:
-                self.schedule_scales = self._scales("schedule_scales", self.schedule_scales, expected)
+                self.schedule_scales = self._scales(
+                    "schedule_scales", self.schedule_scales, expected
+                )
         if self.layer_pattern is not None and not isinstance(self.layer_pattern, str):
             raise _bad("layer_pattern", self.layer_pattern, "null (auto) or a regex string")
         if not isinstance(self.report_name, str) or not self.report_name or "/" in self.report_name:

@@ -33,7 +33,11 @@ BASES = {
         "remove_keys": [],
         "merge_func": "sum",
     },
-    "larv_iso_c": {"_target_": "fusion_bench.method.ISO_C_Merge", "scaling_factor": 1.3, "exclude_keys": None},
+    "larv_iso_c": {
+        "_target_": "fusion_bench.method.ISO_C_Merge",
+        "scaling_factor": 1.3,
+        "exclude_keys": None,
+    },
     "larv_iso_cts": {
         "_target_": "fusion_bench.method.ISO_CTS_Merge",
         "scaling_factor": 1.5,
@@ -46,12 +50,18 @@ BASES = {
         "exclude_keys": None,
         "return_single_task_models": False,
     },
-    "larv_wudi": {"_target_": "fusion_bench.method.WUDIMerging", "iter_num": 5, "exclude_keys": None},
+    "larv_wudi": {
+        "_target_": "fusion_bench.method.WUDIMerging",
+        "iter_num": 5,
+        "exclude_keys": None,
+    },
     "larv_simple_average": {"_target_": "fusion_bench.method.SimpleAverageAlgorithm"},
 }
 DIRECT = {
     "larv_ta": lambda: TaskArithmeticAlgorithm(scaling_factor=0.3),
-    "larv_ties": lambda: TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[], merge_func="sum"),
+    "larv_ties": lambda: TiesMergingAlgorithm(
+        scaling_factor=0.3, threshold=20, remove_keys=[], merge_func="sum"
+    ),
     "larv_iso_c": lambda: ISO_C_Merge(scaling_factor=1.3),
     "larv_iso_cts": lambda: ISO_CTS_Merge(scaling_factor=1.5, common_space_fraction=0.8),
     "larv_tsvm": lambda: TaskSingularVectorMerging(alpha=1),
@@ -84,7 +94,10 @@ def models():
 def fresh_pool(models):
     pretrained, finetuned = models
     return BaseModelPool(
-        {"_pretrained_": copy.deepcopy(pretrained), **{k: copy.deepcopy(v) for k, v in finetuned.items()}}
+        {
+            "_pretrained_": copy.deepcopy(pretrained),
+            **{k: copy.deepcopy(v) for k, v in finetuned.items()},
+        }
     )
 
 
@@ -103,7 +116,9 @@ def test_unit_scales_reproduce_base_exactly(models, name):
         assert torch.equal(expected[k], got[k]), k
 
 
-@pytest.mark.parametrize("name", ["larv_ta", "larv_ties", "larv_iso_c", "larv_tsvm", "larv_simple_average"])
+@pytest.mark.parametrize(
+    "name", ["larv_ta", "larv_ties", "larv_iso_c", "larv_tsvm", "larv_simple_average"]
+)
 @pytest.mark.parametrize("gate", ["tiered", "continuous"])
 def test_scaled_merge_is_theta0_plus_scaled_update(models, name, gate):
     theta0 = state(models[0])

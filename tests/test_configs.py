@@ -22,7 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 FB_CONFIG = str(Path(fusion_bench.__file__).resolve().parent.parent / "fusion_bench_config")
 METHODS = {
     "larv_ta": ("TaskArithmeticAlgorithm", {"scaling_factor": 0.3}),
-    "larv_ties": ("TiesMergingAlgorithm", {"scaling_factor": 0.3, "threshold": 20, "merge_func": "sum"}),
+    "larv_ties": (
+        "TiesMergingAlgorithm",
+        {"scaling_factor": 0.3, "threshold": 20, "merge_func": "sum"},
+    ),
     "larv_iso_c": ("ISO_C_Merge", {}),  # scaling depends on the backbone, checked below
     "larv_iso_cts": ("ISO_CTS_Merge", {"scaling_factor": 1.5, "common_space_fraction": 0.8}),
     "larv_tsvm": ("TaskSingularVectorMerging", {"alpha": 1}),
@@ -50,7 +53,9 @@ def hydra_ctx():
 def test_suite_composes_and_instantiates_every_method(hydra_ctx, backbone, tasks):
     n_tasks = {"TA8": 8, "TALL14": 14, "TALL20": 20}[tasks]
     for method, (cls_name, hparams) in METHODS.items():
-        cfg = compose(config_name=f"larv_clip-vit-{backbone}_{tasks}", overrides=[f"method={method}"])
+        cfg = compose(
+            config_name=f"larv_clip-vit-{backbone}_{tasks}", overrides=[f"method={method}"]
+        )
         # the suite pairs FusionBench's model pool with the matching task pool and backbone
         assert cfg.modelpool.models._pretrained_ == f"openai/clip-vit-{backbone}"
         assert len([m for m in cfg.modelpool.models if m != "_pretrained_"]) == n_tasks
