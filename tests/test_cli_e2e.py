@@ -24,8 +24,7 @@ def _run(suite, method_args, log_dir: Path, cwd: Path) -> dict:
     args = [
         *suite.cli_args(),
         *method_args,
-        "report_save_path={log_dir}/program_report.json",
-        "merged_model_save_path={log_dir}/merged",
+        f"merged_model_save_path={log_dir / 'merged'}",
     ]
     return run_fusion_bench(args, cwd=cwd, log_dir=log_dir)
 
