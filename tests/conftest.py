@@ -1,0 +1,17 @@
+"""Shared fixtures. Every test runs offline: nothing may reach a model or data set hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_suite(tmp_path_factory):
+    """The tiny offline CLIP suite (real CLIPModel, local data sets, fine-tuned towers)."""
+    from fusion_bench_larv.testing.tiny_clip import build_tiny_clip_suite
+
+    return build_tiny_clip_suite(tmp_path_factory.mktemp("tiny_clip_suite"))
