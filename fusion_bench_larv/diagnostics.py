@@ -48,11 +48,15 @@ def singular_values(
     return torch.linalg.svdvals(q.T @ a)[:k]
 
 
-def spectral_entropy(sigma: torch.Tensor, frobenius_sq: float | torch.Tensor | None = None) -> float:
+def spectral_entropy(
+    sigma: torch.Tensor, frobenius_sq: float | torch.Tensor | None = None
+) -> float:
     """H = −Σ p_j log p_j with p_j = σ_j² / ‖A‖_F². ``frobenius_sq`` defaults to Σσ_j² (exact
     spectrum); a truncated spectrum must pass the true ‖A‖_F² (spec)."""
     energy = sigma.to(torch.float64) ** 2
-    total = energy.sum() if frobenius_sq is None else torch.as_tensor(frobenius_sq, dtype=torch.float64)
+    total = (
+        energy.sum() if frobenius_sq is None else torch.as_tensor(frobenius_sq, dtype=torch.float64)
+    )
     if total <= 0:
         return 0.0
     p = energy / total
@@ -121,7 +125,9 @@ def _commutator_norm(x: torch.Tensor, y: torch.Tensor, left: bool) -> torch.Tens
     return sq.clamp_min(0.0).sqrt().to(x.dtype)
 
 
-def commutator_conflict(theta0: torch.Tensor, delta: torch.Tensor, eps: float = DEFAULT_EPS) -> float:
+def commutator_conflict(
+    theta0: torch.Tensor, delta: torch.Tensor, eps: float = DEFAULT_EPS
+) -> float:
     """Commutator conflict coefficient.
 
     Square: ‖θ_0 Δ − Δ θ_0‖_F / (‖θ_0‖_F ‖Δ‖_F + ε).

@@ -42,7 +42,9 @@ class LayerGroups:
     """Result of grouping a model's parameter names into depth-ordered layers."""
 
     pattern: str
-    prefixes: list[str]  # layer ℓ-1 -> its parameter-name prefix, e.g. "vision_model.encoder.layers.3."
+    prefixes: list[
+        str
+    ]  # layer ℓ-1 -> its parameter-name prefix, e.g. "vision_model.encoder.layers.3."
     members: list[list[str]]  # layer ℓ-1 -> parameter names in that block
     outside: dict[str, int]  # parameter outside blocks -> index (0-based) of the layer it follows
     outside_position: dict[str, str] = field(default_factory=dict)  # name -> "before" | "after"
@@ -116,26 +118,40 @@ def group_layers(names: Sequence[str], layer_pattern: str | None = None) -> Laye
 
     if not blocks:
         raise LayerGroupingError(
-            f"layer_pattern {layer_pattern!r} matched no parameter name "
-            f"(first names: {names[:5]})"
+            f"layer_pattern {layer_pattern!r} matched no parameter name (first names: {names[:5]})"
         )
     ordered = sorted(blocks, key=lambda k: (stacks.index(k[0]), k[1]))
     layer_of_key = {k: i for i, k in enumerate(ordered)}
     last_layer_of_stack = {s: max(layer_of_key[k] for k in ordered if k[0] == s) for s in stacks}
 
+    # Outside-block parameters follow the block nearest to them in the forward pass. A parameter
+    # under a stack's root (T5 `decoder.embed_tokens`, `decoder.final_layer_norm`) belongs to that
+    # stack; output norms/projections (POST_BLOCK_NAME) sit after their stack's last block.
+    first_pos = {}
+    for pos, name in enumerate(names):
+        if name in key_of:
+            first_pos.setdefault(key_of[name][0], pos)
+    first_layer_of_stack = {s: min(layer_of_key[k] for k in ordered if k[0] == s) for s in stacks}
+    # a stack's root: its prefix minus the container name, e.g. "decoder.block." -> "decoder."
+    roots = {s: s.rstrip(".").rsplit(".", 1)[0] + "." for s in stacks if s.rstrip(".").count(".")}
+
     outside: dict[str, int] = {}
     position: dict[str, str] = {}
     last_seen: int | None = None  # deepest layer seen so far in state-dict order
-    for name in names:
+    for pos, name in enumerate(names):
         if name in key_of:
             li = layer_of_key[key_of[name]]
             last_seen = li if last_seen is None else max(last_seen, li)
             continue
+        owner = [s for s, root in roots.items() if name.startswith(root)]
         if POST_BLOCK_NAME.search(name):
-            # an output norm/projection: the last block of the stack it belongs to, if any
-            owner = [s for s in stacks if s and name.startswith(s.rsplit(".", 2)[0] + ".")]
-            outside[name] = last_layer_of_stack[owner[-1]] if owner else len(ordered) - 1
-            position[name] = "after"
+            li = last_layer_of_stack[owner[-1]] if owner else len(ordered) - 1
+            outside[name], position[name] = li, "after"
+        elif owner:
+            s = owner[-1]
+            before = pos < first_pos[s]
+            li = first_layer_of_stack[s] if before else last_layer_of_stack[s]
+            outside[name], position[name] = li, "before" if before else "after"
         elif last_seen is None:
             outside[name], position[name] = 0, "before"
         else:

@@ -92,16 +92,22 @@ def layer_diagnostics(
             if settings.spectrum == "randomized":
                 gen = torch.Generator(device="cpu").manual_seed(_matrix_seed(settings.seed, name))
             e_vals.append(
-                rank_contrast(t0, d, settings.spectrum, settings.rank, settings.oversample, settings.eps, gen)
+                rank_contrast(
+                    t0, d, settings.spectrum, settings.rank, settings.oversample, settings.eps, gen
+                )
             )
-            c_vals.append(0.0 if is_numerically_zero(d, t0) else commutator_conflict(t0, d, settings.eps))
+            c_vals.append(
+                0.0 if is_numerically_zero(d, t0) else commutator_conflict(t0, d, settings.eps)
+            )
         counts.append(len(e_vals))
         e_layers.append(sum(e_vals) / len(e_vals) if e_vals else 0.0)
         c_layers.append(sum(c_vals) / len(c_vals) if c_vals else 0.0)
     return e_layers, c_layers, counts
 
 
-def gate_scores(e: list[float], c: list[float], settings: LarvSettings) -> tuple[list[float], list[float], tuple | None]:
+def gate_scores(
+    e: list[float], c: list[float], settings: LarvSettings
+) -> tuple[list[float], list[float], tuple | None]:
     """Composite score w and scale s per layer for the configured gate."""
     w = composite_score(
         e, c, settings.eta, settings.rho, settings.zeta,
@@ -135,7 +141,9 @@ def compute_larv_scales(
         )
     for k, t in merged.items():
         if t.shape != theta0[k].shape:
-            raise ValueError(f"shape of {k!r} differs: θ_0 {tuple(theta0[k].shape)} vs merged {tuple(t.shape)}")
+            raise ValueError(
+                f"shape of {k!r} differs: θ_0 {tuple(theta0[k].shape)} vs merged {tuple(t.shape)}"
+            )
     names = [k for k, t in theta0.items() if _is_float(t)]
     groups = group_layers(names, settings.layer_pattern)
     delta = {k: merged[k].detach().to(torch.float32) - theta0[k].detach().to(torch.float32)
@@ -153,8 +161,17 @@ def compute_larv_scales(
         for name in members:
             param_scale[name] = s[i]
         layers.append(
-            LayerRecord(i + 1, groups.prefixes[i], e[i], c[i], r[i], w[i], s[i], counts[i],
-                        sum(theta0[n].numel() for n in members))  # fmt: skip
+            LayerRecord(
+                i + 1,
+                groups.prefixes[i],
+                e[i],
+                c[i],
+                r[i],
+                w[i],
+                s[i],
+                counts[i],
+                sum(theta0[n].numel() for n in members),
+            )  # fmt: skip
         )
     outside = []
     for name, li in groups.outside.items():

@@ -230,7 +230,9 @@ def _make_images(
     style = _TASK_STYLE.get(task, "color")
     rng = np.random.default_rng(_task_seed(seed, "prototypes", task))
     grid = 4
-    yy, xx = np.meshgrid(np.linspace(0, 1, image_size), np.linspace(0, 1, image_size), indexing="ij")
+    yy, xx = np.meshgrid(
+        np.linspace(0, 1, image_size), np.linspace(0, 1, image_size), indexing="ij"
+    )
 
     # class prototypes, float in [0, 1], shape (C, H, W, 3)
     if style == "digits":
@@ -601,7 +603,8 @@ def build_tiny_clip_suite(
     clip_model.save_pretrained(str(suite.pretrained_path))
     processor.save_pretrained(str(suite.pretrained_path))
     pretrained_state = {
-        k: v.clone() for k, v in CLIPVisionModel.from_pretrained(str(suite.pretrained_path)).state_dict().items()
+        k: v.clone()
+        for k, v in CLIPVisionModel.from_pretrained(str(suite.pretrained_path)).state_dict().items()
     }
 
     # 2. data, 3. fine-tuned towers
