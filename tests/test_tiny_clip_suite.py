@@ -3,12 +3,19 @@ that matches open_clip, genuinely fine-tuned towers, FusionBench configs that lo
 
 from __future__ import annotations
 
+import json
+
 import open_clip
+import pytest
 import torch
 from transformers import CLIPProcessor, CLIPVisionModel
 
 from fusion_bench_larv.layers import group_layers
-from fusion_bench_larv.testing.tiny_clip import build_tiny_clip_suite
+from fusion_bench_larv.testing.tiny_clip import (
+    build_tiny_clip_suite,
+    run_fusion_bench,
+    zero_shot_accuracy,
+)
 
 
 def test_tokenizer_matches_open_clip(tiny_clip_suite):
@@ -44,3 +51,52 @@ def test_build_is_cached(tiny_clip_suite):
     assert {p: p.stat().st_mtime_ns for p in files} == stamps  # nothing rebuilt or rewritten
     assert again.stats == tiny_clip_suite.stats
     assert again.recipe == tiny_clip_suite.recipe
+
+
+def test_vision_tower_and_datasets_load_like_fusion_bench_loads_them(tiny_clip_suite):
+    pre = CLIPVisionModel.from_pretrained(str(tiny_clip_suite.pretrained_path))
+    assert pre.config.num_hidden_layers == tiny_clip_suite.num_layers
+    for task in tiny_clip_suite.tasks:
+        ds = tiny_clip_suite.load_dataset(task, "test")
+        assert set(ds.column_names) == {"image", "label"}
+        assert ds.features["label"].num_classes == 10
+        assert ds[0]["image"].size == (32, 32)
+        assert set(ds["label"]) == set(range(10))
+    for path in (tiny_clip_suite.modelpool_config_path, tiny_clip_suite.taskpool_config_path):
+        assert path.is_file()
+
+
+def test_zero_shot_accuracy_measures_the_finetuning_gain(tiny_clip_suite):
+    # measured again from the files on disk, through FusionBench's own zero-shot head
+    for task in tiny_clip_suite.tasks:
+        st = tiny_clip_suite.stats[task]
+        pre = zero_shot_accuracy(tiny_clip_suite, task)
+        ft = zero_shot_accuracy(tiny_clip_suite, task, task)
+        assert (pre, ft) == (st["pretrained_accuracy"], st["finetuned_accuracy"])
+        assert ft >= pre + 0.3, (task, pre, ft)
+
+
+@pytest.mark.slow
+def test_task_arithmetic_cli_report(tiny_clip_suite, tmp_path):
+    log_dir = tmp_path / "logs"
+    report = run_fusion_bench(
+        [
+            *tiny_clip_suite.cli_args(),
+            "method=task_arithmetic",
+            f"merged_model_save_path={tmp_path / 'merged'}",
+        ],
+        cwd=tmp_path / "cwd",
+        log_dir=log_dir,
+    )
+    # the program's report and the task pool's own report.json, both in the log dir
+    assert report == json.loads((log_dir / "program_report.json").read_text())
+    assert report == json.loads((log_dir / "report.json").read_text())
+    assert report["model_info"]["all_params"] > 0
+    accs = [report[task]["accuracy"] for task in tiny_clip_suite.tasks]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert report["average"]["accuracy"] == pytest.approx(sum(accs) / len(accs))
+    # the CLI evaluated the whole test split, exactly like zero_shot_accuracy does
+    merged = CLIPVisionModel.from_pretrained(str(tmp_path / "merged"))
+    for task in tiny_clip_suite.tasks:
+        expected = zero_shot_accuracy(tiny_clip_suite, task, merged)
+        assert report[task]["accuracy"] == pytest.approx(expected, abs=1e-6), task

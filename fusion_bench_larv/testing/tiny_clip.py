@@ -21,10 +21,17 @@
   accuracies). A root holding a complete build of the same recipe is reused as is.
 
 :func:`run_fusion_bench` runs the real ``fusion_bench`` CLI in a subprocess and returns the report.
+
+The "pretrained" CLIP model is randomly initialised (no contrastive pre-training), so its
+zero-shot accuracy is about chance (0.1); the defaults fine-tune to about 0.9-1.0, and task
+arithmetic (0.3) over mnist/svhn/eurosat lands in between (about 0.51/0.31/0.29). A build is
+deterministic on CPU: the same recipe gives byte-identical weights and data files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -53,7 +60,7 @@ __all__ = [
 ]
 
 #: bump whenever the build below changes in a way that changes its outputs
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: config names (relative to the suite's config dir) to pass as ``modelpool=`` / ``taskpool=``
 MODELPOOL_CONFIG = "CLIPVisionModelPool/tiny_clip"
@@ -236,7 +243,8 @@ def _make_images(
 
     # class prototypes, float in [0, 1], shape (C, H, W, 3)
     if style == "digits":
-        shapes = _upsample(_distinct_binary_grids(rng, n_classes, grid), image_size)
+        # white "strokes" on black, on a grid finer than the patches (a patch sees a sub-pattern)
+        shapes = _upsample(_distinct_binary_grids(rng, n_classes, 2 * grid), image_size)
         protos = np.repeat(shapes[..., None], 3, axis=-1)
     elif style == "house_numbers":
         shapes = _upsample(_distinct_binary_grids(rng, n_classes, grid), image_size)
@@ -355,36 +363,63 @@ def _finetune(
     return losses
 
 
+@functools.lru_cache(maxsize=16)
+def _zero_shot_setup(pretrained: str, dataset: str, task: str, split: str, build_hash: str):
+    """(classifier with the task's head, its own vision tower, pixel values, labels); cached
+    per suite build (``build_hash``), task and split."""
+    import datasets
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    processor = CLIPProcessor.from_pretrained(pretrained)
+    classifier = _classifier(CLIPModel.from_pretrained(pretrained).eval(), processor, task)
+    ds = datasets.load_dataset(path=dataset, split=split)
+    images = np.stack([np.asarray(im.convert("RGB")) for im in ds["image"]])
+    labels = torch.as_tensor(ds["label"])
+    own_tower = classifier.clip_model.vision_model
+    return classifier, own_tower, _pixel_values(processor, images), labels
+
+
 def zero_shot_accuracy(
     suite: TinyClipSuite,
     task: str,
     vision_model: Any = None,
     split: str = "test",
+    *,
+    num_threads: int | None = 1,
 ) -> float:
     """Accuracy of a vision tower on ``task`` with FusionBench's zero-shot head.
 
     ``vision_model``: ``None`` (the pretrained tower), a task name of the suite (its fine-tuned
-    tower), a folder path of a ``CLIPVisionModel``, or an in-memory ``CLIPVisionModel``.
-    The data go through the suite's ``CLIPProcessor`` like in FusionBench's task pool.
+    tower), a folder path of a ``CLIPVisionModel``, or an in-memory ``CLIPVisionModel`` (or
+    ``CLIPVisionTransformer``). The data go through the suite's ``CLIPProcessor`` and the head is
+    ``HFCLIPClassifier.set_classification_task(classnames, templates)``, as in FusionBench's
+    ``CLIPVisionModelTaskPool``: on the same split it gives the same accuracy as the task pool.
+    The processor, head and processed data are cached per suite build, task and split.
     """
-    import torch
-    from transformers import CLIPModel, CLIPProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     if isinstance(vision_model, str) and vision_model in suite.finetuned_paths:
         vision_model = suite.finetuned_paths[vision_model]
     if vision_model is None:
         vision_model = suite.pretrained_path
-    if isinstance(vision_model, (str, Path)):
-        vision_model = CLIPVisionModel.from_pretrained(str(vision_model))
-
-    processor = CLIPProcessor.from_pretrained(str(suite.pretrained_path))
-    clip_model = CLIPModel.from_pretrained(str(suite.pretrained_path))
-    classifier = _classifier(clip_model, processor, task)
-    classifier.clip_model.vision_model = vision_model
-    ds = suite.load_dataset(task, split)
-    images = np.stack([np.asarray(im.convert("RGB")) for im in ds["image"]])
-    labels = torch.as_tensor(ds["label"])
-    return _accuracy(classifier, _pixel_values(processor, images), labels)
+    with _build_context(num_threads):
+        if isinstance(vision_model, (str, Path)):
+            vision_model = CLIPVisionModel.from_pretrained(str(vision_model))
+        classifier, own_tower, pixel_values, labels = _zero_shot_setup(
+            str(suite.pretrained_path),
+            str(suite.dataset_paths[task]),
+            task,
+            split,
+            suite.recipe["hash"],
+        )
+        was_training = vision_model.training
+        classifier.clip_model.vision_model = vision_model
+        try:
+            return _accuracy(classifier, pixel_values, labels)
+        finally:
+            classifier.clip_model.vision_model = own_tower  # keep no reference to the caller's
+            vision_model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +537,7 @@ def build_tiny_clip_suite(
     root: str | os.PathLike,
     tasks: Sequence[str] = ("mnist", "svhn", "eurosat"),
     seed: int = 0,
-    finetune_steps: int = 30,
+    finetune_steps: int = 60,
     n_train: int = 200,
     n_test: int = 100,
     *,
@@ -510,9 +545,10 @@ def build_tiny_clip_suite(
     hidden_size: int = 32,
     image_size: int = 32,
     patch_size: int = 8,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 3e-3,
     batch_size: int = 32,
     eval_batch_size: int = 64,
+    num_threads: int | None = 1,
     force: bool = False,
 ) -> TinyClipSuite:
     """Build (or reuse) the tiny CLIP suite under ``root``; see the module docstring.
@@ -521,8 +557,11 @@ def build_tiny_clip_suite(
     ``eurosat``, ``gtsrb``, ...): the zero-shot heads are built from their class names.
     ``n_train`` / ``n_test``: images per task and split (class-balanced).
     ``eval_batch_size``: the task pool's batch size in the written config.
+    ``num_threads``: torch threads during the build (restored afterwards); 1 is as fast for
+    models this small and avoids a 10x slow-down when other processes share the CPU cores
+    (the results do not depend on it). ``None`` leaves torch's setting alone.
+    ``force``: rebuild even when ``root`` holds a complete build of the same recipe.
     """
-    import torch
     from fusion_bench.tasks.clip_classification import get_classnames_and_templates
 
     root = Path(root).expanduser().resolve()
@@ -562,6 +601,65 @@ def build_tiny_clip_suite(
             )
             return _suite(root, recipe, json.loads(stats_file.read_text()))
 
+    with _build_context(num_threads):
+        stats = _build(
+            suite,
+            classnames,
+            seed=seed,
+            finetune_steps=finetune_steps,
+            n_train=n_train,
+            n_test=n_test,
+            vision_layers=vision_layers,
+            hidden_size=hidden_size,
+            image_size=image_size,
+            patch_size=patch_size,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+        )
+    return _suite(root, recipe, stats)
+
+
+@contextlib.contextmanager
+def _build_context(num_threads: int | None):
+    """Torch threads set to ``num_threads`` and datasets' progress bars off, both restored."""
+    import datasets
+    import torch
+
+    threads = torch.get_num_threads()
+    bars = datasets.is_progress_bar_enabled()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _build(
+    suite: TinyClipSuite,
+    classnames: Mapping[str, list[str]],
+    *,
+    seed: int,
+    finetune_steps: int,
+    n_train: int,
+    n_test: int,
+    vision_layers: int,
+    hidden_size: int,
+    image_size: int,
+    patch_size: int,
+    learning_rate: float,
+    batch_size: int,
+    eval_batch_size: int,
+) -> dict[str, Any]:
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+    root, tasks, recipe = suite.root, suite.tasks, suite.recipe
+    recipe_file, stats_file = root / "recipe.json", root / "stats.json"
     t0 = time.perf_counter()
     # a fresh build: clear what an older build left (only the folders/files this function owns)
     recipe_file.unlink(missing_ok=True)
@@ -569,8 +667,6 @@ def build_tiny_clip_suite(
     for sub in ("clip-tiny", "finetuned", "data", "config", "_tokenizer"):
         shutil.rmtree(root / sub, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
     # 1. processor (tokenizer rebuilt from open_clip's BPE file) and the pretrained CLIP model
     processor = _build_processor(root / "_tokenizer", image_size)
@@ -609,7 +705,7 @@ def build_tiny_clip_suite(
 
     # 2. data, 3. fine-tuned towers
     stats: dict[str, Any] = {}
-    for i, task in enumerate(tasks):
+    for task in tasks:
         splits = _make_images(
             task, len(classnames[task]), {"train": n_train, "test": n_test}, image_size, seed
         )
@@ -632,7 +728,8 @@ def build_tiny_clip_suite(
             steps=finetune_steps,
             lr=learning_rate,
             batch_size=min(batch_size, n_train),
-            seed=seed * 1000 + i,
+            # per task, not per position: a task's tower does not depend on the other tasks
+            seed=_task_seed(seed, "finetune", task) % 2**62,
         )
         acc_ft = _accuracy(classifier, x_test, y_test)
         vision.save_pretrained(str(suite.finetuned_paths[task]))
@@ -655,7 +752,7 @@ def build_tiny_clip_suite(
     stats["build_seconds"] = time.perf_counter() - t0
     stats_file.write_text(json.dumps(stats, indent=2))
     recipe_file.write_text(json.dumps(recipe, indent=2))
-    return _suite(root, recipe, stats)
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,7 +789,7 @@ def run_fusion_bench(
     Adds, unless ``args`` already set them: ``path.log_dir=<log_dir>``,
     ``report_save_path=<log_dir>/program_report.json``, ``fabric.accelerator=cpu``, ``seed=0``,
     ``print_config=false``. The environment is :func:`offline_env` (``os.environ`` + the HF
-    offline switches) updated with ``env``. Returns ``program_report.json`` (the program's
+    offline switches) updated with ``env``, and ``OMP_NUM_THREADS=1`` if neither sets it. Returns ``program_report.json`` (the program's
     report; falls back to the task pool's ``report.json``). Raises ``RuntimeError`` with the
     tails of stdout/stderr when the run fails or writes no report.
     """
@@ -717,10 +814,14 @@ def run_fusion_bench(
             report_path = Path(value.replace("{log_dir}", str(log_dir)))
 
     cmd = [str(fusion_bench_executable()), *args]
+    run_env = offline_env(env)
+    # one torch thread unless told otherwise: as fast for the tiny suite, and much faster
+    # when other processes (e.g. parallel tests) share the CPU cores
+    run_env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(
         cmd,
         cwd=str(cwd),
-        env=offline_env(env),
+        env=run_env,
         capture_output=True,
         text=True,
         timeout=timeout,
