@@ -102,9 +102,9 @@ def continuous_gate(w: Sequence[float], gamma: float = 3.0) -> list[float]:
 
 def _tiers(num_layers: int, levels: Sequence[float]) -> list[float]:
     """Proportional mapping of L layers onto K = len(levels) tiers by each layer's centre:
-    tier = ⌊(i + ½)·K/L⌋. Equals ⌊i·K/L⌋ when K divides L; otherwise it stays symmetric and
-    always reaches both the first and the last level (⌊i·K/L⌋ would never give the deepest
-    level to any layer when L < K)."""
+    tier = ⌊(i + ½)·K/L⌋. Equals ⌊i·K/L⌋ when K divides L; otherwise it stays symmetric, gives
+    every tier ⌊L/K⌋ or ⌈L/K⌉ layers and, when 2L > K, reaches both the first and the last level
+    (⌊i·K/L⌋ would never give the deepest level to any layer when L < K)."""
     k = len(levels)
     return [
         float(levels[min(k - 1, ((2 * i + 1) * k) // (2 * num_layers))]) for i in range(num_layers)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-# Tried in this order; the first pattern that matches any key is used for the whole model.
+# The pattern matching the most keys is used for the whole model (ties: the earlier one).
 # Specific architectures come first so that nested indices (T5's `block.0.layer.1.`) are not
 # mistaken for blocks by the generic pattern.
 KNOWN_LAYER_PATTERNS: dict[str, str] = {
@@ -73,12 +73,36 @@ def _index_span(m: re.Match) -> tuple[int, int]:
 
 
 def detect_layer_pattern(names: Iterable[str]) -> str | None:
+    """The known pattern that matches the most names; ties go to the earlier (more specific) one.
+    Counting, not first-match: `hf_clip` also matches a BART/Whisper encoder but not its
+    `decoder.layers.{i}`, which the generic pattern covers as well."""
     names = list(names)
+    best, best_count = None, 0
     for pattern in KNOWN_LAYER_PATTERNS.values():
         rx = re.compile(pattern)
-        if any(rx.search(n) for n in names):
-            return pattern
-    return None
+        count = sum(1 for n in names if rx.search(n))
+        if count > best_count:
+            best, best_count = pattern, count
+    return best
+
+
+def _owner(name: str, stacks: Sequence[str]) -> str | None:
+    """The stack sharing the most leading name components with ``name`` (at least one); None
+    when no stack shares any, or two share equally many (e.g. a top-level `lm_head`)."""
+    parts = name.split(".")
+
+    def shared(stack: str) -> int:
+        n = 0
+        for a, b in zip(parts, stack.split("."), strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    counts = sorted(((shared(s), s) for s in stacks), key=lambda t: -t[0])
+    if not counts or counts[0][0] == 0 or (len(counts) > 1 and counts[1][0] == counts[0][0]):
+        return None
+    return counts[0][1]
 
 
 def group_layers(names: Sequence[str], layer_pattern: str | None = None) -> LayerGroups:
@@ -108,6 +132,11 @@ def group_layers(names: Sequence[str], layer_pattern: str | None = None) -> Laye
         if m is None:
             continue
         start, end = _index_span(m)
+        if not name[start:end].isdigit():  # a user pattern whose index group is not the number
+            raise LayerGroupingError(
+                f"layer_pattern {layer_pattern!r} must capture the block index, but on {name!r} "
+                f"its index group captured {name[start:end]!r}; use (?P<idx>\\d+)"
+            )
         stack, idx = name[:start], int(name[start:end])
         if stack not in stacks:
             stacks.append(stack)
@@ -125,15 +154,16 @@ def group_layers(names: Sequence[str], layer_pattern: str | None = None) -> Laye
     last_layer_of_stack = {s: max(layer_of_key[k] for k in ordered if k[0] == s) for s in stacks}
 
     # Outside-block parameters follow the block nearest to them in the forward pass. A parameter
-    # under a stack's root (T5 `decoder.embed_tokens`, `decoder.final_layer_norm`) belongs to that
-    # stack; output norms/projections (POST_BLOCK_NAME) sit after their stack's last block.
+    # belongs to the stack whose prefix shares the most leading name components with it (T5
+    # `decoder.embed_tokens` -> `decoder.block.`, open_clip `visual.proj` ->
+    # `visual.transformer.resblocks.` rather than the text tower's `transformer.resblocks.`);
+    # output norms/projections (POST_BLOCK_NAME) sit after their stack's last block.
     first_pos = {}
     for pos, name in enumerate(names):
         if name in key_of:
             first_pos.setdefault(key_of[name][0], pos)
     first_layer_of_stack = {s: min(layer_of_key[k] for k in ordered if k[0] == s) for s in stacks}
-    # a stack's root: its prefix minus the container name, e.g. "decoder.block." -> "decoder."
-    roots = {s: s.rstrip(".").rsplit(".", 1)[0] + "." for s in stacks if s.rstrip(".").count(".")}
+    owner_of = {name: _owner(name, stacks) for name in names if name not in key_of}
 
     outside: dict[str, int] = {}
     position: dict[str, str] = {}
@@ -143,16 +173,19 @@ def group_layers(names: Sequence[str], layer_pattern: str | None = None) -> Laye
             li = layer_of_key[key_of[name]]
             last_seen = li if last_seen is None else max(last_seen, li)
             continue
-        owner = [s for s, root in roots.items() if name.startswith(root)]
-        if POST_BLOCK_NAME.search(name):
-            li = last_layer_of_stack[owner[-1]] if owner else len(ordered) - 1
+        owner = owner_of[name]
+        before = pos < first_pos[owner] if owner is not None else last_seen is None
+        post = POST_BLOCK_NAME.search(name)
+        # Listed before the blocks, only a direct parameter (open_clip's `proj`, which precedes
+        # the submodules in the state dict) is taken for an output projection: a submodule there
+        # (timm's `patch_embed.proj`, Swin's `embeddings.norm`) really runs first.
+        if post and (not before or post.end() == len(name)):
+            li = last_layer_of_stack[owner] if owner is not None else len(ordered) - 1
             outside[name], position[name] = li, "after"
-        elif owner:
-            s = owner[-1]
-            before = pos < first_pos[s]
-            li = first_layer_of_stack[s] if before else last_layer_of_stack[s]
+        elif owner is not None:
+            li = first_layer_of_stack[owner] if before else last_layer_of_stack[owner]
             outside[name], position[name] = li, "before" if before else "after"
-        elif last_seen is None:
+        elif before:
             outside[name], position[name] = 0, "before"
         else:
             outside[name], position[name] = last_seen, "after"

@@ -62,6 +62,15 @@ def _is_float(t: torch.Tensor) -> bool:
     return torch.is_floating_point(t)
 
 
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    """Identity of the memory behind a tensor: tied weights (T5's `shared`, `encoder.embed_tokens`,
+    `decoder.embed_tokens`, `lm_head`) are one tensor listed under several names."""
+    ptr = t.untyped_storage().data_ptr()
+    if ptr == 0:  # empty or meta: nothing to share
+        return None
+    return (t.device, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
 def _matrix_seed(seed: int, name: str) -> int:
     # a stable per-matrix seed: independent of dict order and of Python's hash randomisation
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
@@ -173,12 +182,19 @@ def compute_larv_scales(
                 sum(theta0[n].numel() for n in members),
             )  # fmt: skip
         )
+    for name, li in groups.outside.items():
+        param_scale[name] = s[li] if settings.outside_blocks == "nearest" else 1.0
+    # A tensor tied under several names can take one scale only (applying each name's would
+    # compound them): the first name in state-dict order decides, and the report says so.
+    first_scale: dict[tuple, float] = {}
+    for name in names:
+        key = _storage_key(merged[name])
+        if key is not None:
+            param_scale[name] = first_scale.setdefault(key, param_scale[name])
     outside = []
     for name, li in groups.outside.items():
-        scale = s[li] if settings.outside_blocks == "nearest" else 1.0
-        param_scale[name] = scale
         outside.append({"name": name, "layer": li + 1, "position": groups.outside_position[name],
-                        "scale": scale})  # fmt: skip
+                        "scale": param_scale[name]})  # fmt: skip
     return LarvResult(layers, outside, param_scale, thresholds, groups.pattern,
                       time.perf_counter() - start, warnings)  # fmt: skip
 
@@ -191,11 +207,18 @@ def apply_scales(
 
     A scale of exactly 1 leaves the tensor untouched, so unit scales reproduce the base merger
     bit for bit. Low-precision tensors are combined in float32 and cast back to their dtype.
+    A tensor tied under several names is updated once, with the first of its names' scales.
     """
+    done: set[tuple] = set()
     for name, s in param_scale.items():
+        target = merged[name]
+        key = _storage_key(target)
+        if key is not None:
+            if key in done:  # a tied weight already updated under another name
+                continue
+            done.add(key)
         if s == 1.0:
             continue
-        target = merged[name]
         base = theta0[name].to(device=target.device)
         if target.dtype in (torch.float32, torch.float64):
             new = base.to(target.dtype) + s * (target - base.to(target.dtype))

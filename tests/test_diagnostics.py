@@ -175,3 +175,212 @@ def test_low_precision_inputs_are_computed_in_float32(dtype):
     ref_c = commutator_conflict(theta0.float(), delta.float())
     assert rank_contrast(theta0, delta) == pytest.approx(ref_e, rel=1e-5)
     assert commutator_conflict(theta0, delta) == pytest.approx(ref_c, rel=1e-5)
+
+
+# -- more hand-derived cases -------------------------------------------------------------------
+def test_rank_contrast_on_diagonal_cases():
+    # θ_0 = diag(2, 1): r_eff = exp(H(0.8, 0.2)); Δ rank-1: r_eff = 1
+    r0 = math.exp(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)))
+    theta0 = torch.diag(t([2.0, 1.0]))
+    assert rank_contrast(theta0, t([[0.0, 3.0], [0.0, 0.0]]), eps=0.0) == pytest.approx(r0)
+    # Δ isotropic (r_eff 2): e = r0 / 2, whatever Δ's scale
+    iso = 1e-3 * torch.eye(2, dtype=torch.float64)
+    assert rank_contrast(theta0, iso, eps=0.0) == pytest.approx(r0 / 2, rel=1e-12)
+    assert rank_contrast(theta0, iso) == pytest.approx(r0 / (2 + 1e-8), rel=1e-12)
+
+
+def test_rank_contrast_zero_for_a_numerically_zero_update():
+    theta0 = torch.randn(6, 4, dtype=torch.float64)
+    assert rank_contrast(theta0, torch.zeros(6, 4, dtype=torch.float64)) == 0.0
+    assert rank_contrast(theta0, 1e-13 * torch.randn(6, 4, dtype=torch.float64)) == 0.0
+    assert rank_contrast(theta0, 1e-6 * torch.randn(6, 4, dtype=torch.float64)) > 0.0
+
+
+def test_square_conflict_by_hand_dense():
+    # A = [[1,2],[3,4]], B = [[0,1],[1,0]]: AB − BA = [[-1,-3],[3,1]], ‖·‖² = 20, ‖A‖² = 30,
+    # ‖B‖² = 2, so c = √20 / √60 = 1/√3
+    a, b = t([[1.0, 2.0], [3.0, 4.0]]), t([[0.0, 1.0], [1.0, 0.0]])
+    assert commutator_conflict(a, b, eps=0.0) == pytest.approx(1 / math.sqrt(3), rel=1e-12)
+    assert commutator_conflict(a, b) == pytest.approx(math.sqrt(20) / (math.sqrt(60) + 1e-8))
+
+
+def test_rectangular_conflict_by_hand():
+    # X = e1 e1ᵀ, Y = e2 e1ᵀ (3x2): X Yᵀ − Y Xᵀ = e1e2ᵀ − e2e1ᵀ (norm √2), Xᵀ Y − Yᵀ X = 0
+    x = t([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    y = t([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    assert commutator_conflict(x, y, eps=0.0) == pytest.approx(0.5 * math.sqrt(2))
+    assert commutator_conflict(x.T, y.T, eps=0.0) == pytest.approx(0.5 * math.sqrt(2))
+
+
+def test_conv_kernels_fold_in_e_and_c():
+    g = torch.Generator().manual_seed(3)
+    k0 = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    kd = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    f0, fd = k0.reshape(6, 36), kd.reshape(6, 36)
+    assert rank_contrast(k0, kd) == pytest.approx(rank_contrast(f0, fd), rel=1e-12)
+    assert commutator_conflict(k0, kd) == pytest.approx(
+        _literal_rect_conflict(f0.numpy(), fd.numpy()), rel=1e-9
+    )
+
+
+def test_vectors_and_shape_mismatch_are_rejected():
+    with pytest.raises(ValueError, match=">= 2 dims"):
+        as_matrix(torch.zeros(3))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        commutator_conflict(torch.zeros(3, 4), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="spectrum"):
+        singular_values(torch.eye(3), "lanczos")
+
+
+def _np_effective_rank(a: np.ndarray) -> float:
+    s = np.linalg.svd(a, compute_uv=False)
+    p = s**2 / np.sum(a**2)
+    p = p[p > 0]
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+# -- literal-formula oracles over random shapes ------------------------------------------------
+rect_shapes = st.tuples(st.integers(1, 30), st.integers(1, 30)).filter(lambda s: s[0] != s[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=rect_shapes, seed=st.integers(0, 2**16), scale=st.floats(1e-2, 1e2))
+def test_rectangular_conflict_literal_formula_on_random_shapes(shape, seed, scale):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=shape), scale * rng.normal(size=shape)
+    got = commutator_conflict(torch.from_numpy(x), torch.from_numpy(y))
+    assert got == pytest.approx(_literal_rect_conflict(x, y), rel=1e-8, abs=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_square_conflict_literal_formula_and_bound(n, seed):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(n, n)), rng.normal(size=(n, n))
+    lit = np.linalg.norm(x @ y - y @ x) / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-8)
+    got = commutator_conflict(torch.from_numpy(x), torch.from_numpy(y))
+    assert got == pytest.approx(lit, rel=1e-9, abs=1e-12)
+    # Böttcher–Wenzel: ‖XY − YX‖_F ≤ √2 ‖X‖_F ‖Y‖_F (real matrices)
+    assert got <= math.sqrt(2) + 1e-9
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16))
+def test_effective_rank_matches_numpy(shape, seed):
+    a = np.random.default_rng(seed).normal(size=shape)
+    assert effective_rank(torch.from_numpy(a)) == pytest.approx(_np_effective_rank(a), rel=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16))
+def test_conflict_symmetries(shape, seed):
+    # ‖[X, Y]‖ = ‖[Y, X]‖, transposition swaps the two Gram commutators, and orthogonal changes
+    # of basis (U·V for rectangular, U·Uᵀ for square) leave every commutator norm unchanged
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    y = torch.randn(shape, generator=g, dtype=torch.float64)
+    c = commutator_conflict(x, y, eps=0.0)
+    assert commutator_conflict(y, x, eps=0.0) == pytest.approx(c, rel=1e-9, abs=1e-12)
+    assert commutator_conflict(x.T, y.T, eps=0.0) == pytest.approx(c, rel=1e-9, abs=1e-12)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64))
+    if shape[0] == shape[1]:
+        v = u.T
+    else:
+        v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g, dtype=torch.float64))
+    assert commutator_conflict(u @ x @ v, u @ y @ v, eps=0.0) == pytest.approx(
+        c, rel=1e-8, abs=1e-10
+    )
+    # e is invariant under transposition too (same singular values)
+    e = rank_contrast(x, y, eps=0.0)
+    assert rank_contrast(x.T, y.T, eps=0.0) == pytest.approx(e, rel=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16))
+def test_commuting_updates_have_zero_conflict(shape, seed):
+    # square: Δ a polynomial in θ_0. Rectangular: Δ = θ_0 · p(θ_0ᵀθ_0) shares θ_0's singular
+    # vectors, so both Gram commutators vanish
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    x = torch.randn(m, n, generator=g, dtype=torch.float64)
+    if m == n:
+        y = 0.5 * x @ x @ x - x + 2 * torch.eye(n, dtype=torch.float64)
+    else:
+        y = x @ (x.T @ x) - 3 * x
+    # the Gram identity 2‖M‖² − 2 tr(M²) cancels to ~1e-16·‖M‖², so its square root has an
+    # absolute floor near √1e-16 = 1e-8 (the square case forms the commutator itself)
+    assert commutator_conflict(x, y) == pytest.approx(0.0, abs=1e-10 if m == n else 1e-7)
+
+
+# -- randomized spectrum -----------------------------------------------------------------------
+def test_randomized_keeps_true_frobenius_norm_by_hand():
+    # diag(2, 1), rank 1: the sketch spans the whole range, σ_1 = 2 and p_1 = 4/5 (not 1)
+    a = torch.diag(t([2.0, 1.0]))
+    sig = singular_values(a, "randomized", rank=1, generator=torch.Generator().manual_seed(0))
+    assert sig.tolist() == pytest.approx([2.0])
+    r = effective_rank(a, "randomized", rank=1, generator=torch.Generator().manual_seed(0))
+    assert r == pytest.approx(math.exp(-0.8 * math.log(0.8)), rel=1e-12)
+
+
+def test_randomized_is_exact_on_low_rank_matrices():
+    # rank(A) = 5 ≤ k + oversample: the range finder captures range(A) exactly
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(40, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 30, generator=g, dtype=torch.float64
+    )
+    exact = np.linalg.svd(a.numpy(), compute_uv=False)
+    for k in (1, 2, 5):
+        sig = singular_values(a, "randomized", k, 10, torch.Generator().manual_seed(7))
+        assert sig.shape == (k,)
+        np.testing.assert_allclose(sig.numpy(), exact[:k], rtol=1e-10)
+    assert effective_rank(
+        a, "randomized", 5, 10, torch.Generator().manual_seed(7)
+    ) == pytest.approx(_np_effective_rank(a.numpy()), rel=1e-9)
+
+
+def test_randomized_full_rank_equals_exact_and_clamps_rank():
+    a = torch.randn(9, 6, dtype=torch.float64)
+    for rank in (6, 50):
+        sig = singular_values(a, "randomized", rank, 0, torch.Generator().manual_seed(0))
+        np.testing.assert_allclose(sig.numpy(), singular_values(a).numpy(), rtol=1e-10)
+
+
+def test_randomized_depends_on_the_seed_only():
+    a = torch.randn(80, 60)
+    one = [
+        singular_values(a, "randomized", 2, 3, torch.Generator().manual_seed(s)) for s in (0, 0, 1)
+    ]
+    assert torch.equal(one[0], one[1])
+    assert not torch.equal(one[0], one[2])  # a full-rank matrix: the sketch matters
+    # a truncated top-k never exceeds the true singular values (Rayleigh–Ritz)
+    exact = singular_values(a)
+    assert bool((one[2] <= exact[:2] * (1 + 1e-5)).all())
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), decay=st.floats(0.3, 0.9))
+def test_randomized_effective_rank_converges(seed, decay):
+    # decaying spectrum σ_j = decay^j: the error of r_eff is non-negative and vanishes at
+    # full rank, and a generous sketch (k = 8, oversample 10) is closer than k = 1
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(30, 20, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    a = u @ torch.diag(decay ** torch.arange(20, dtype=torch.float64)) @ v.T
+    exact = effective_rank(a)
+    err = {
+        k: exact - effective_rank(a, "randomized", k, 10, torch.Generator().manual_seed(seed))
+        for k in (1, 8, 20)
+    }
+    assert all(v >= -1e-9 for v in err.values())
+    assert err[20] == pytest.approx(0.0, abs=1e-9)
+    assert err[8] < err[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_spectrum_is_float32(dtype):
+    a = torch.randn(12, 7).to(dtype)
+    sig = singular_values(a)
+    assert sig.dtype == torch.float32
+    torch.testing.assert_close(sig, torch.linalg.svdvals(a.float()))
+    k = torch.randn(4, 3, 2, 2).to(dtype)
+    assert effective_rank(k) == pytest.approx(effective_rank(k.float()), rel=1e-6)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +136,207 @@ def test_randomized_spectrum_is_deterministic():
     b = compute_larv_scales(theta0, merged, s, progress=False).to_dict()
     a.pop("diagnostics_seconds"), b.pop("diagnostics_seconds")
     assert a == b
+
+
+# -- independent oracles for the per-layer diagnostics and the composition --------------------
+def _np_reff(a: np.ndarray) -> float:
+    s = np.linalg.svd(a.reshape(a.shape[0], -1), compute_uv=False)
+    p = s**2 / np.sum(a**2)
+    p = p[p > 0]
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def _np_conflict(x: np.ndarray, y: np.ndarray, eps: float = 1e-8) -> float:
+    x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+    den = np.linalg.norm(x) * np.linalg.norm(y) + eps
+    if x.shape[0] == x.shape[1]:
+        return float(np.linalg.norm(x @ y - y @ x) / den)
+    return float(
+        0.5 * np.linalg.norm(x @ y.T - y @ x.T) / den
+        + 0.5 * np.linalg.norm(x.T @ y - y.T @ x) / den
+    )
+
+
+def test_layer_e_and_c_are_means_over_the_block_matrices():
+    theta0 = make_state(num_layers=4)
+    theta0["layers.2.conv.weight"] = torch.randn(4, 2, 3, 3)  # folded to (4, 18)
+    merged = perturb(theta0)
+    res = compute_larv_scales(theta0, merged, LarvSettings(), progress=False)
+    for i, rec in enumerate(res.layers):
+        mats = [k for k in theta0 if k.startswith(f"layers.{i}.") and theta0[k].ndim >= 2]
+        assert rec.num_matrices == len(mats) == (3 if i == 2 else 2)
+        es, cs = [], []
+        for k in mats:
+            x = theta0[k].double().numpy()
+            d = merged[k].double().numpy() - x
+            es.append(_np_reff(x) / (_np_reff(d) + 1e-8))
+            cs.append(_np_conflict(x, d))
+        assert rec.e == pytest.approx(float(np.mean(es)), rel=1e-4)
+        assert rec.c == pytest.approx(float(np.mean(cs)), rel=1e-4)
+        assert rec.num_params == sum(
+            theta0[k].numel() for k in theta0 if k.startswith(f"layers.{i}.")
+        )
+
+
+def test_default_gate_from_the_spec_formulas():
+    # w_ℓ = e^1 · (ℓ/L)^0.5 / (sp(z(c)) + 1), tiered at the 1/3 and 2/3 empirical quantiles
+    theta0 = make_state(num_layers=6)
+    res = compute_larv_scales(theta0, perturb(theta0), LarvSettings(), progress=False)
+    e = np.array([r.e for r in res.layers])
+    c = np.array([r.c for r in res.layers])
+    z = (c - c.mean()) / c.std()
+    w = e * np.sqrt(np.arange(1, 7) / 6) / (np.log1p(np.exp(z)) + 1)
+    assert [r.w for r in res.layers] == pytest.approx(w.tolist(), rel=1e-9)
+    srt = np.sort(w)
+    t1, t2 = srt[1], srt[3]  # ⌈6/3⌉ = 2nd and ⌈12/3⌉ = 4th smallest
+    assert res.thresholds == pytest.approx((t1, t2))
+    assert res.scales == [0.5 if x <= t1 else 1.0 if x <= t2 else 1.5 for x in w]
+
+
+def test_apply_scales_composes_in_place_in_float64():
+    theta0 = {"layers.0.w": torch.randn(3, 3, dtype=torch.float64)}
+    merged = {"layers.0.w": theta0["layers.0.w"] + torch.randn(3, 3, dtype=torch.float64)}
+    target = merged["layers.0.w"]
+    want = theta0["layers.0.w"] + 0.3 * (target - theta0["layers.0.w"])
+    apply_scales(theta0, merged, {"layers.0.w": 0.3})
+    assert merged["layers.0.w"] is target  # updated in place (the model's own tensor)
+    torch.testing.assert_close(target, want, rtol=0, atol=1e-15)
+    apply_scales(theta0, merged, {"layers.0.w": 0.0})
+    assert torch.equal(target, theta0["layers.0.w"])  # a freeze row: exactly θ_0
+
+
+def test_freeze_schedule_restores_theta0_in_those_layers():
+    theta0 = make_state(num_layers=6)
+    merged = perturb(theta0)
+    base = {k: v.clone() for k, v in merged.items()}
+    s = LarvSettings(gate="schedule", schedule="custom", schedule_scales=[0.0, 1.0, 1.0])
+    res = compute_larv_scales(theta0, merged, s, progress=False)
+    assert res.scales == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    apply_scales(theta0, merged, res.param_scale)
+    for k in merged:
+        if k.startswith(("layers.0.", "layers.1.", "embed.")):  # embed follows layer 1 (nearest)
+            assert torch.equal(merged[k], theta0[k]), k
+        else:
+            assert torch.equal(merged[k], base[k]), k
+
+
+def test_neutral_policy_leaves_outside_parameters_bit_identical():
+    theta0 = make_state()
+    merged = perturb(theta0)
+    base = {k: v.clone() for k, v in merged.items()}
+    res = compute_larv_scales(
+        theta0, merged, LarvSettings(outside_blocks="neutral"), progress=False
+    )
+    apply_scales(theta0, merged, res.param_scale)
+    assert torch.equal(merged["embed.weight"], base["embed.weight"])
+    assert torch.equal(merged["norm.weight"], base["norm.weight"])
+    assert {o["name"]: o["scale"] for o in res.outside} == {"embed.weight": 1.0, "norm.weight": 1.0}
+
+
+def test_outside_parameters_do_not_enter_the_statistics():
+    # a huge, odd update of the embedding changes neither the layers' scores nor their scales
+    theta0 = make_state()
+    merged = perturb(theta0)
+    a = compute_larv_scales(theta0, merged, LarvSettings(), progress=False)
+    merged["embed.weight"] = merged["embed.weight"] + 100 * torch.randn(10, 8)
+    b = compute_larv_scales(theta0, merged, LarvSettings(), progress=False)
+    assert [r.w for r in a.layers] == [r.w for r in b.layers] and a.scales == b.scales
+    out = {o["name"]: o for o in b.outside}
+    assert out["embed.weight"]["position"] == "before" and out["embed.weight"]["layer"] == 1
+    assert out["norm.weight"]["position"] == "after" and out["norm.weight"]["layer"] == 6
+
+
+def test_a_layer_without_update_has_e_zero_and_the_lowest_tier():
+    theta0 = make_state()
+    merged = perturb(theta0)
+    for k in merged:
+        if k.startswith("layers.4."):
+            merged[k] = theta0[k].clone()
+    res = compute_larv_scales(theta0, merged, LarvSettings(), progress=False)
+    rec = res.layers[4]
+    assert rec.e == 0.0 and rec.c == 0.0 and rec.w == 0.0 and rec.s == 0.5
+    assert all(r.e > 0 for i, r in enumerate(res.layers) if i != 4)
+    assert res.warnings == []  # only an all-zero update warns
+
+
+def test_report_is_json_ready():
+    theta0 = make_state()
+    d = compute_larv_scales(theta0, perturb(theta0), LarvSettings(), progress=False).to_dict()
+    d2 = json.loads(json.dumps(d))
+    assert d2["layer_pattern"] and d2["num_layers"] == 6 and len(d2["thresholds"]) == 2
+    for rec in d2["layers"]:
+        assert {"index", "prefix", "e", "c", "r", "w", "s"} <= set(rec)
+    assert [rec["index"] for rec in d2["layers"]] == list(range(1, 7))
+    assert isinstance(d2["diagnostics_seconds"], float) and d2["warnings"] == []
+
+
+def test_user_layer_pattern_setting():
+    theta0 = {f"stage{i}.w": torch.randn(4, 4) for i in range(3)}
+    res = compute_larv_scales(
+        theta0, perturb(theta0), LarvSettings(layer_pattern=r"^stage(?P<idx>\d+)\."), progress=False
+    )
+    assert [r.prefix for r in res.layers] == ["stage0.", "stage1.", "stage2."]
+
+
+def test_extra_key_in_merged_raises():
+    theta0 = make_state()
+    merged = perturb(theta0)
+    merged["layers.0.new.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="only in merged"):
+        compute_larv_scales(theta0, merged, LarvSettings())
+
+
+def test_low_precision_composition_matches_float32_rounding():
+    theta0 = make_state(dtype=torch.bfloat16)
+    merged = perturb(theta0)
+    base = {k: v.clone() for k, v in merged.items()}
+    scales = {k: 0.5 for k in theta0 if theta0[k].is_floating_point()}
+    apply_scales(theta0, merged, scales)
+    for k, s in scales.items():
+        want = (theta0[k].float() + s * (base[k].float() - theta0[k].float())).to(torch.bfloat16)
+        assert merged[k].dtype == torch.bfloat16 and torch.equal(merged[k], want)
+
+
+# -- tied weights --------------------------------------------------------------------------------
+def test_tied_weights_are_scaled_once():
+    # one tensor under two names (a tied embedding and output head), on either side of the blocks:
+    # it takes the first name's scale, once, instead of the product of both
+    theta0 = make_state()
+    merged = perturb(theta0)
+    tied = merged["embed.weight"]
+    merged["head.weight"] = tied  # same tensor object
+    theta0["head.weight"] = theta0["embed.weight"].clone()
+    before = tied.clone()
+    res = compute_larv_scales(theta0, merged, LarvSettings(), progress=False)
+    first = res.layers[0].s
+    assert res.param_scale["embed.weight"] == res.param_scale["head.weight"] == first
+    assert {o["name"]: o["scale"] for o in res.outside}["head.weight"] == first
+    apply_scales(theta0, merged, res.param_scale)
+    want = theta0["embed.weight"] + first * (before - theta0["embed.weight"])
+    torch.testing.assert_close(merged["head.weight"], want, rtol=0, atol=1e-7)
+
+
+def test_tied_t5_embeddings_get_one_scale():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2
+    )
+    torch.manual_seed(0)
+    base, tuned = T5ForConditionalGeneration(cfg), T5ForConditionalGeneration(cfg)
+    theta0 = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = tuned.state_dict()
+    tied = (
+        "shared.weight",
+        "encoder.embed_tokens.weight",
+        "decoder.embed_tokens.weight",
+        "lm_head.weight",
+    )
+    assert len({merged[k].data_ptr() for k in tied}) == 1
+    delta = merged["shared.weight"] - theta0["shared.weight"]
+    res = compute_larv_scales(
+        theta0, merged, LarvSettings(gate="schedule", schedule="linear"), progress=False
+    )
+    assert {res.param_scale[k] for k in tied} == {0.5}  # `shared.weight` comes first: layer 1
+    apply_scales(theta0, merged, res.param_scale)
+    torch.testing.assert_close(merged["lm_head.weight"], theta0["shared.weight"] + 0.5 * delta)
