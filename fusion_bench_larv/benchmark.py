@@ -123,6 +123,7 @@ class InProcessFusionBench:
         modelpool: str,
         taskpool: str,
         device: str | None = None,
+        pool_overrides: Sequence[str] = (),
     ):
         import lightning as L
         from hydra import compose, initialize_config_dir
@@ -135,7 +136,7 @@ class InProcessFusionBench:
             config_dir=str(Path(config_dir).resolve()), version_base=None
         )
         self._ctx.__enter__()
-        self._pool_overrides = [f"modelpool={modelpool}", f"taskpool={taskpool}"]
+        self._pool_overrides = [f"modelpool={modelpool}", f"taskpool={taskpool}", *pool_overrides]
         cfg = compose(config_name="fabric_model_fusion", overrides=self._pool_overrides)
         accelerator = device or ("cuda" if _cuda() else "cpu")
         self.fabric = L.Fabric(accelerator=accelerator, devices=1)
@@ -363,13 +364,19 @@ def main(argv: list[str] | None = None) -> int:
         "--wudi-iter", type=int, default=None, help="override WUDI's iter_num (default 400)"
     )
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--pool-overrides", nargs="*", default=[],
+        help="extra Hydra overrides for the pools, e.g. modelpool.testbed_dir=DIR taskpool.testbed_dir=DIR",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args(argv)
     extra = {"wudi": [f"iter_num={args.wudi_iter}"]} if args.wudi_iter else None
     command = "python -m fusion_bench_larv.benchmark " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    runner = InProcessFusionBench(args.config_dir, args.modelpool, args.taskpool, args.device)
+    runner = InProcessFusionBench(
+        args.config_dir, args.modelpool, args.taskpool, args.device, args.pool_overrides
+    )
     try:
         result = run_benchmark(runner, args.mergers, args.variants, args.out, command, extra)
     finally:
