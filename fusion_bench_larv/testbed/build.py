@@ -1,0 +1,818 @@
+"""Build (or reuse) the real-weights testbed: one pretrained ViT, one fine-tuned copy per task.
+
+Recipe, per task (each step seeded from ``recipe.seed`` and the task's name, so a task's result
+does not depend on which other tasks are built):
+
+1. **Split.** Sources with an official split (MNIST, Fashion-MNIST) draw train images from the
+   official training set and test images from the official test set; the others reserve a
+   seeded ``test_fraction`` of their images for testing. ``n_train`` / ``n_test`` images are then
+   drawn at random from each pool (capped at its size). Images the source marks
+   ``train_exclude`` (MNIST's copies of OpenCV's digits) are never trained on.
+2. **Pre-process.** Grey ``uint8`` images are scaled to ``[0, 1]``, resized (bilinear,
+   antialiased) to ``resolution`` x ``resolution`` (a multiple of 14; Dinov2 interpolates its
+   37x37 position grid), copied to three channels and normalised with the ImageNet mean and std:
+   :func:`preprocess`.
+3. **Linear probe.** Features of the *pretrained* backbone, pooled as ``recipe.pooling``
+   (``"cls_mean"``: the final-LayerNorm CLS token concatenated with the mean of the patch tokens,
+   DINOv2's linear-evaluation pooling, 768 values; ``"cls"``: the CLS token alone, 384 values),
+   are standardised and a linear classifier is trained on them with AdamW (the standardisation
+   is then folded into its weights). This head is frozen from here on.
+4. **Fine-tune.** Every backbone parameter is trained (AdamW, linear warm-up then cosine decay,
+   gradient clipping, no weight decay so that task vectors stay pure) for ``finetune_steps``
+   steps against the frozen head: the task vector lives in the backbone alone.
+5. **Evaluate and save.** Test accuracy of pretrained backbone + head and of fine-tuned backbone
+   + head. Backbones are saved with ``save_pretrained`` (safetensors), heads and test sets as
+   safetensors files.
+
+Layout of a testbed folder ``<cache_dir>/<recipe.name>-<key>/`` (``key``: a hash of the recipe,
+the builder version and the SHA-256 of the ONNX file and of every source file read)::
+
+    testbed.json            recipe, key, fingerprints, tasks, class names (written last)
+    report.json             accuracies, sizes, timings, versions, ONNX check
+    pretrained/             Dinov2Model (config.json, model.safetensors)
+    finetuned/<task>/       Dinov2Model fine-tuned on <task>
+    heads/<task>.safetensors     weight (C, D), bias (C,)
+    test_sets/<task>.safetensors images uint8 (N, H, W) at source resolution, labels int64 (N,)
+    tasks/<task>.json       that task's metrics (lets an interrupted build resume per task)
+
+Determinism: on CPU, two builds of one recipe with the same thread count give bit-identical
+weights (``torch.use_deterministic_algorithms`` is on during the build). A GPU is used when
+present; its results differ from CPU ones (the device is recorded in ``report.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbone import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_backbone,
+    convert_backbone,
+    find_onnx_model,
+    load_backbone,
+)
+from .sources import SourceData, cache_root, file_sha256, load_source, source_fingerprint
+
+__all__ = [
+    "BUILD_VERSION",
+    "DEFAULT_TASKS",
+    "RECIPES",
+    "Recipe",
+    "Testbed",
+    "TestbedClassifier",
+    "build_testbed",
+    "default_cache_dir",
+    "evaluate",
+    "get_recipe",
+    "load_testbed",
+    "pool_features",
+    "preprocess",
+    "testbed_dir",
+]
+
+#: bump whenever the build changes in a way that changes its outputs (invalidates caches)
+BUILD_VERSION = 1
+
+DEFAULT_TASKS = ("mnist", "fashion_mnist", "animal_mnist", "sklearn_digits", "opencv_digits")
+POOLINGS = ("cls", "cls_mean")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a testbed's contents (``name`` is only a label)."""
+
+    name: str = "custom"
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    resolution: int = 56  # pixels; a multiple of 14 (the patch size)
+    n_train: int = 2000  # per task, capped by the train pool
+    n_test: int = 1000  # per task, capped by the test pool
+    test_fraction: float = 0.3  # share of a source without an official split kept for testing
+    pooling: str = "cls_mean"
+    probe_epochs: int = 60
+    probe_lr: float = 3e-3
+    probe_weight_decay: float = 1e-2
+    probe_batch_size: int = 128
+    finetune_steps: int = 300
+    finetune_batch_size: int = 32
+    finetune_lr: float = 3e-5
+    finetune_weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    eval_batch_size: int = 250
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.resolution % 14 or self.resolution < 14:
+            raise ValueError(f"resolution must be a positive multiple of 14, not {self.resolution}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct and non-empty: {self.tasks}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError("test_fraction must lie in (0, 1)")
+        if min(self.n_train, self.n_test, self.finetune_batch_size, self.probe_batch_size) < 1:
+            raise ValueError("sizes must be positive")
+        if self.finetune_steps < 0 or self.probe_epochs < 0:
+            raise ValueError("finetune_steps and probe_epochs must be >= 0")
+
+    def content(self) -> dict:
+        """The fields that determine the outputs (all but ``name``)."""
+        d = asdict(self)
+        d.pop("name")
+        d["tasks"] = list(self.tasks)
+        return d
+
+    def replace(self, **changes) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+RECIPES: dict[str, Recipe] = {
+    # the testbed proper; measured build time on the 2-core CPU: see README / report.json
+    "full": Recipe(name="full"),
+    # the README demo
+    "quick": Recipe(
+        name="quick",
+        n_train=1000,
+        n_test=500,
+        finetune_steps=100,
+        warmup_steps=10,
+    ),
+    # tests: every code path, tiny everything
+    "ci": Recipe(
+        name="ci",
+        resolution=28,
+        n_train=48,
+        n_test=40,
+        probe_epochs=5,
+        probe_batch_size=16,
+        finetune_steps=3,
+        finetune_batch_size=8,
+        warmup_steps=1,
+        eval_batch_size=64,
+    ),
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    try:
+        return RECIPES[recipe]
+    except KeyError:
+        raise KeyError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
+
+
+def default_cache_dir() -> Path:
+    """``$FUSION_BENCH_LARV_CACHE`` or ``~/.cache/fusion_bench_larv/testbed``."""
+    env = os.environ.get("FUSION_BENCH_LARV_CACHE")
+    return Path(env).expanduser() if env else cache_root() / "testbed"
+
+
+def _fingerprints(recipe: Recipe) -> dict:
+    return {
+        "onnx_sha256": file_sha256(find_onnx_model()),
+        "sources": {task: source_fingerprint(task) for task in recipe.tasks},
+    }
+
+
+def _key(recipe: Recipe, fingerprints: dict) -> str:
+    blob = json.dumps(
+        {"build_version": BUILD_VERSION, "recipe": recipe.content(), "fingerprints": fingerprints},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def testbed_dir(recipe: str | Recipe, cache_dir: str | Path | None = None) -> Path:
+    """The folder a recipe builds into (needs the sources installed, to hash them)."""
+    recipe = get_recipe(recipe)
+    key = _key(recipe, _fingerprints(recipe))
+    return Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
+
+
+# --------------------------------------------------------------------------- model pieces
+
+
+def preprocess(images: np.ndarray | torch.Tensor, resolution: int) -> torch.Tensor:
+    """``uint8 (N, H, W)`` grey images -> normalised ``float32 (N, 3, R, R)`` pixel values."""
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if x.dtype != torch.uint8 or x.dim() != 3:
+        raise ValueError(f"expected uint8 (N, H, W) images, got {x.dtype} {tuple(x.shape)}")
+    x = x.to(torch.float32).div_(255.0).unsqueeze(1)
+    if tuple(x.shape[-2:]) != (resolution, resolution):
+        x = nn.functional.interpolate(
+            x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def pool_features(last_hidden_state: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``"cls"``: the CLS token; ``"cls_mean"``: CLS concatenated with the patch-token mean."""
+    cls = last_hidden_state[:, 0]
+    if pooling == "cls":
+        return cls
+    if pooling == "cls_mean":
+        return torch.cat([cls, last_hidden_state[:, 1:].mean(dim=1)], dim=-1)
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+class TestbedClassifier(nn.Module):
+    """A backbone, the testbed's pooling and one task's (frozen) linear head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.pooling = pooling
+        self.head.requires_grad_(False)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(pixel_values=pixel_values).last_hidden_state
+        return pool_features(out, self.pooling)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixel_values))
+
+
+def _head_from_tensors(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head.requires_grad_(False)
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+@torch.no_grad()
+def _features(
+    backbone, images: np.ndarray, recipe: Recipe, device, progress: bool, desc: str
+) -> torch.Tensor:
+    backbone.eval()
+    out = []
+    chunks = list(_batches(len(images), recipe.eval_batch_size))
+    for sl in _progress(chunks, progress, desc=desc, unit="batch"):
+        pixels = preprocess(images[sl], recipe.resolution).to(device)
+        hidden = backbone(pixel_values=pixels).last_hidden_state
+        out.append(pool_features(hidden, recipe.pooling).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(
+    backbone,
+    head: nn.Linear,
+    images: np.ndarray,
+    labels: np.ndarray,
+    resolution: int,
+    pooling: str,
+    batch_size: int = 250,
+    device: str | torch.device | None = None,
+) -> float:
+    """Accuracy of ``head(pool(backbone(preprocess(images))))``."""
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    head = head.to(device)
+    correct = 0
+    for sl in _batches(len(images), batch_size):
+        pixels = preprocess(images[sl], resolution).to(device)
+        hidden = backbone(pixel_values=pixels).last_hidden_state
+        pred = head(pool_features(hidden, pooling)).argmax(-1).cpu()
+        correct += int((pred == torch.as_tensor(labels[sl])).sum())
+    backbone.train(was_training)
+    return correct / max(len(images), 1)
+
+
+# --------------------------------------------------------------------------- build steps
+
+
+def _task_seed(seed: int, *parts: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32("/".join(parts).encode())) % (2**31 - 1)
+
+
+def _split(data: SourceData, recipe: Recipe) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train / test subsets: ``(train_images, train_labels, test_images, test_labels)``."""
+    rng = np.random.default_rng(_task_seed(recipe.seed, data.name, "split"))
+    if data.test_images is not None:
+        train_x, train_y = data.train_images, data.train_labels
+        test_x, test_y = data.test_images, data.test_labels
+        train_pool = np.arange(len(train_x))
+        test_pool = np.arange(len(test_x))
+    else:
+        # no official split: a seeded share of the images is the test pool
+        train_x = test_x = data.train_images
+        train_y = test_y = data.train_labels
+        order = rng.permutation(len(train_x))
+        n_test_pool = int(round(recipe.test_fraction * len(order)))
+        test_pool, train_pool = np.sort(order[:n_test_pool]), np.sort(order[n_test_pool:])
+    if data.train_exclude is not None:
+        train_pool = np.setdiff1d(train_pool, data.train_exclude)
+    train_idx = rng.permutation(train_pool)[: recipe.n_train]
+    test_idx = np.sort(rng.permutation(test_pool)[: recipe.n_test])
+    return (
+        np.ascontiguousarray(train_x[train_idx]),
+        np.ascontiguousarray(train_y[train_idx]),
+        np.ascontiguousarray(test_x[test_idx]),
+        np.ascontiguousarray(test_y[test_idx]),
+    )
+
+
+def _train_probe(
+    features: torch.Tensor, labels: np.ndarray, num_classes: int, recipe: Recipe, seed: int
+) -> tuple[nn.Linear, float]:
+    """Linear probe on standardised features; returns the head on *raw* features and its
+    training accuracy."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    mu = features.mean(0)
+    sigma = features.std(0).clamp_min(1e-6)
+    z = (features - mu) / sigma
+    linear = nn.Linear(z.shape[1], num_classes)
+    with torch.no_grad():
+        linear.weight.normal_(0.0, 0.01, generator=gen)
+        linear.bias.zero_()
+    opt = torch.optim.AdamW(
+        linear.parameters(), lr=recipe.probe_lr, weight_decay=recipe.probe_weight_decay
+    )
+    n = len(z)
+    total = recipe.probe_epochs * math.ceil(n / recipe.probe_batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total) / max(total, 1)))
+    )
+    for _ in range(recipe.probe_epochs):
+        perm = torch.randperm(n, generator=gen)
+        for sl in _batches(n, recipe.probe_batch_size):
+            idx = perm[sl]
+            loss = nn.functional.cross_entropy(linear(z[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        weight = linear.weight / sigma  # fold the standardisation into the head
+        bias = linear.bias - weight @ mu
+        head = _head_from_tensors(weight, bias)
+        train_acc = float((head(features).argmax(-1) == y).float().mean())
+    return head, train_acc
+
+
+def _finetune(
+    backbone,
+    head: nn.Linear,
+    images: np.ndarray,
+    labels: np.ndarray,
+    recipe: Recipe,
+    seed: int,
+    device,
+    progress: bool,
+    desc: str,
+) -> dict:
+    """Fine-tune every backbone parameter against the frozen head, in place."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = TestbedClassifier(backbone, head, recipe.pooling).to(device)
+    model.train()
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
+    steps, warm = recipe.finetune_steps, recipe.warmup_steps
+
+    def lr_lambda(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    y_all = torch.as_tensor(labels, dtype=torch.long)
+    n, bs = len(images), min(recipe.finetune_batch_size, len(images))
+    order, pos = rng.permutation(n), 0
+    losses: list[float] = []
+    bar = _progress(range(steps), progress, desc=desc, unit="step")
+    for _ in bar:
+        if pos + bs > n:
+            order, pos = rng.permutation(n), 0
+        idx = np.sort(order[pos : pos + bs])
+        pos += bs
+        pixels = preprocess(images[idx], recipe.resolution).to(device)
+        loss = nn.functional.cross_entropy(model(pixels), y_all[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    backbone.eval()
+    tail = losses[-max(1, min(20, len(losses))) :] if losses else [float("nan")]
+    return {
+        "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(tail)),
+    }
+
+
+@contextlib.contextmanager
+def _torch_settings(num_threads: int, deterministic: bool):
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _task_done(root: Path, task: str) -> bool:
+    return (
+        (root / "tasks" / f"{task}.json").is_file()
+        and (root / "finetuned" / task / "model.safetensors").is_file()
+        and (root / "heads" / f"{task}.safetensors").is_file()
+        and (root / "test_sets" / f"{task}.safetensors").is_file()
+    )
+
+
+def _build_task(
+    root: Path, task: str, recipe: Recipe, pretrained, device, progress: bool
+) -> dict:
+    t0 = time.perf_counter()
+    data = load_source(task)
+    train_x, train_y, test_x, test_y = _split(data, recipe)
+    seed = _task_seed(recipe.seed, task)
+    torch.manual_seed(seed)
+
+    t1 = time.perf_counter()
+    feats = _features(pretrained, train_x, recipe, device, progress, f"{task}: probe features")
+    head, probe_train_acc = _train_probe(feats, train_y, data.num_classes, recipe, seed)
+    head = head.to(device)
+    pre_acc = evaluate(
+        pretrained, head, test_x, test_y, recipe.resolution, recipe.pooling,
+        recipe.eval_batch_size, device,
+    )  # fmt: skip
+    head_before = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+
+    t2 = time.perf_counter()
+    backbone = load_backbone(root / "pretrained").to(device)
+    ft_stats = _finetune(
+        backbone, head, train_x, train_y, recipe, seed, device, progress, f"{task}: fine-tune"
+    )
+    t3 = time.perf_counter()
+    ft_acc = evaluate(
+        backbone, head, test_x, test_y, recipe.resolution, recipe.pooling,
+        recipe.eval_batch_size, device,
+    )  # fmt: skip
+    head_after = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    if any(not torch.equal(head_before[k], head_after[k]) for k in head_before):
+        raise RuntimeError(f"{task}: the head changed during fine-tuning")
+
+    # save: fine-tuned backbone atomically (tmp folder, then rename), head, test set, metrics
+    final = root / "finetuned" / task
+    tmp = root / "finetuned" / f".{task}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    backbone.cpu().save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    names = json.dumps(list(data.class_names))
+    _save_tensors(
+        root / "heads" / f"{task}.safetensors",
+        head_after,
+        {"task": task, "pooling": recipe.pooling, "class_names": names},
+    )
+    _save_tensors(
+        root / "test_sets" / f"{task}.safetensors",
+        {"images": torch.from_numpy(test_x), "labels": torch.from_numpy(test_y)},
+        {"task": task, "class_names": names, "resolution": str(recipe.resolution)},
+    )
+    metrics = {
+        "task": task,
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names),
+        "source_image_shape": list(data.image_shape),
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+        "probe_train_acc": probe_train_acc,
+        "pretrained_probe_acc": pre_acc,
+        "finetuned_acc": ft_acc,
+        "gain": ft_acc - pre_acc,
+        **ft_stats,
+        "seconds": {
+            "load_split": t1 - t0,
+            "probe": t2 - t1,
+            "finetune": t3 - t2,
+            "eval_save": time.perf_counter() - t3,
+        },
+    }
+    _write_json(root / "tasks" / f"{task}.json", metrics)
+    return metrics
+
+
+def build_testbed(
+    recipe: str | Recipe = "quick",
+    cache_dir: str | Path | None = None,
+    *,
+    num_threads: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    check_onnx: bool = True,
+    force: bool = False,
+) -> Testbed:
+    """Build the testbed of ``recipe`` under ``cache_dir`` (default :func:`default_cache_dir`),
+    or return the cached one if it is complete. Tasks already finished by an interrupted build
+    are kept. ``force`` rebuilds from scratch. Prints a table of accuracies when ``progress``."""
+    recipe = get_recipe(recipe)
+    fingerprints = _fingerprints(recipe)
+    key = _key(recipe, fingerprints)
+    root = Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
+    with _locked(root):
+        if force:
+            for sub in ("testbed.json", "report.json", "pretrained", "finetuned", "heads",
+                        "test_sets", "tasks"):  # fmt: skip
+                p = root / sub
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        meta_path = root / "testbed.json"
+        if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
+            return load_testbed(root)
+
+        t_start = time.perf_counter()
+        if num_threads is None:
+            num_threads = max(1, min(2, os.cpu_count() or 1))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        for sub in ("finetuned", "heads", "test_sets", "tasks"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        with _torch_settings(num_threads, deterministic=True):
+            if (root / "pretrained" / "model.safetensors").is_file():
+                pretrained = load_backbone(root / "pretrained")
+            else:
+                tmp = root / ".pretrained.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                pretrained = convert_backbone(tmp)
+                os.replace(tmp, root / "pretrained")
+            onnx_check: dict
+            if not check_onnx:
+                onnx_check = {"skipped": "check_onnx=False"}
+            else:
+                try:
+                    import onnxruntime  # noqa: F401
+                except ImportError:
+                    onnx_check = {"skipped": "onnxruntime is not installed"}
+                else:
+                    res = max(recipe.resolution, 28)
+                    onnx_check = check_backbone(pretrained, resolution=res).as_dict()
+                    if not onnx_check["ok"]:
+                        raise RuntimeError(f"converted backbone does not match ONNX: {onnx_check}")
+            pretrained = pretrained.to(device).eval()
+            t_conv = time.perf_counter() - t_start
+            tasks = {}
+            for task in recipe.tasks:
+                if _task_done(root, task):
+                    tasks[task] = json.loads((root / "tasks" / f"{task}.json").read_text())
+                    tasks[task]["reused"] = True
+                else:
+                    tasks[task] = _build_task(root, task, recipe, pretrained, device, progress)
+        import transformers
+
+        report = {
+            "recipe": asdict(recipe),
+            "key": key,
+            "device": str(device),
+            "num_threads": num_threads,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "onnx_check": onnx_check,
+            "seconds": {"convert_and_check": t_conv, "total": time.perf_counter() - t_start},
+            "tasks": tasks,
+        }
+        _write_json(root / "report.json", report)
+        _write_json(
+            meta_path,
+            {
+                "build_version": BUILD_VERSION,
+                "key": key,
+                "recipe": asdict(recipe),
+                "fingerprints": fingerprints,
+                "tasks": list(recipe.tasks),
+                "class_names": {t: tasks[t]["class_names"] for t in recipe.tasks},
+            },
+        )
+        testbed = load_testbed(root)
+    if progress:
+        print(testbed.summary())
+    return testbed
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Testbed:
+    """A complete testbed folder: paths, plus helpers that load its pieces."""
+
+    root: Path
+    recipe: Recipe
+    key: str
+    tasks: tuple[str, ...]
+    class_names: dict[str, tuple[str, ...]]
+    pretrained_dir: Path
+    finetuned_dirs: dict[str, Path]
+    head_paths: dict[str, Path]
+    test_set_paths: dict[str, Path]
+    report: dict = field(repr=False)
+
+    @property
+    def resolution(self) -> int:
+        return self.recipe.resolution
+
+    @property
+    def pooling(self) -> str:
+        return self.recipe.pooling
+
+    def load_pretrained(self):
+        return load_backbone(self.pretrained_dir)
+
+    def load_finetuned(self, task: str):
+        return load_backbone(self.finetuned_dirs[task])
+
+    def head(self, task: str) -> nn.Linear:
+        from safetensors.torch import load_file
+
+        t = load_file(str(self.head_paths[task]))
+        return _head_from_tensors(t["weight"], t["bias"])
+
+    def test_set(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(images uint8 (N, H, W), labels int64 (N,))`` at the source's resolution."""
+        from safetensors.numpy import load_file
+
+        t = load_file(str(self.test_set_paths[task]))
+        return t["images"], t["labels"]
+
+    def pixel_values(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test set, pre-processed: ``(float32 (N, 3, R, R), int64 (N,))``."""
+        images, labels = self.test_set(task)
+        return preprocess(images, self.resolution), torch.from_numpy(labels)
+
+    def classifier(self, task: str, backbone=None) -> TestbedClassifier:
+        """``backbone`` (default: the task's fine-tuned one) with the task's frozen head."""
+        backbone = backbone if backbone is not None else self.load_finetuned(task)
+        return TestbedClassifier(backbone, self.head(task), self.pooling).eval()
+
+    def evaluate(self, backbone, task: str, batch_size: int | None = None) -> float:
+        """Test accuracy of ``backbone`` (e.g. a merged one) with ``task``'s head."""
+        images, labels = self.test_set(task)
+        return evaluate(
+            backbone,
+            self.head(task),
+            images,
+            labels,
+            self.resolution,
+            self.pooling,
+            batch_size or self.recipe.eval_batch_size,
+        )
+
+    def accuracies(self) -> dict[str, dict[str, float]]:
+        return {
+            t: {
+                "pretrained_probe": m["pretrained_probe_acc"],
+                "finetuned": m["finetuned_acc"],
+            }
+            for t, m in self.report["tasks"].items()
+        }
+
+    def summary(self) -> str:
+        rep = self.report
+        lines = [
+            f"testbed {self.root}",
+            f"recipe {self.recipe.name}: resolution {self.resolution}, pooling {self.pooling}, "
+            f"{self.recipe.finetune_steps} fine-tune steps x {self.recipe.finetune_batch_size}, "
+            f"lr {self.recipe.finetune_lr:g}; device {rep.get('device')}, "
+            f"{rep.get('num_threads')} threads",
+            f"{'task':<16}{'classes':>8}{'train':>7}{'test':>6}{'pre+probe':>11}"
+            f"{'fine-tuned':>12}{'gain':>8}{'seconds':>9}",
+        ]
+        for t, m in rep["tasks"].items():
+            secs = sum(m["seconds"].values())
+            lines.append(
+                f"{t:<16}{m['num_classes']:>8}{m['n_train']:>7}{m['n_test']:>6}"
+                f"{m['pretrained_probe_acc']:>11.4f}{m['finetuned_acc']:>12.4f}"
+                f"{m['gain']:>+8.4f}{secs:>9.1f}" + ("  (cached)" if m.get("reused") else "")
+            )
+        chk = rep.get("onnx_check", {})
+        if "max_abs_diff" in chk:
+            lines.append(
+                f"ONNX check at {chk['resolution']}px: max |diff| {chk['max_abs_diff']:.2e} "
+                f"({'ok' if chk['ok'] else 'FAILED'})"
+            )
+        else:
+            lines.append(f"ONNX check: {chk.get('skipped', 'n/a')}")
+        lines.append(f"build time {rep['seconds']['total']:.1f} s")
+        return "\n".join(lines)
+
+
+def load_testbed(
+    cache_dir_or_recipe: str | Path | Recipe,
+    cache_dir: str | Path | None = None,
+    *,
+    build: bool = False,
+    **build_kwargs,
+) -> Testbed:
+    """Open a built testbed.
+
+    ``cache_dir_or_recipe``: a testbed folder (one holding ``testbed.json``), or a recipe (a
+    :class:`Recipe` or the name of one in :data:`RECIPES`), looked up under ``cache_dir``
+    (default :func:`default_cache_dir`). A recipe that is not built raises
+    ``FileNotFoundError``, unless ``build=True`` (then it is built, see :func:`build_testbed`)."""
+    if isinstance(cache_dir_or_recipe, Recipe) or (
+        isinstance(cache_dir_or_recipe, str) and cache_dir_or_recipe in RECIPES
+    ):
+        recipe = get_recipe(cache_dir_or_recipe)  # type: ignore[arg-type]
+        if build:
+            return build_testbed(recipe, cache_dir, **build_kwargs)
+        root = testbed_dir(recipe, cache_dir)
+        if not (root / "testbed.json").is_file():
+            raise FileNotFoundError(
+                f"testbed {recipe.name!r} is not built in {root.parent}; build it with "
+                f"`python scripts/build_testbed.py --recipe {recipe.name}` or "
+                "load_testbed(..., build=True)"
+            )
+    else:
+        root = Path(cache_dir_or_recipe).expanduser()
+        if not (root / "testbed.json").is_file():
+            raise FileNotFoundError(f"{root} is not a complete testbed (no testbed.json)")
+    meta = json.loads((root / "testbed.json").read_text())
+    report = json.loads((root / "report.json").read_text())
+    rec = dict(meta["recipe"])
+    rec["tasks"] = tuple(rec["tasks"])
+    recipe = Recipe(**rec)
+    tasks = tuple(meta["tasks"])
+    return Testbed(
+        root=root,
+        recipe=recipe,
+        key=meta["key"],
+        tasks=tasks,
+        class_names={t: tuple(meta["class_names"][t]) for t in tasks},
+        pretrained_dir=root / "pretrained",
+        finetuned_dirs={t: root / "finetuned" / t for t in tasks},
+        head_paths={t: root / "heads" / f"{t}.safetensors" for t in tasks},
+        test_set_paths={t: root / "test_sets" / f"{t}.safetensors" for t in tasks},
+        report=report,
+    )
+

