@@ -114,6 +114,13 @@ def _accuracies(report: dict, tasks: Sequence[str]) -> dict[str, float]:
     return {t: float(report[t]["accuracy"]) for t in tasks}
 
 
+def fusion_bench_config_dir() -> Path:
+    """The installed ``fusion_bench_config`` folder (FusionBench's own config tree)."""
+    import fusion_bench
+
+    return Path(fusion_bench.__file__).resolve().parent.parent / "fusion_bench_config"
+
+
 class InProcessFusionBench:
     """Compose FusionBench configs (with this plugin's search path) and run methods in process."""
 
@@ -187,6 +194,10 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _print_flush(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def run_benchmark(
     runner: InProcessFusionBench,
     mergers: Sequence[str],
@@ -195,7 +206,7 @@ def run_benchmark(
     command: str,
     extra: dict[str, list[str]] | None = None,
     reference: bool = True,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = _print_flush,
 ) -> BenchmarkResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--config-dir", required=True, type=Path, help="folder with the model/task pool configs"
-    )
+        "--config-dir", type=Path, default=None,
+        help="primary config tree (default: FusionBench's own; this plugin's is always appended)",
+    )  # fmt: skip
     parser.add_argument("--modelpool", required=True)
     parser.add_argument("--taskpool", required=True)
     parser.add_argument("--mergers", nargs="+", default=list(MERGERS), choices=list(MERGERS))
@@ -375,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     runner = InProcessFusionBench(
-        args.config_dir, args.modelpool, args.taskpool, args.device, args.pool_overrides
+        args.config_dir or fusion_bench_config_dir(),
+        args.modelpool,
+        args.taskpool,
+        args.device,
+        args.pool_overrides,
     )
     try:
         result = run_benchmark(runner, args.mergers, args.variants, args.out, command, extra)

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 
-def _fusion_bench_config_dir() -> str:
-    import fusion_bench
-
-    return str(Path(fusion_bench.__file__).resolve().parent.parent / "fusion_bench_config")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .benchmark import MERGERS, InProcessFusionBench, format_table, run_benchmark
+    from .benchmark import (
+        MERGERS,
+        InProcessFusionBench,
+        format_table,
+        fusion_bench_config_dir,
+        run_benchmark,
+    )
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         testbed = build_testbed(args.recipe, args.cache_dir)
         print(testbed.summary(), flush=True)
-        config_dir = _fusion_bench_config_dir()
+        config_dir = fusion_bench_config_dir()
         pools = ("LarvTestbed/" + args.recipe, "LarvTestbed/" + args.recipe)
         overrides = [
             f"modelpool.testbed_dir={testbed.root}",
