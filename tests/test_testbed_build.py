@@ -16,29 +16,14 @@ import pytest
 import torch
 
 from fusion_bench_larv.testbed import build as B
+from fusion_bench_larv.testbed import missing_requirements
 from fusion_bench_larv.testbed.sources import (
     SOURCES,
     SourceMissingError,
-    available_sources,
     load_source,
 )
 
-
-def _missing_reason() -> str | None:
-    try:
-        from fusion_bench_larv.testbed.backbone import find_onnx_model
-
-        find_onnx_model()
-        import onnx  # noqa: F401
-    except (SourceMissingError, ImportError) as exc:
-        return str(exc)
-    missing = {k: v for k, v in available_sources().items() if v}
-    if missing:
-        return "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in missing.items())
-    return None
-
-
-_REASON = _missing_reason()
+_REASON = missing_requirements()
 if _REASON:
     pytest.skip(
         f"testbed sources missing (run scripts/install_testbed_sources.sh): {_REASON}",

@@ -26,6 +26,20 @@ from .build import (
 )
 from .sources import SOURCES, SourceMissingError, available_sources, load_source
 
+
+def missing_requirements() -> str | None:
+    """Why the testbed cannot be built here (a message naming what to install), or None."""
+    try:
+        find_onnx_model()
+        import onnx  # noqa: F401
+    except (SourceMissingError, ImportError) as exc:
+        return str(exc)
+    missing = {k: v for k, v in available_sources().items() if v}
+    if missing:
+        return "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in missing.items())
+    return None
+
+
 __all__ = [
     "DEFAULT_TASKS",
     "RECIPES",
@@ -43,6 +57,7 @@ __all__ = [
     "load_backbone",
     "load_source",
     "load_testbed",
+    "missing_requirements",
     "pool_features",
     "preprocess",
     "testbed_dir",

@@ -1,0 +1,69 @@
+"""The testbed's FusionBench pools through the real ``fusion_bench`` CLI, and the README's demo
+on the ``ci`` recipe (same code paths as the quick/full runs, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusion_bench_larv.testing.tiny_clip import run_fusion_bench
+
+TASKS = ("mnist", "fashion_mnist", "animal_mnist", "sklearn_digits", "opencv_digits")
+
+
+def _accuracy(report: dict, task: str) -> float:
+    return float(report[task]["accuracy"])
+
+
+@pytest.mark.slow
+def test_cli_larv_ties_on_the_testbed(ci_testbed, tmp_path):
+    root = str(ci_testbed.root)
+    log_dir = tmp_path / "logs"
+    report = run_fusion_bench(
+        [
+            "method=larv_ties",
+            "modelpool=LarvTestbed/ci",
+            "taskpool=LarvTestbed/ci",
+            f"modelpool.testbed_dir={root}",
+            f"taskpool.testbed_dir={root}",
+        ],
+        cwd=tmp_path,
+        log_dir=log_dir,
+    )
+    for task in TASKS:
+        assert 0.0 <= _accuracy(report, task) <= 1.0
+    layers = json.loads((log_dir / "larv_layers.json").read_text())
+    # DINOv2 ViT-S/14: twelve blocks, tiered gate 4/4/4 over twelve distinct scores
+    assert [rec["index"] for rec in layers["layers"]] == list(range(1, 13))
+    scales = sorted(rec["s"] for rec in layers["layers"])
+    assert scales == sorted([0.5] * 4 + [1.0] * 4 + [1.5] * 4)
+    assert all(rec["prefix"].startswith("encoder.layer.") for rec in layers["layers"])
+    assert layers["settings"]["gate"] == "tiered"
+
+
+@pytest.mark.slow
+def test_demo_prints_a_measured_comparison(ci_testbed, tmp_path, capsys):
+    from fusion_bench_larv import demo
+
+    out = tmp_path / "demo"
+    cache = ci_testbed.root.parent
+    rc = demo.main(
+        [
+            "--recipe", "ci", "--cache-dir", str(cache), "--mergers", "ta",
+            "--variants", "base", "tiered", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "(cached: nothing was rebuilt)" in printed
+    assert "Task Arithmetic" in printed and "+LARV tiered" in printed
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["merger"], r["variant"]): r for r in results["runs"]}
+    assert set(runs) == {("ta", "base"), ("ta", "tiered")}
+    for run in runs.values():
+        assert set(run["accuracy"]) == set(TASKS)
+    # the printed table's TA row holds the average this run measured
+    avg = 100 * sum(runs[("ta", "base")]["accuracy"].values()) / len(TASKS)
+    assert f"{avg:.2f}" in printed
+    assert (out / "table.md").read_text().strip() in printed
