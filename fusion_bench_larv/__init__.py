@@ -5,6 +5,7 @@ from .diagnostics import commutator_conflict, effective_rank, rank_contrast, sin
 from .gates import composite_score, continuous_gate, depth_schedule, tiered_gate
 from .layers import LayerGroupingError, group_layers
 from .settings import LarvConfigError, LarvSettings
+from .validation import LarvInputError, LarvLayerError, LarvWarning
 from .veneer import LarvResult, apply_scales, compute_larv_scales
 
 __version__ = "0.1.0"
@@ -12,8 +13,11 @@ __version__ = "0.1.0"
 __all__ = [
     "LARVAlgorithm",
     "LarvConfigError",
+    "LarvInputError",
+    "LarvLayerError",
     "LarvResult",
     "LarvSettings",
+    "LarvWarning",
     "LayerGroupingError",
     "apply_scales",
     "commutator_conflict",

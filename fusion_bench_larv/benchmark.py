@@ -37,10 +37,12 @@ MERGERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tsvm": ("task_singular_vector/TaskSingularVectorMerging", "larv_tsvm", {"alpha": 1}),
     "wudi": ("wudi/wudi", "larv_wudi", {}),
     "simple_average": ("simple_average", "larv_simple_average", {}),
+    # not data-free: 32 train exemplars per task (the notes: 16-64), README "LOT Merging and WUDI"
+    "lot": ("lot_merging", "larv_lot", {"num_exemplars": 32}),
 }
 MERGER_LABELS = {
     "ta": "Task Arithmetic", "ties": "TIES", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
-    "tsvm": "TSV-M", "wudi": "WUDI", "simple_average": "Simple Avg",
+    "tsvm": "TSV-M", "wudi": "WUDI", "simple_average": "Simple Avg", "lot": "LOT",
 }  # fmt: skip
 # variant -> LARV overrides (None: FusionBench's base method alone)
 VARIANTS: dict[str, list[str] | None] = {

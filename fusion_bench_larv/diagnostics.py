@@ -3,11 +3,23 @@ rank, effective-rank contrast ``e`` and commutator conflict ``c``.
 
 Everything is computed in float32 or wider whatever the input dtype, and never needs data or
 gradients.
+
+Two layers of API: the single-matrix functions (``singular_values``, ``effective_rank``,
+``rank_contrast``, ``commutator_conflict``) and their batched, cost-conscious kernels
+(``frobenius_sq``, ``small_gram``, ``exact_energies``, ``randomized_energies``,
+``entropies``, ``commutator_conflicts``) that work on stacks ``(B, m, n)`` of same-shaped
+matrices on whatever device the tensors live on. The batched kernels never form an object larger
+than ``min(m, n)²`` per matrix beyond the inputs:
+
+* exact spectrum: the eigenvalues of the smaller Gram (``AᵀA`` or ``AAᵀ``, formed in float64)
+  are the squared singular values; the eigen-solve runs in the matrix's compute dtype
+  (float64 for float64 input, float32 otherwise);
+* rectangular commutators: the large side comes from the trace identity
+  ``‖M − Mᵀ‖² = 2‖M‖² − 2 tr(M²)`` with ``‖XYᵀ‖² = ⟨XᵀX, YᵀY⟩`` and ``tr((XYᵀ)²) = ⟨C, Cᵀ⟩``,
+  ``C = XᵀY``, and the small side is ``‖C − Cᵀ‖`` itself, all in float64.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -23,6 +35,11 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64) if t.dtype == torch.float64 else t.to(torch.float32)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 input, float32 for everything else (float32, float16, bfloat16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def singular_values(
@@ -71,10 +88,17 @@ def effective_rank(
     oversample: int = 10,
     generator: torch.Generator | None = None,
 ) -> float:
-    """r_eff(A) = exp(H(A)); scale invariant, 1 for a rank-1 matrix, min(m, n) for an isotropic one."""
-    a = _wide(as_matrix(a))
-    sigma = singular_values(a, spectrum, rank, oversample, generator)
-    return math.exp(spectral_entropy(sigma, a.pow(2).sum()))
+    """r_eff(A) = exp(H(A)); scale invariant, 1 for a rank-1 matrix, min(m, n) for an isotropic one.
+
+    Computed by the batched kernels (exact: eigenvalues of the smaller Gram)."""
+    a = as_matrix(a).unsqueeze(0)
+    if spectrum == "exact":
+        energy = exact_energies(a)
+    elif spectrum == "randomized":
+        energy = randomized_energies(a, rank, oversample, [generator])
+    else:
+        raise ValueError(f"spectrum must be 'exact' or 'randomized', got {spectrum!r}")
+    return float(entropies(energy, frobenius_sq(a)).exp()[0])
 
 
 def rank_contrast(
@@ -103,28 +127,6 @@ def is_numerically_zero(delta: torch.Tensor, reference: torch.Tensor | None = No
     return nd <= 1e-10 * ref
 
 
-def _commutator_norm(x: torch.Tensor, y: torch.Tensor, left: bool) -> torch.Tensor:
-    """‖X Yᵀ − Y Xᵀ‖_F (left) or ‖Xᵀ Y − Yᵀ X‖_F (right) without forming the large product.
-
-    For M = X Yᵀ: ‖M − Mᵀ‖² = 2‖M‖² − 2 tr(M²), with ‖X Yᵀ‖² = tr(XᵀX · YᵀY) and
-    tr((X Yᵀ)²) = tr((Yᵀ X)²), so only min(m, n)-sized products are needed. Float64 against
-    cancellation.
-    """
-    m, n = x.shape
-    big = m if left else n
-    small = n if left else m
-    if big <= small:  # the product itself is the small side: form it
-        prod = x @ y.T if left else x.T @ y
-        return torch.linalg.matrix_norm(prod - prod.T)
-    x64, y64 = x.to(torch.float64), y.to(torch.float64)
-    if left:  # big m×m product; use n×n Grams
-        gx, gy, cross = x64.T @ x64, y64.T @ y64, y64.T @ x64
-    else:  # big n×n product; use m×m Grams
-        gx, gy, cross = x64 @ x64.T, y64 @ y64.T, x64 @ y64.T
-    sq = 2.0 * (gx * gy).sum() - 2.0 * (cross * cross.T).sum()
-    return sq.clamp_min(0.0).sqrt().to(x.dtype)
-
-
 def commutator_conflict(
     theta0: torch.Tensor, delta: torch.Tensor, eps: float = DEFAULT_EPS
 ) -> float:
@@ -134,13 +136,125 @@ def commutator_conflict(
     Rectangular: mean of the left and right Gram-commutators,
     ½‖θ_0 Δᵀ − Δ θ_0ᵀ‖_F/(…) + ½‖θ_0ᵀ Δ − Δᵀ θ_0‖_F/(…).
     """
-    x, y = _wide(as_matrix(theta0)), _wide(as_matrix(delta))
+    x, y = as_matrix(theta0), as_matrix(delta)
     if x.shape != y.shape:
         raise ValueError(f"shape mismatch: θ_0 {tuple(x.shape)} vs Δ {tuple(y.shape)}")
-    denom = float(torch.linalg.matrix_norm(x)) * float(torch.linalg.matrix_norm(y)) + eps
-    m, n = x.shape
+    return float(commutator_conflicts(x.unsqueeze(0), y.unsqueeze(0), eps)[0])
+
+
+# -- batched kernels -----------------------------------------------------------------------------
+# Row blocks for float64 Gram products: a float64 copy of at most this many rows per matrix at once.
+_ROW_BLOCK = 2048
+
+
+def frobenius_sq(a: torch.Tensor) -> torch.Tensor:
+    """‖A_b‖_F² per matrix of a stack ``(B, m, n)``, accumulated in float64."""
+    return torch.linalg.vector_norm(a, dim=(-2, -1), dtype=torch.float64).pow(2)
+
+
+def tall(a: torch.Tensor) -> torch.Tensor:
+    """The stack with every matrix turned tall (m ≥ n): a wide one is transposed (a view)."""
+    return a.mT if a.shape[-2] < a.shape[-1] else a
+
+
+def gram64(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``Xᵀ Y`` (``Xᵀ X`` without ``y``) of tall stacks ``(B, m, n)`` in float64, accumulated over
+    row blocks so that no full float64 copy of the inputs is made."""
+    m = x.shape[-2]
+    out = None
+    for i in range(0, m, _ROW_BLOCK):
+        xb = x[..., i : i + _ROW_BLOCK, :].to(torch.float64)
+        yb = xb if y is None else y[..., i : i + _ROW_BLOCK, :].to(torch.float64)
+        part = xb.mT @ yb
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def small_gram(a: torch.Tensor) -> torch.Tensor:
+    """The ``min(m, n)²`` Gram (``AᵀA`` of the tall orientation) of each matrix, in float64."""
+    return gram64(tall(a))
+
+
+def exact_energies(a: torch.Tensor | None = None, gram: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    """All squared singular values σ_j², descending, float64, shape ``(B, min(m, n))``: the
+    eigenvalues of the smaller Gram (pass ``gram`` to reuse one). The eigen-solve runs in
+    ``dtype`` (default: float64 for float64 input, float32 otherwise); round-off below zero is
+    clamped to 0."""
+    if gram is None:
+        gram = small_gram(a)
+    if dtype is None:
+        dtype = compute_dtype(a.dtype) if a is not None else torch.float64
+    gram = gram.to(dtype)
+    if gram.device.type == "cpu" and gram.ndim == 3:  # LAPACK: a loop beats the batched call
+        lam = torch.stack([torch.linalg.eigvalsh(g) for g in gram]).to(torch.float64)
+    else:  # CUDA: one batched call
+        lam = torch.linalg.eigvalsh(gram).to(torch.float64)
+    return lam.flip(-1).clamp_min(0.0)
+
+
+def randomized_energies(
+    a: torch.Tensor,
+    rank: int,
+    oversample: int,
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Top-``rank`` squared singular values from the randomized range finder (one Gaussian sketch
+    per matrix, drawn on the CPU from that matrix's generator, as ``singular_values``)."""
+    a = a.to(compute_dtype(a.dtype))
+    m, n = a.shape[-2:]
+    k = max(1, min(int(rank), m, n))
+    sketch = min(k + int(oversample), m, n)
+    omega = torch.stack(
+        [torch.randn(n, sketch, generator=g, dtype=a.dtype, device="cpu") for g in generators]
+    ).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    return torch.linalg.svdvals(q.mT @ a)[..., :k].to(torch.float64).pow(2)
+
+
+def entropies(energy: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Spectral entropy per row: H = −Σ p_j log p_j, p_j = energy_j / total (float64); 0 where
+    total ≤ 0."""
+    energy = energy.to(torch.float64)
+    total = total.to(torch.float64)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    p = energy / safe.unsqueeze(-1)
+    h = -torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p)).sum(-1)
+    return torch.where(total > 0, h, torch.zeros_like(h))
+
+
+def commutator_conflicts(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float = DEFAULT_EPS,
+    gram_x: torch.Tensor | None = None,
+    gram_y: torch.Tensor | None = None,
+    fro2_x: torch.Tensor | None = None,
+    fro2_y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``commutator_conflict`` for stacks ``(B, m, n)`` of same-shaped θ_0 / Δ, float64 ``(B,)``.
+
+    Square: the commutator itself, in the compute dtype (as ``commutator_conflict``).
+    Rectangular (oriented tall): ``C = XᵀY``; small side ``‖C − Cᵀ‖``; large side
+    ``√(2⟨XᵀX, YᵀY⟩ − 2⟨C, Cᵀ⟩)``. ``gram_x`` / ``gram_y`` (float64 small-side Grams) are
+    reused when given: θ_0's comes from its per-run statistics, Δ's from its spectrum.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch: θ_0 {tuple(x.shape)} vs Δ {tuple(y.shape)}")
+    fx = frobenius_sq(x) if fro2_x is None else fro2_x.to(torch.float64)
+    fy = frobenius_sq(y) if fro2_y is None else fro2_y.to(torch.float64)
+    denom = fx.sqrt() * fy.sqrt() + eps
+    m, n = x.shape[-2:]
     if m == n:
-        return float(torch.linalg.matrix_norm(x @ y - y @ x)) / denom
-    left = float(_commutator_norm(x, y, left=True))
-    right = float(_commutator_norm(x, y, left=False))
-    return 0.5 * left / denom + 0.5 * right / denom
+        cd = compute_dtype(x.dtype)
+        xc, yc = x.to(cd), y.to(cd)
+        num = torch.linalg.matrix_norm(xc @ yc - yc @ xc).to(torch.float64)
+        return num / denom
+    xt, yt = tall(x), tall(y)
+    gx = gram64(xt) if gram_x is None else gram_x.to(torch.float64)
+    gy = gram64(yt) if gram_y is None else gram_y.to(torch.float64)
+    c = gram64(xt, yt)
+    small = torch.linalg.matrix_norm(c - c.mT)
+    big_sq = 2.0 * (gx * gy).sum((-2, -1)) - 2.0 * (c * c.mT).sum((-2, -1))
+    big = big_sq.clamp_min(0.0).sqrt()
+    return 0.5 * big / denom + 0.5 * small / denom

@@ -4,10 +4,13 @@ that a bad value fails before any model is loaded, with a message naming the key
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .gates import DEFAULT_LEVELS, SCHEDULES, TIER_LEVELS
+from .validation import did_you_mean, unknown_keys_message
 
 GATES = ("tiered", "continuous", "schedule")
 PLACEMENTS = ("merged", "task_vectors")
@@ -21,6 +24,12 @@ class LarvConfigError(ValueError):
 
 def _bad(key: str, value: Any, allowed: str) -> LarvConfigError:
     return LarvConfigError(f"LARV config `{key}` = {value!r} is not allowed: {allowed}")
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
+        raise _bad(key, value, f"one of {', '.join(allowed)}{hint}")
 
 
 def _number(key: str, value: Any) -> float:
@@ -53,18 +62,27 @@ class LarvSettings:
     layer_pattern: str | None = None
     eps: float = 1e-8
     report_name: str = "larv_layers.json"
+    stats_cache_dir: str | None = None  # opt-in disk cache of θ_0's statistics
     extra: dict = field(default_factory=dict, repr=False)  # not a config key; kept for reports
 
     def __post_init__(self) -> None:
         self.validate()
 
     @classmethod
-    def from_mapping(cls, values: dict) -> LarvSettings:
-        known = {f.name for f in fields(cls)} - {"extra"}
+    def keys(cls) -> tuple[str, ...]:
+        """The public config keys (every field but ``extra``)."""
+        return tuple(f.name for f in fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_mapping(cls, values: dict, also_allowed: Iterable[str] = ()) -> LarvSettings:
+        """Settings from config keys; an unknown key (a typo such as ``gama``) is an error with a
+        "did you mean" suggestion. ``also_allowed`` only widens the suggestions (keys the caller
+        handles itself, e.g. ``base_method``)."""
+        known = set(cls.keys())
         unknown = set(values) - known
         if unknown:
             raise LarvConfigError(
-                f"unknown LARV config key(s) {sorted(unknown)}; allowed: {sorted(known)}"
+                unknown_keys_message(unknown, known | set(also_allowed), "LARV config")
             )
         return cls(**values)
 
@@ -77,16 +95,11 @@ class LarvSettings:
         return d
 
     def validate(self) -> None:
-        if self.gate not in GATES:
-            raise _bad("gate", self.gate, f"one of {GATES}")
-        if self.placement not in PLACEMENTS:
-            raise _bad("placement", self.placement, f"one of {PLACEMENTS}")
-        if self.spectrum not in SPECTRA:
-            raise _bad("spectrum", self.spectrum, f"one of {SPECTRA}")
-        if self.outside_blocks not in OUTSIDE_POLICIES:
-            raise _bad("outside_blocks", self.outside_blocks, f"one of {OUTSIDE_POLICIES}")
-        if self.schedule not in SCHEDULES:
-            raise _bad("schedule", self.schedule, f"one of {SCHEDULES}")
+        _choice("gate", self.gate, GATES)
+        _choice("placement", self.placement, PLACEMENTS)
+        _choice("spectrum", self.spectrum, SPECTRA)
+        _choice("outside_blocks", self.outside_blocks, OUTSIDE_POLICIES)
+        _choice("schedule", self.schedule, SCHEDULES)
         self.alpha, self.beta = _number("alpha", self.alpha), _number("beta", self.beta)
         if not 0 < self.alpha < 1:
             raise _bad("alpha", self.alpha, "a quantile in (0, 1)")
@@ -132,10 +145,34 @@ class LarvSettings:
                 self.schedule_scales = self._scales(
                     "schedule_scales", self.schedule_scales, expected
                 )
-        if self.layer_pattern is not None and not isinstance(self.layer_pattern, str):
-            raise _bad("layer_pattern", self.layer_pattern, "null (auto) or a regex string")
-        if not isinstance(self.report_name, str) or not self.report_name or "/" in self.report_name:
-            raise _bad("report_name", self.report_name, "a plain file name")
+        if self.layer_pattern is not None:
+            self._check_layer_pattern(self.layer_pattern)
+        cache_dir = getattr(self, "stats_cache_dir", None)
+        if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
+            raise _bad("stats_cache_dir", cache_dir, "null (no cache) or a directory path")
+        name = self.report_name
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or any(sep in name for sep in ("/", "\\", "\0"))
+        ):
+            raise _bad("report_name", name, "a plain file name (no directory; see `report_dir`)")
+
+    @staticmethod
+    def _check_layer_pattern(pattern: Any) -> None:
+        if not isinstance(pattern, str) or not pattern:
+            raise _bad("layer_pattern", pattern, "null (auto-detect) or a non-empty regex string")
+        try:
+            rx = re.compile(pattern)
+        except re.error as err:
+            raise _bad("layer_pattern", pattern, f"not a valid regex ({err})") from err
+        if "idx" not in rx.groupindex and rx.groups < 1:
+            raise _bad(
+                "layer_pattern",
+                pattern,
+                "the regex must capture the block index, as a named group (?P<idx>\\d+) or as "
+                "its first group, e.g. '^model\\.layers\\.(?P<idx>\\d+)\\.'",
+            )
 
     @staticmethod
     def _seq(key: str, value: Any, n: int) -> tuple:

@@ -11,10 +11,22 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .diagnostics import commutator_conflict, is_numerically_zero, rank_contrast
+from .diagnostics import (
+    as_matrix,
+    commutator_conflicts,
+    compute_dtype,
+    entropies,
+    exact_energies,
+    frobenius_sq,
+    is_numerically_zero,
+    randomized_energies,
+    small_gram,
+)
 from .gates import composite_score, continuous_gate, depth_prior, depth_schedule, tiered_gate
-from .layers import LayerGroups, group_layers
+from .layers import LayerGroups
 from .settings import LarvSettings
+from .stats_cache import Theta0Stats, content_key, load_stats, save_stats
+from .validation import check_finite, check_same_keys_and_shapes, check_scales, grouped_layers
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -76,6 +88,70 @@ def _matrix_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+class _LazyDelta(Mapping):
+    """Δθ = θ_merged − θ_0 (float32) per parameter, computed on access and never stored: LARV holds
+    no full copy of the update (spec, "Pipeline" 2)."""
+
+    def __init__(self, theta0: StateDict, merged: StateDict, names: list[str]):
+        self._theta0, self._merged, self._names = theta0, merged, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.on(name, None)
+
+    def on(self, name: str, device: torch.device | str | None) -> torch.Tensor:
+        m, t0 = self._merged[name].detach(), self._theta0[name].detach()
+        if device is not None:
+            m, t0 = m.to(device), t0.to(device)
+        return m.to(torch.float32) - t0.to(device=m.device, dtype=torch.float32)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _delta_on(delta: StateDict, name: str, device) -> torch.Tensor:
+    if isinstance(delta, _LazyDelta):
+        return delta.on(name, device)
+    return delta[name].detach().to(device=device)
+
+
+# At most this many bytes of θ_0 matrices go into one batch of layers (and at most 1/8 of θ_0):
+# the transient stacks stay small next to the model.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _layer_chunks(mats: list[list[str]], theta0: StateDict) -> list[list[int]]:
+    sizes = [sum(theta0[n].numel() * 4 for n in names) for names in mats]
+    budget = max(max(sizes, default=0), min(CHUNK_BYTES, sum(sizes) // 8))
+    chunks, cur, used = [], [], 0
+    for i, b in enumerate(sizes):
+        if cur and used + b > budget:
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += b
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _randomized_generators(names, settings, m: int, n: int, replay_theta0: bool):
+    """The per-matrix sketch generators (seeded by the matrix's name). θ_0's sketch is drawn first
+    and Δ's second from the same generator (as ``rank_contrast``); with θ_0's statistics already
+    known its draw is replayed (cheap) so that Δ's sketch is the same either way."""
+    k = max(1, min(settings.rank, m, n))
+    sketch = min(k + settings.oversample, m, n)
+    gens = []
+    for name in names:
+        g = torch.Generator(device="cpu").manual_seed(_matrix_seed(settings.seed, name))
+        if replay_theta0:
+            torch.randn(n, sketch, generator=g)
+        gens.append(g)
+    return gens
+
+
 def layer_diagnostics(
     theta0: StateDict,
     delta: StateDict,
@@ -83,35 +159,114 @@ def layer_diagnostics(
     settings: LarvSettings,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    stats: Theta0Stats | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
-    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices."""
-    e_layers, c_layers, counts = [], [], []
+    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices.
+
+    Streams a few layers at a time (``CHUNK_BYTES``); within a batch, same-shaped matrices are
+    stacked and go through the batched kernels of :mod:`.diagnostics` on ``device`` (default:
+    where θ_0 lives). θ_0's statistics come from ``stats`` where it has them, else from the disk
+    cache (``settings.stats_cache_dir``), else they are computed here once (and saved to the cache,
+    or added to ``stats`` when the caller passed one).
+    """
+    mats = [
+        [n for n in members if theta0[n].ndim >= 2 and _is_float(theta0[n])]
+        for members in groups.members
+    ]  # biases and norms are scaled but never enter the diagnostics
+    all_mats = [n for names in mats for n in names]
+    cache_dir = getattr(settings, "stats_cache_dir", None)
+    keep = stats is not None or cache_dir is not None
+    if stats is None:
+        stats = Theta0Stats.empty(settings)
+        if cache_dir is not None and all_mats:
+            key = content_key(theta0, all_mats, settings)
+            stats = load_stats(cache_dir, key, settings) or stats
+            stats.key = key
+    else:
+        stats.check(settings)
+    computed_any = False
+
+    e_mat: dict[str, float] = {}
+    c_mat: dict[str, float] = {}
     # progress=None: a bar appears only when the diagnostics take more than a moment (tqdm delay)
-    bar = tqdm(groups.members, desc="LARV diagnostics", unit="layer", leave=False,
+    bar = tqdm(total=len(mats), desc="LARV diagnostics", unit="layer", leave=False,
                disable=progress is False, delay=0 if progress else 1.5)  # fmt: skip
-    for members in bar:
-        e_vals, c_vals = [], []
-        for name in members:
-            t0, d = theta0[name], delta[name]
-            if t0.ndim < 2 or not _is_float(t0):
-                continue  # biases and norms are scaled but never enter the diagnostics
-            if device is not None:
-                t0, d = t0.to(device), d.to(device)
-            gen = None
-            if settings.spectrum == "randomized":
-                gen = torch.Generator(device="cpu").manual_seed(_matrix_seed(settings.seed, name))
-            e_vals.append(
-                rank_contrast(
-                    t0, d, settings.spectrum, settings.rank, settings.oversample, settings.eps, gen
-                )
-            )
-            c_vals.append(
-                0.0 if is_numerically_zero(d, t0) else commutator_conflict(t0, d, settings.eps)
-            )
+    with torch.no_grad():
+        for chunk in _layer_chunks(mats, theta0):
+            by_shape: dict[tuple, list[str]] = {}
+            for li in chunk:
+                for n in mats[li]:
+                    by_shape.setdefault(tuple(as_matrix(theta0[n]).shape), []).append(n)
+            for (m, n), names in by_shape.items():
+                computed_any |= _diagnose_stack(theta0, delta, names, m, n, settings, device,
+                                                stats, keep, e_mat, c_mat)  # fmt: skip
+            bar.update(len(chunk))
+    bar.close()
+    if cache_dir is not None and computed_any and stats.key is not None:
+        save_stats(cache_dir, stats)
+
+    e_layers, c_layers, counts = [], [], []
+    for names in mats:
+        e_vals, c_vals = [e_mat[n] for n in names], [c_mat[n] for n in names]
         counts.append(len(e_vals))
         e_layers.append(sum(e_vals) / len(e_vals) if e_vals else 0.0)
         c_layers.append(sum(c_vals) / len(c_vals) if c_vals else 0.0)
     return e_layers, c_layers, counts
+
+
+def _diagnose_stack(theta0, delta, names, m, n, settings, device, stats, keep, e_mat, c_mat):
+    """e and c of a stack of same-shaped matrices; fills ``stats`` with θ_0's where missing.
+    Returns whether any θ_0 statistic was computed."""
+    dev = device if device is not None else theta0[names[0]].device
+    x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in names])
+    y = torch.stack([as_matrix(_delta_on(delta, k, dev)) for k in names])
+    cd = compute_dtype(x.dtype)
+    square = m == n
+    randomized = settings.spectrum == "randomized"
+
+    missing = [k not in stats for k in names]
+    computed = any(missing)
+    if computed:  # θ_0's statistics, once per run (or per cache)
+        fx = frobenius_sq(x)
+        gens = _randomized_generators(names, settings, m, n, False) if randomized else None
+        if randomized:
+            gx = None if square else small_gram(x)
+            energy = randomized_energies(x, settings.rank, settings.oversample, gens)
+        else:
+            gx = small_gram(x)
+            energy = exact_energies(gram=gx, dtype=cd)
+        r0 = entropies(energy, fx).exp()
+        for i, k in enumerate(names):
+            stats.fro2[k], stats.r_eff[k] = float(fx[i]), float(r0[i])
+            if not square and keep:
+                stats.gram[k] = gx[i]
+        gx = None if square else gx
+        del energy
+    else:
+        fx = torch.tensor([stats.fro2[k] for k in names], dtype=torch.float64, device=dev)
+        r0 = torch.tensor([stats.r_eff[k] for k in names], dtype=torch.float64, device=dev)
+        gx = None if square else torch.stack([stats.gram[k].to(dev) for k in names])
+        gens = _randomized_generators(names, settings, m, n, True) if randomized else None
+
+    fy = frobenius_sq(y)
+    zero = (fy == 0) | (fy.sqrt() <= 1e-10 * fx.sqrt())
+    if square:
+        yc = y.to(cd)
+        gy = None if randomized else yc.mT @ yc  # spectrum only: the compute dtype suffices
+    else:
+        gy = small_gram(y)  # float64: also the commutator identity's Δ Gram
+    if randomized:
+        energy = randomized_energies(y, settings.rank, settings.oversample, gens)
+    else:
+        energy = exact_energies(gram=gy, dtype=cd)
+    ry = entropies(energy, fy).exp()
+    e = torch.where(zero, torch.zeros_like(r0), r0 / (ry + settings.eps))
+    c = commutator_conflicts(x, y, settings.eps, gram_x=gx, gram_y=None if square else gy,
+                             fro2_x=fx, fro2_y=fy)  # fmt: skip
+    c = torch.where(zero, torch.zeros_like(c), c)
+    for k, ev, cv in zip(names, e.tolist(), c.tolist(), strict=True):
+        e_mat[k], c_mat[k] = ev, cv
+    return computed
 
 
 def gate_scores(
@@ -138,26 +293,28 @@ def compute_larv_scales(
     settings: LarvSettings,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    theta0_stats: Theta0Stats | None = None,
 ) -> LarvResult:
-    """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (spec, "Pipeline" 2–4)."""
+    """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (spec, "Pipeline" 2–4).
+
+    Raises :class:`~fusion_bench_larv.validation.LarvInputError` when θ_0 and the merged model
+    differ in keys or shapes or hold NaN/Inf, and its subclass ``LarvLayerError`` when fewer than
+    two transformer blocks are found. Any dtype works: diagnostics run in float32 or wider.
+
+    ``theta0_stats``: θ_0's per-matrix statistics to reuse (and to fill where missing), e.g. one
+    :class:`~fusion_bench_larv.stats_cache.Theta0Stats` shared by a sweep over mergers in one
+    process; ``settings.stats_cache_dir`` keeps them on disk instead.
+    """
     start = time.perf_counter()
-    missing = [k for k in theta0 if k not in merged]
-    extra = [k for k in merged if k not in theta0]
-    if missing or extra:
-        raise ValueError(
-            f"θ_0 and the merged model have different parameters: missing in merged {missing[:5]}, "
-            f"only in merged {extra[:5]}"
-        )
-    for k, t in merged.items():
-        if t.shape != theta0[k].shape:
-            raise ValueError(
-                f"shape of {k!r} differs: θ_0 {tuple(theta0[k].shape)} vs merged {tuple(t.shape)}"
-            )
+    check_same_keys_and_shapes(theta0, merged)
+    check_finite(theta0, "θ_0 (the pretrained model)")
+    check_finite(merged, "the merged model (the base method's output)")
     names = [k for k, t in theta0.items() if _is_float(t)]
-    groups = group_layers(names, settings.layer_pattern)
-    delta = {k: merged[k].detach().to(torch.float32) - theta0[k].detach().to(torch.float32)
-             for k in names}  # fmt: skip
-    e, c, counts = layer_diagnostics(theta0, delta, groups, settings, device, progress)
+    groups = grouped_layers(names, settings.layer_pattern)
+    delta = _LazyDelta(theta0, merged, names)  # streamed: never a full copy of Δθ
+    e, c, counts = layer_diagnostics(
+        theta0, delta, groups, settings, device, progress, theta0_stats
+    )
     warnings = []
     if all(is_numerically_zero(delta[k], theta0[k]) for k in names):
         warnings.append("the merged update θ_merged − θ_0 is zero everywhere; e = 0 in every layer")
@@ -208,7 +365,10 @@ def apply_scales(
     A scale of exactly 1 leaves the tensor untouched, so unit scales reproduce the base merger
     bit for bit. Low-precision tensors are combined in float32 and cast back to their dtype.
     A tensor tied under several names is updated once, with the first of its names' scales.
+    A name missing from either side, a shape mismatch, a non-floating tensor or a non-finite
+    scale is a ``LarvInputError``, raised before any tensor is changed.
     """
+    check_scales(theta0, merged, param_scale)
     done: set[tuple] = set()
     for name, s in param_scale.items():
         target = merged[name]

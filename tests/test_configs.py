@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from fusion_bench_larv import LARVAlgorithm
+from fusion_bench_larv import LARVAlgorithm, lot_algorithm
 from fusion_bench_larv.settings import LarvSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +31,8 @@ METHODS = {
     "larv_tsvm": ("TaskSingularVectorMerging", {"alpha": 1}),
     "larv_wudi": ("WUDIMerging", {"iter_num": 400}),
     "larv_simple_average": ("SimpleAverageAlgorithm", {}),
+    # this package's LOT Merging (not in fusion_bench.method)
+    "larv_lot": ("LOTMergingAlgorithm", {"num_exemplars": 32, "regularization": "pinv"}),
 }
 BACKBONES = {"base-patch32": 1.30, "base-patch16": 1.40, "large-patch14": 1.50}
 TASKPOOL = {
@@ -67,7 +69,8 @@ def test_suite_composes_and_instantiates_every_method(hydra_ctx, backbone, tasks
         assert isinstance(alg, LARVAlgorithm)
         assert alg.settings == LarvSettings()  # the paper's defaults: tiered gate, η=1, ρ=.5, ζ=1
         base = alg.build_base_method()
-        assert type(base) is getattr(fusion_bench.method, cls_name)
+        expected = getattr(fusion_bench.method, cls_name, None) or getattr(lot_algorithm, cls_name)
+        assert type(base) is expected
         for key, value in hparams.items():
             assert getattr(base, key) == value, (method, key)
         if method == "larv_iso_c":

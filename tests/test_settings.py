@@ -151,3 +151,154 @@ def test_to_dict_round_trips_through_from_mapping():
 )
 def test_good_values_pass(kwargs):
     LarvSettings(**kwargs)
+
+
+# -- issue 6, item 1: every message names the key and the value and says what is allowed ---------
+@pytest.mark.parametrize(
+    ("kwargs", "key", "value", "allowed"),
+    [
+        ({"alpha": 0.0}, "alpha", "0.0", "(0, 1)"),
+        ({"alpha": 0.7, "beta": 0.6}, "alpha", "0.7", "smaller than beta"),
+        ({"eta": -1}, "eta", "-1", ">= 0"),
+        ({"gamma": 0}, "gamma", "0", "> 0"),
+        ({"levels": [0.5, -1, 1.5]}, "levels", "-1", ">= 0"),
+        ({"levels": [0.5, None, 1.5]}, "levels", "None", "finite number"),
+        ({"gate": "sigmoid"}, "gate", "'sigmoid'", "tiered, continuous, schedule"),
+        ({"schedule": "tier4"}, "schedule", "'tier4'", "tier3"),
+        ({"placement": "both"}, "placement", "'both'", "task_vectors"),
+        ({"outside_blocks": "drop"}, "outside_blocks", "'drop'", "neutral"),
+        ({"spectrum": "lanczos"}, "spectrum", "'lanczos'", "randomized"),
+        ({"schedule": "custom", "schedule_scales": [1]}, "schedule_scales", "[1]", "exactly 3"),
+        ({"schedule": "uniform", "schedule_scales": [1, 1]}, "schedule_scales", "[1, 1]", "exactly 1"),
+        ({"schedule": "lines", "schedule_scales": [1, 2, 3]}, "schedule_scales", "[1, 2, 3]", "exactly 2"),
+        ({"rank": 0}, "rank", "0", "integer >= 1"),
+        ({"oversample": 2.5}, "oversample", "2.5", "integer >= 0"),
+        ({"layer_pattern": r"layers\.(\d+"}, "layer_pattern", r"'layers\\.(\\d+'", "not a valid regex"),
+        ({"layer_pattern": r"layers\.\d+\."}, "layer_pattern", r"'layers\\.\\d+\\.'", "(?P<idx>"),
+        ({"layer_pattern": ""}, "layer_pattern", "''", "non-empty regex"),
+        ({"report_name": ".."}, "report_name", "'..'", "plain file name"),
+        ({"stats_cache_dir": 3}, "stats_cache_dir", "3", "directory path"),
+    ],
+)  # fmt: skip
+def test_messages_name_key_value_and_what_is_allowed(kwargs, key, value, allowed):
+    with pytest.raises(LarvConfigError) as err:
+        LarvSettings(**kwargs)
+    msg = str(err.value)
+    assert f"`{key}`" in msg and value in msg and allowed in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "suggestion"),
+    [({"gate": "tierd"}, "tiered"), ({"schedule": "tier_3"}, "tier3"), ({"placement": "merge"}, "merged")],
+)  # fmt: skip
+def test_misspelt_choice_gets_a_suggestion(kwargs, suggestion):
+    with pytest.raises(LarvConfigError, match=f"did you mean `{suggestion}`"):
+        LarvSettings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("gama", "gamma"), ("alhpa", "alpha"), ("use_conflicts", "use_conflict"),
+     ("layer_patern", "layer_pattern"), ("report_dri", "report_dir"), ("base_methd", "base_method")],
+)  # fmt: skip
+def test_unknown_keys_rejected_with_did_you_mean(typo, meant):
+    from fusion_bench_larv import LARVAlgorithm
+
+    ta = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
+    kwargs = {typo: 1} if typo == "base_methd" else {"base_method": ta, typo: 1}
+    with pytest.raises(LarvConfigError, match=f"`{typo}` \\(did you mean `{meant}`\\?\\)"):
+        LARVAlgorithm(**kwargs)
+    if meant not in ("report_dir", "base_method"):
+        with pytest.raises(LarvConfigError, match=f"did you mean `{meant}`"):
+            LarvSettings.from_mapping({typo: 1})
+
+
+def test_unknown_key_far_from_any_gets_no_wrong_suggestion():
+    with pytest.raises(LarvConfigError) as err:
+        LarvSettings.from_mapping({"zzzzzz": 1})
+    assert "`zzzzzz`" in str(err.value) and "did you mean" not in str(err.value)
+
+
+def test_hydra_composed_typo_reaches_the_class_and_is_rejected():
+    from pathlib import Path
+
+    import fusion_bench
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    fb_config = str(Path(fusion_bench.__file__).resolve().parent.parent / "fusion_bench_config")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=fb_config, version_base=None):
+            cfg = compose(config_name="fabric_model_fusion",
+                          overrides=["method=larv_ta", "+method.gama=3"])  # fmt: skip
+            with pytest.raises(Exception) as err:
+                instantiate(cfg.method)
+    finally:
+        GlobalHydra.instance().clear()
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert any(isinstance(x, LarvConfigError) for x in chain) or "LarvConfigError" in str(err.value)
+    assert "did you mean `gamma`" in str(err.value)
+
+
+# -- the wrapped base method is checked at construction too ----------------------------------------
+TA_TARGET = "fusion_bench.method.TaskArithmeticAlgorithm"
+
+
+@pytest.mark.parametrize(
+    ("base", "match"),
+    [
+        (None, "needs `base_method`"),
+        ("task_arithmetic", "`base_method` = 'task_arithmetic'"),
+        ({"scaling_factor": 0.3}, "_target_"),
+        ({"_target_": 3}, "class path string"),
+        ({"_target_": "fusion_bench.method.TaskArithmetic", "scaling_factor": 0.3},
+         "did you mean .*`fusion_bench.method.TaskArithmeticAlgorithm`"),
+        ({"_target_": "no_such_package.Merger"}, "cannot import module 'no_such_package'"),
+        ({"_target_": "torch.nn.Linear"}, "not a FusionBench BaseAlgorithm"),
+        ({"_target_": TA_TARGET}, r"misses required argument\(s\) \['scaling_factor'\]"),
+        ({"_target_": TA_TARGET, "scaling_factr": 0.3}, "`scaling_factr` \\(did you mean `scaling_factor`"),
+        ({"_target_": "fusion_bench.method.ISO_C_Merge", "scaling_factor": 1.3, "rank": 2},
+         "unknown `base_method` key `rank`"),
+    ],
+)  # fmt: skip
+def test_bad_base_method_fails_at_construction(base, match):
+    from fusion_bench_larv import LARVAlgorithm
+
+    with pytest.raises(LarvConfigError, match=match):
+        LARVAlgorithm(base_method=base)
+
+
+def test_good_base_methods_and_fusion_bench_meta_keys_pass():
+    from fusion_bench.method import TaskArithmeticAlgorithm
+    from omegaconf import OmegaConf
+
+    from fusion_bench_larv import LARVAlgorithm
+
+    LARVAlgorithm(base_method={"_target_": TA_TARGET, "scaling_factor": 0.3, "inplace": True})
+    LARVAlgorithm(base_method=OmegaConf.create({"_target_": TA_TARGET, "scaling_factor": 0.3}))
+    LARVAlgorithm(base_method=TaskArithmeticAlgorithm(scaling_factor=0.3))
+    # FusionBench's serialisation keys are not LARV settings and are not rejected
+    LARVAlgorithm(base_method={"_target_": TA_TARGET, "scaling_factor": 0.3}, _usage_="x")
+    # an extra argument a **kwargs merger accepts is allowed when it is no typo of a real one
+    LARVAlgorithm(base_method={"_target_": TA_TARGET, "scaling_factor": 0.3, "profile": True})
+
+
+def test_construction_error_leaves_the_output_directory_alone(tmp_path):
+    from fusion_bench_larv import LARVAlgorithm
+
+    (tmp_path / "larv_layers.json").write_text("old")
+    with pytest.raises(LarvConfigError):
+        LARVAlgorithm(
+            base_method={"_target_": TA_TARGET, "scaling_factor": 0.3},
+            report_dir=str(tmp_path),
+            gamma=-1,
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["larv_layers.json"]
+    assert (tmp_path / "larv_layers.json").read_text() == "old"
+    with pytest.raises(LarvConfigError, match="`report_dir`"):
+        LARVAlgorithm(base_method={"_target_": TA_TARGET, "scaling_factor": 0.3}, report_dir=5)

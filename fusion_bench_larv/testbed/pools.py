@@ -10,8 +10,9 @@ heads.)
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ import torch
 from fusion_bench import BaseModelPool
 from fusion_bench.taskpool import BaseTaskPool
 from torch import nn
+from torch.utils.data import Dataset
 
 from .backbone import load_backbone
-from .build import Testbed, build_testbed, load_testbed
+from .build import Testbed, _split, build_testbed, load_testbed, preprocess
+from .sources import load_source, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,51 @@ def open_testbed(
         return build_testbed(recipe, cache_dir)
 
 
+class TestbedTrainSet(Dataset):
+    """A task's training images exactly as the testbed's build drew them (``build._split`` with
+    the testbed's recipe: same seed, same images, same order), pre-processed as the task pool
+    pre-processes test images (:func:`~.build.preprocess` at the recipe's resolution). Items:
+    ``(pixel_values float32 (3, R, R), label)``. Only data-using methods (LOT Merging) read it;
+    nothing here changes the testbed or its cache key.
+
+    Needs the testbed's sources installed, unchanged since the build (checked against the
+    fingerprints in ``testbed.json``: another file would give another split)."""
+
+    __test__ = False
+
+    def __init__(self, testbed: Testbed, task: str):
+        if task not in testbed.tasks:
+            raise ValueError(f"task {task!r} is not in testbed {testbed.root}")
+        meta = json.loads((testbed.root / "testbed.json").read_text())
+        built_with = meta.get("fingerprints", {}).get("sources", {}).get(task)
+        if built_with is not None and list(built_with) != source_fingerprint(task):
+            raise RuntimeError(
+                f"the installed source of {task!r} differs from the one testbed {testbed.root} "
+                "was built from: its training split cannot be re-derived"
+            )
+        train_x, train_y, _, _ = _split(load_source(task), testbed.recipe)
+        self.task = task
+        self.images, self.labels = train_x, train_y
+        self.resolution = testbed.resolution
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        # per image: resizing is per sample, so this equals pre-processing the whole batch
+        return preprocess(self.images[idx : idx + 1], self.resolution)[0], int(self.labels[idx])
+
+
+def load_testbed_train_set(testbed_dir: str, task: str) -> TestbedTrainSet:
+    """:class:`TestbedTrainSet` of a built testbed folder (the pool's ``train_datasets`` entries
+    instantiate this)."""
+    return TestbedTrainSet(load_testbed(Path(testbed_dir)), task)
+
+
 class TestbedModelPool(BaseModelPool):
     """``_pretrained_`` and one fine-tuned ``Dinov2Model`` per task, loaded fresh from disk on
-    every ``load_model`` (so base mergers never share a module)."""
+    every ``load_model`` (so base mergers never share a module). ``load_train_dataset(task)``:
+    the task's training split, re-derived as the build drew it (:class:`TestbedTrainSet`)."""
 
     __test__ = False  # not a pytest class
 
@@ -67,12 +112,27 @@ class TestbedModelPool(BaseModelPool):
             )
         models = {"_pretrained_": str(self.testbed.pretrained_dir)}
         models.update({t: str(self.testbed.finetuned_dirs[t]) for t in tasks})
+        if kwargs.get("train_datasets") is None:
+            kwargs["train_datasets"] = {
+                t: {
+                    "_target_": f"{__name__}.load_testbed_train_set",
+                    "testbed_dir": str(self.testbed.root),
+                    "task": t,
+                }
+                for t in tasks
+            }
         super().__init__(models=models, **kwargs)
 
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
         if isinstance(model_name_or_config, str) and model_name_or_config in self._models:
             return load_backbone(self._models[model_name_or_config])
         return super().load_model(model_name_or_config, *args, **kwargs)
+
+    def load_train_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
+        cfg = self._train_datasets[dataset_name]
+        if isinstance(cfg, Mapping) and cfg.get("_target_") == f"{__name__}.load_testbed_train_set":
+            return load_testbed_train_set(cfg["testbed_dir"], cfg["task"])
+        return super().load_train_dataset(dataset_name, *args, **kwargs)
 
     def save_model(self, model: nn.Module, path: str, *args, **kwargs) -> None:
         model.save_pretrained(path)

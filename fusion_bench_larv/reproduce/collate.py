@@ -1,0 +1,598 @@
+"""Read every run's reports and write the paper's tables (markdown + CSV) and figures (PNG).
+
+Tables follow the paper's layouts: accuracy (%) with "(±Δ)" = variant − base merger in
+percentage points. Where the paper prints a number, a "↳ paper" row under ours shows it
+(``paper_anchors.json``, transcribed from the paper, approximate; base values the paper only
+implies are marked "derived"). The paper reports the better of the tiered and continuous gates
+per cell, a choice made on test accuracy: our "max†" rows make the same oracle choice and say so.
+A run that has not finished shows as "—"; every table says how many runs it is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .. import benchmark
+from .experiments import (
+    ABLATION_ROWS,
+    CONTINUOUS,
+    EXPERIMENTS,
+    FIG4_GRID,
+    REFERENCES,
+    SCHEDULE_LABELS,
+    SCHEDULES,
+    TABLE6_ROWS,
+    TIERED,
+    Cell,
+    Suite,
+    ablation,
+    custom,
+)
+from .sweep import LAYERS, REPORT, read_json
+
+ANCHORS_FILE = Path(__file__).with_name("paper_anchors.json")
+MAX = "larv-max"  # pseudo variant: the better gate per cell (oracle, as in the paper)
+PAPER_LABELS = {"finetuned": "Fine-tuned (upper bound)", "adamerging": "AdaMerging"}
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    cell: Cell
+    acc: dict[str, float]  # task -> %
+    layers: dict | None = None
+
+    @property
+    def average(self) -> float:
+        return sum(self.acc.values()) / len(self.acc)
+
+
+def metric(entry: Any) -> float | None:
+    """A task's score in %: its ``accuracy``, else its first number."""
+    if not isinstance(entry, Mapping):
+        return None
+    if isinstance(entry.get("accuracy"), (int, float)):
+        return 100.0 * float(entry["accuracy"])
+    for v in entry.values():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return 100.0 * float(v)
+    return None
+
+
+def load_run(cell: Cell, out: Path) -> Run | None:
+    run_dir = cell.run_dir(out)
+    report = read_json(run_dir / REPORT)
+    if report is None:
+        return None
+    acc = {
+        k: m
+        for k, v in report.items()
+        if k not in ("model_info", "average") and (m := metric(v)) is not None
+    }
+    if not acc:
+        return None
+    return Run(cell, acc, read_json(run_dir / LAYERS))
+
+
+class Results:
+    def __init__(self, cells: Sequence[Cell], out: Path):
+        self.out = Path(out)
+        self.cells = list(cells)
+        self.runs: dict[tuple[str, str, str], Run] = {}
+        for c in cells:
+            r = load_run(c, out)
+            if r is not None:
+                self.runs[(c.suite.key, c.merger, c.variant.slug)] = r
+
+    def get(self, suite: str, merger: str, variant: str) -> Run | None:
+        if variant == MAX:
+            cands = [self.get(suite, merger, v.slug) for v in (TIERED, CONTINUOUS)]
+            cands = [c for c in cands if c is not None]
+            return max(cands, key=lambda r: r.average) if cands else None
+        return self.runs.get((suite, merger, variant))
+
+    def tasks(self, suite: str) -> list[str]:
+        for (s, _, _), r in self.runs.items():
+            if s == suite:
+                return list(r.acc)
+        return []
+
+    @property
+    def missing(self) -> int:
+        return len(self.cells) - len(self.runs)
+
+
+@cache
+def _anchor_doc() -> dict:
+    return json.loads(ANCHORS_FILE.read_text())
+
+
+def anchors(table: str) -> dict[tuple[str, str, str, str], dict]:
+    return {
+        (a["suite"], a["merger"], a["variant"], a["task"]): a
+        for a in _anchor_doc()["anchors"]
+        if a["table"] == table
+    }
+
+
+def anchor_notes(table: str) -> str:
+    notes = _anchor_doc()["notes"]
+    parts = [notes["general"], notes["larv-best"], notes["derived"]]
+    if table in notes:
+        parts.append(notes[table])
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# a table: markdown + long CSV
+# ------------------------------------------------------------------------------------------------
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def with_delta(x: float | None, base: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.1f}" if base is None else f"{x:.1f} ({x - base:+.1f})"
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    columns: list[str]
+    lines: list[str] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def header(self, first: str = "Method") -> None:
+        self.lines += [
+            f"| {first} | " + " | ".join(self.columns) + " |",
+            "|---" * (len(self.columns) + 1) + "|",
+        ]
+
+    def section(self, label: str) -> None:
+        self.lines.append(f"| **{label}** |" + " |" * len(self.columns))
+
+    def row(self, label: str, cells: Sequence[str]) -> None:
+        self.lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def record(self, **kw) -> None:
+        self.records.append(kw)
+
+    def write(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        md, csv_path = folder / f"{self.name}.md", folder / f"{self.name}.csv"
+        text = f"# {self.title}\n\n" + "\n".join(self.lines) + "\n"
+        if self.notes:
+            text += "\n" + "\n\n".join(self.notes) + "\n"
+        _write_text(md, text)
+        keys = [
+            "suite", "row", "merger", "variant", "column", "ours", "base", "delta",
+            "paper", "paper_delta", "paper_derived",
+        ]  # fmt: skip
+        tmp = csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            for r in self.records:
+                w.writerow({k: _csv(r.get(k)) for k in keys})
+        os.replace(tmp, csv_path)
+        return [md, csv_path]
+
+
+def _csv(v: Any) -> Any:
+    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def merger_label(m: str) -> str:
+    if m in REFERENCES:
+        return REFERENCES[m][1]
+    return PAPER_LABELS.get(m, benchmark.MERGER_LABELS.get(m, m))
+
+
+VARIANT_ROWS = {"base": "", TIERED.slug: " + LARV tiered", CONTINUOUS.slug: " + LARV continuous"}
+VARIANT_ROWS[MAX] = " + LARV max(tiered, continuous)†"
+ANCHOR_VARIANT = {"base": "base", MAX: "larv-best"}
+
+
+@dataclass
+class Col:
+    """One column: a label and how to read its value from (results, merger, variant)."""
+
+    label: str
+    suite: str
+    value: Callable[[Run], float | None]
+    key: str  # anchor task key / CSV column
+
+
+def task_col(suite: str, task: str) -> Col:
+    return Col(task, suite, lambda r, t=task: r.acc.get(t), task)
+
+
+def avg_col(suite: str, label: str = "Avg.", tasks: Sequence[str] | None = None) -> Col:
+    def f(r: Run) -> float | None:
+        vals = [r.acc[t] for t in (tasks if tasks is not None else r.acc) if t in r.acc]
+        return sum(vals) / len(vals) if vals else None
+
+    key = "average" if tasks is None else label
+    return Col(label, suite, f, key)
+
+
+def rows_block(
+    t: Table,
+    res: Results,
+    cols: Sequence[Col],
+    mergers: Sequence[str],
+    variants: Sequence[str],
+    anchor_table: str | None,
+    labels: Mapping[str, str] | None = None,
+    anchor_variant: Mapping[str, str] | None = None,
+) -> None:
+    """Rows ``merger × variant`` (Δ against the merger's base row), each followed by a paper
+    row where the paper has numbers for it."""
+    anc = anchors(anchor_table) if anchor_table else {}
+    labels = {**VARIANT_ROWS, **(labels or {})}
+    anchor_variant = {**ANCHOR_VARIANT, **(anchor_variant or {})}
+    for m in mergers:
+        for v in variants:
+            cells, paper_cells, any_paper = [], [], False
+            for col in cols:
+                run = res.get(col.suite, m, v)
+                base = res.get(col.suite, m, "base") if v != "base" else None
+                x = col.value(run) if run else None
+                b = col.value(base) if base else None
+                cells.append(with_delta(x, b if v != "base" else None))
+                a = anc.get((col.suite, m, anchor_variant.get(v, v), col.key))
+                if a is not None:
+                    any_paper = True
+                    s = f"{a['value']:.1f}"
+                    if a.get("delta") is not None:
+                        s += f" ({a['delta']:+.1f})"
+                    paper_cells.append(s + ("*" if a.get("derived") else ""))
+                else:
+                    paper_cells.append("")
+                t.record(
+                    suite=col.suite, row=merger_label(m) + labels.get(v, f" {v}"), merger=m,
+                    variant=v, column=col.key, ours=x, base=b,
+                    delta=None if x is None or b is None or v == "base" else x - b,
+                    paper=a["value"] if a else None, paper_delta=a.get("delta") if a else None,
+                    paper_derived=bool(a and a.get("derived")),
+                )  # fmt: skip
+            t.row(merger_label(m) + labels.get(v, f" {v}"), cells)
+            if any_paper:
+                t.row("↳ *paper*", paper_cells)
+
+
+def paper_only_rows(t: Table, cols: Sequence[Col], table: str, mergers: Sequence[str]) -> None:
+    """Rows the paper has and we do not run (fine-tuned upper bound, AdaMerging in Table 1)."""
+    anc = anchors(table)
+    for m in mergers:
+        cells = []
+        for col in cols:
+            a = anc.get((col.suite, m, "base", col.key))
+            cells.append(f"{a['value']:.1f}" if a else "")
+        if any(cells):
+            t.row(f"*paper: {merger_label(m)}*", cells)
+
+
+def _notes(t: Table, res: Results, anchor_table: str | None) -> None:
+    t.notes.append(
+        "Accuracy (%); (±Δ) = row − the same merger's base row, in percentage points. "
+        "† = the better of the tiered and continuous gates per cell, chosen on test accuracy "
+        "(an oracle choice, as in the paper)."
+    )
+    if anchor_table:
+        t.notes.append(
+            "↳ *paper* rows: the paper's numbers (paper_anchors.json), approximate; "
+            "* = derived (paper LARV value minus its printed gain). " + anchor_notes(anchor_table)
+        )
+    if res.missing:
+        t.notes.append(f"**{res.missing} run(s) not finished yet** (shown as —).")
+    mapped = sorted({c.suite.pool.label for c in res.cells if c.suite.mapped})
+    if mapped:
+        t.notes.append(
+            f"Pools mapped to {', '.join(mapped)}: our numbers come from those models; the "
+            "paper's rows still refer to the paper's CLIP / Flan-T5 models."
+        )
+
+
+def _mergers(cells: Sequence[Cell]) -> list[str]:
+    out: list[str] = []
+    for c in cells:
+        if not c.is_reference and c.merger not in out:
+            out.append(c.merger)
+    return out
+
+
+def _refs(cells: Sequence[Cell]) -> list[str]:
+    return [r for r in REFERENCES if any(c.merger == r for c in cells)]
+
+
+def _suites(cells: Sequence[Cell]) -> list[Suite]:
+    seen: dict[str, Suite] = {}
+    for c in cells:
+        seen.setdefault(c.suite.key, c.suite)
+    return list(seen.values())
+
+
+def _variants(cells: Sequence[Cell], order: Sequence[str]) -> list[str]:
+    have = {c.variant.slug for c in cells}
+    out = [v for v in order if v in have]
+    if TIERED.slug in have and CONTINUOUS.slug in have and MAX in order:
+        out.append(MAX)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the artefacts
+# ------------------------------------------------------------------------------------------------
+MAIN_ORDER = ["base", TIERED.slug, CONTINUOUS.slug, MAX]
+
+
+def per_task_table(
+    name: str, title: str, cells: Sequence[Cell], res: Results, anchor_table: str | None
+) -> Table:
+    """Table 1 layout: one block per suite, one column per task, plus the average."""
+    suites = _suites(cells)
+    tasks0 = res.tasks(suites[0].key) if suites else []
+    t = Table(name, title, [*tasks0, "Avg."])
+    t.header()
+    for s in suites:
+        scells = [c for c in cells if c.suite.key == s.key]
+        tasks = res.tasks(s.key) or tasks0
+        cols = [task_col(s.key, x) for x in tasks] + [avg_col(s.key)]
+        if tasks != tasks0:
+            t.row("*tasks*", [*tasks, "Avg."])
+        t.section(s.label + (" (pools mapped)" if s.mapped else ""))
+        if anchor_table:
+            paper_only_rows(t, cols, anchor_table, ["finetuned", "adamerging"])
+        rows_block(t, res, cols, _refs(scells), ["base"], anchor_table)
+        rows_block(t, res, cols, _mergers(scells), _variants(scells, MAIN_ORDER), anchor_table)
+    _notes(t, res, anchor_table)
+    return t
+
+
+def summary_table(name: str, title: str, cells: Sequence[Cell], res: Results) -> Table:
+    """Table 2 layout: averages, one column per suite."""
+    suites = _suites(cells)
+    cols = [avg_col(s.key, f"{s.backbone} {s.column}") for s in suites]
+    for c in cols:
+        c.key = "average"
+    t = Table(name, title, [c.label for c in cols])
+    t.header()
+    rows_block(t, res, cols, _refs(cells), ["base"], "table2")
+    rows_block(t, res, cols, _mergers(cells), _variants(cells, MAIN_ORDER), "table2")
+    _notes(t, res, "table2")
+    return t
+
+
+def table3(cells: Sequence[Cell], res: Results) -> Table:
+    suite = cells[0].suite.key
+    mergers = _mergers(cells)
+    t = Table("table3", EXPERIMENTS["table3"].title, [merger_label(m) for m in mergers])
+    t.header("r e c / gate")
+    anc = anchors("table3")
+    cols = {m: avg_col(suite) for m in mergers}
+    have = {c.variant.slug for c in cells}
+
+    def row(label: str, variant: str) -> None:
+        out = []
+        for m in mergers:
+            run, base = res.get(suite, m, variant), res.get(suite, m, "base")
+            x = cols[m].value(run) if run else None
+            b = cols[m].value(base) if base else None
+            out.append(with_delta(x, b if variant != "base" else None))
+            t.record(suite=suite, row=label, merger=m, variant=variant, column="average",
+                     ours=x, base=b, delta=None if x is None or b is None else x - b)  # fmt: skip
+        t.row(label, out)
+
+    if "base" in have:
+        row("base merger (s ≡ 1)", "base")
+    for rec in ABLATION_ROWS:
+        flags = " ".join(f"{k}{'✓' if on else '–'}" for k, on in zip("rec", rec, strict=True))
+        for gate in ("tiered", "continuous"):
+            v = ablation(*rec, gate)
+            if v.slug in have:
+                row(f"{flags} / {gate}", v.slug)
+        paper = [anc.get((suite, m, "ablation-r{}e{}c{}".format(*rec), "average")) for m in mergers]
+        if any(paper):
+            t.row(f"↳ *paper* ({flags})", [f"{a['value']:.1f}" if a else "" for a in paper])
+            for m, a in zip(mergers, paper, strict=True):
+                if a:
+                    t.record(suite=suite, row=f"paper {flags}", merger=m,
+                             variant="ablation-r{}e{}c{}".format(*rec), column="average",
+                             paper=a["value"])  # fmt: skip
+    _notes(t, res, "table3")
+    t.notes.append(EXPERIMENTS["table3"].notes)
+    return t
+
+
+def table5(cells: Sequence[Cell], res: Results) -> Table:
+    suites = _suites(cells)
+    mergers = _mergers(cells)
+    cols = []
+    for m in mergers:
+        for s in suites:
+            c = avg_col(s.key, f"{merger_label(m)} {s.backbone}")
+            cols.append((m, c))
+    t = Table("table5", EXPERIMENTS["table5"].title, [c.label for _, c in cols])
+    t.header("Strategy")
+    anc = anchors("table5")
+    strategies = [("base", "Uniform (= base merger)"), (TIERED.slug, "Composite (LARV tiered)"),
+                  (CONTINUOUS.slug, "Composite (LARV continuous)"), (MAX, "Composite max†")]  # fmt: skip
+    strategies += [(f"sched-{s}", SCHEDULE_LABELS[s]) for s in SCHEDULES]
+    have = {c.variant.slug for c in cells} | {MAX}
+    for v, label in strategies:
+        if v not in have:
+            continue
+        out, paper = [], []
+        for m, col in cols:
+            run, base = res.get(col.suite, m, v), res.get(col.suite, m, "base")
+            x = col.value(run) if run else None
+            b = col.value(base) if base else None
+            out.append(with_delta(x, b if v != "base" else None))
+            a = anc.get((col.suite, m, ANCHOR_VARIANT.get(v, v), "average"))
+            paper.append(f"{a['value']:.1f}" if a else "")
+            t.record(suite=col.suite, row=label, merger=m, variant=v, column="average", ours=x,
+                     base=b, delta=None if x is None or b is None or v == "base" else x - b,
+                     paper=a["value"] if a else None)  # fmt: skip
+        t.row(label, out)
+        if any(paper):
+            t.row("↳ *paper*", paper)
+    _notes(t, res, "table5")
+    return t
+
+
+def table6(cells: Sequence[Cell], res: Results) -> Table:
+    suite = cells[0].suite.key
+    mergers = _mergers(cells)
+    t = Table("table6", EXPERIMENTS["table6"].title, [merger_label(m) for m in mergers])
+    t.header("(s_shallow, s_middle, s_deep)")
+    anc = anchors("table6")
+    have = {c.variant.slug for c in cells}
+    group = None
+    shown = {s for _, s in TABLE6_ROWS}
+    extra = [("Figure 4 grid (not in Table 6)", s) for s in FIG4_GRID if s not in shown]
+    for g, s in [*TABLE6_ROWS, *extra]:
+        v = custom(s)
+        if v.slug not in have:
+            continue
+        if g != group:
+            t.section(g)
+            group = g
+        out, paper = [], []
+        for m in mergers:
+            run, base = res.get(suite, m, v.slug), res.get(suite, m, "base")
+            x = avg_col(suite).value(run) if run else None
+            b = avg_col(suite).value(base) if base else None
+            out.append(with_delta(x, b if v.slug != "base" else None))
+            a = anc.get((suite, m, v.slug, "average"))
+            paper.append(f"{a['value']:.1f}" if a else "")
+            t.record(suite=suite, row=str(s), merger=m, variant=v.slug, column="average", ours=x,
+                     base=b, delta=None if x is None or b is None else x - b,
+                     paper=a["value"] if a else None)  # fmt: skip
+        t.row(v.label if v.slug != "base" else "(1.0, 1.0, 1.0) base", out)
+        if any(paper):
+            t.row("↳ *paper*", paper)
+    _notes(t, res, "table6")
+    t.notes.append(
+        "Figure 4 (fig4_tiered_grid.png) shows the full {0.5, 1, 1.5}³ grid as Δ heatmaps."
+    )
+    return t
+
+
+def table4(cells: Sequence[Cell], res: Results) -> Table:
+    s = cells[0].suite
+    tasks = res.tasks(s.key)
+    seen = [x for x in tasks if x in s.seen_tasks] or tasks
+    unseen = [x for x in tasks if x not in seen]
+    cols = [task_col(s.key, x) for x in seen] + [avg_col(s.key, "Avg. seen", seen)]
+    if unseen:
+        cols += [task_col(s.key, x) for x in unseen] + [avg_col(s.key, "Avg. unseen", unseen)]
+    for c in cols:
+        c.key = {"Avg. seen": "average_seen", "Avg. unseen": "average_unseen"}.get(c.label, c.key)
+    t = Table("table4", EXPERIMENTS["table4"].title, [c.label for c in cols])
+    t.header()
+    t.section(s.label + (" (pools mapped)" if s.mapped else ""))
+    rows_block(t, res, cols, _refs(cells), ["base"], "table4")
+    rows_block(t, res, cols, _mergers(cells), _variants(cells, MAIN_ORDER), "table4")
+    _notes(t, res, "table4")
+    if not unseen:
+        t.notes.append("No unseen task in these reports: every task counts as seen.")
+    return t
+
+
+def fig3_table(cells: Sequence[Cell], res: Results) -> Table:
+    suites = _suites(cells)
+    cols = [avg_col(s.key, s.column or s.key) for s in suites]
+    t = Table("fig3", EXPERIMENTS["fig3"].title + " — average over the data sets",
+              [c.label for c in cols])  # fmt: skip
+    t.header()
+    rows_block(t, res, cols, _mergers(cells), _variants(cells, MAIN_ORDER), None)
+    _notes(t, res, None)
+    return t
+
+
+def layer_csv(cells: Sequence[Cell], res: Results, path: Path) -> Path:
+    rows = []
+    for c in cells:
+        run = res.get(c.suite.key, c.merger, c.variant.slug)
+        if run is None or not run.layers:
+            continue
+        for rec in run.layers["layers"]:
+            rows.append({"suite": c.suite.key, "merger": c.merger, "variant": c.variant.slug,
+                         **{k: rec.get(k) for k in ("index", "e", "c", "r", "w", "s")}})  # fmt: skip
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(
+            f, fieldnames=["suite", "merger", "variant", "index", "e", "c", "r", "w", "s"]
+        )
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
+    """Write every artefact of the experiments in ``groups`` into ``<out>/artefacts``."""
+    from . import plots
+
+    folder = Path(out) / "artefacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, cells in groups.items():
+        if not cells:
+            continue
+        res = Results(cells, out)
+        if name == "table1":
+            written += per_task_table(
+                "table1", EXPERIMENTS[name].title, cells, res, "table1"
+            ).write(folder)
+        elif name == "table2":
+            written += summary_table("table2", EXPERIMENTS[name].title, cells, res).write(folder)
+            for tname, tasks, anchor in (
+                ("table7", "TALL14", "table7"),
+                ("table9", "TALL20", None),
+            ):
+                sub = [c for c in cells if c.suite.key.endswith("_" + tasks)]
+                if sub:
+                    title = f"Table {tname[-1]}: {tasks[-2:]} tasks, per data set"
+                    written += per_task_table(tname, title, sub, res, anchor).write(folder)
+        elif name == "table3":
+            written += table3(cells, res).write(folder)
+        elif name == "table5":
+            written += table5(cells, res).write(folder)
+        elif name == "table6":
+            written += table6(cells, res).write(folder)
+            p = plots.fig4(cells, res, folder / "fig4_tiered_grid.png")
+            written += [p] if p else []
+        elif name == "fig2":
+            written += plots.fig2(cells, res, folder)
+            written.append(layer_csv(cells, res, folder / "fig2.csv"))
+        elif name == "fig3":
+            written += fig3_table(cells, res).write(folder)
+            written += plots.fig3(cells, res, folder)
+        elif name == "table4":
+            written += table4(cells, res).write(folder)
+        elif name == "table8":
+            written += per_task_table(
+                "table8", EXPERIMENTS[name].title, cells, res, "table8"
+            ).write(folder)
+    return written

@@ -1,0 +1,212 @@
+"""The paper's figures from the collated runs (PNG, matplotlib's Agg backend).
+
+- Figure 2: e, c, s against depth, one line per merger (``benchmark.plot_layer_metrics``).
+- Figure 3: accuracy per corruption (and averaged), base vs LARV, one panel per merger.
+- Figure 5: Δ (LARV − base) heatmaps, data sets × corruptions, one panel per merger and gate.
+- Figure 4: Δ (schedule − base) heatmaps over (s_middle, s_deep), one panel per s_shallow and
+  merger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import benchmark
+from .experiments import CONTINUOUS, FIG4_LEVELS, TIERED, Cell, custom
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _suites(cells):
+    seen = {}
+    for c in cells:
+        seen.setdefault(c.suite.key, c.suite)
+    return list(seen.values())
+
+
+def _mergers(cells):
+    out = []
+    for c in cells:
+        if not c.is_reference and c.merger not in out:
+            out.append(c.merger)
+    return out
+
+
+def fig2(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
+    """One PNG per suite, in the layout of ``benchmark.plot_layer_metrics``."""
+    written = []
+    for s in _suites(cells):
+        mergers = _mergers([c for c in cells if c.suite.key == s.key])
+        result = benchmark.BenchmarkResult(
+            tasks=res.tasks(s.key), command="", meta={"mergers": mergers}
+        )
+        for m in mergers:
+            for v, name in ((TIERED, "tiered"), (CONTINUOUS, "continuous")):
+                run = res.get(s.key, m, v.slug)
+                if run is not None and run.layers:
+                    result.runs.append(
+                        benchmark.RunResult(m, name, "", [], run.acc, 0.0, run.layers)
+                    )
+        path = benchmark.plot_layer_metrics(result, folder / f"fig2_{s.key}.png")
+        if path is not None:
+            _title(path, f"Figure 2 — {s.label}")
+            written.append(path)
+    return written
+
+
+def _title(path: Path, title: str) -> None:
+    """Re-open a saved PNG and add a title band (keeps plot_layer_metrics untouched)."""
+    plt = _plt()
+    img = plt.imread(str(path))
+    h, w = img.shape[:2]
+    fig = plt.figure(figsize=(w / 120, h / 120 + 0.4), dpi=120)
+    ax = fig.add_axes([0, 0, 1, h / (h + 48)])
+    ax.imshow(img)
+    ax.axis("off")
+    fig.suptitle(title, y=0.995, fontsize=11)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
+    plt = _plt()
+    import numpy as np
+
+    suites = _suites(cells)
+    mergers = _mergers(cells)
+    if not suites or not mergers:
+        return []
+    labels = [s.column or s.key for s in suites] + ["Avg."]
+    variants = [
+        ("base", "base"),
+        (TIERED.slug, "LARV tiered"),
+        (CONTINUOUS.slug, "LARV continuous"),
+    ]
+    written = []
+
+    # Figure 3: grouped bars per corruption, one panel per merger
+    fig, axes = plt.subplots(1, len(mergers), figsize=(4.2 * len(mergers), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], mergers, strict=True):
+        x = np.arange(len(labels))
+        for i, (v, vlabel) in enumerate(variants):
+            vals = []
+            for s in suites:
+                run = res.get(s.key, m, v)
+                vals.append(run.average if run else np.nan)
+            vals.append(np.nanmean(vals) if not np.all(np.isnan(vals)) else np.nan)
+            ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=vlabel)
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(benchmark.MERGER_LABELS.get(m, m))
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Figure 3 — accuracy under corruptions (mean over the data sets)")
+    fig.tight_layout()
+    path = folder / "fig3_corruptions.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    # Figure 5: Δ heatmaps, data sets (+ Avg.) × corruptions (+ Avg.)
+    tasks: list[str] = []
+    for s in suites:
+        for t in res.tasks(s.key):
+            if t not in tasks:
+                tasks.append(t)
+    gates = [(TIERED.slug, "tiered"), (CONTINUOUS.slug, "continuous")]
+    fig, axes = plt.subplots(
+        len(gates), len(mergers), figsize=(3.8 * len(mergers), 3.2 * len(gates)), squeeze=False
+    )
+    for gi, (gv, gname) in enumerate(gates):
+        for mi, m in enumerate(mergers):
+            grid = np.full((len(tasks) + 1, len(suites) + 1), np.nan)
+            for j, s in enumerate(suites):
+                run, base = res.get(s.key, m, gv), res.get(s.key, m, "base")
+                if run is None or base is None:
+                    continue
+                for i, t in enumerate(tasks):
+                    if t in run.acc and t in base.acc:
+                        grid[i, j] = run.acc[t] - base.acc[t]
+                grid[-1, j] = run.average - base.average
+            with np.errstate(all="ignore"):
+                grid[:, -1] = [
+                    np.nanmean(r) if not np.all(np.isnan(r)) else np.nan for r in grid[:, :-1]
+                ]
+            ax = axes[gi][mi]
+            lim = max(1e-6, float(np.nanmax(np.abs(grid))) if not np.all(np.isnan(grid)) else 1.0)
+            im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+            for (i, j), val in np.ndenumerate(grid):
+                if not np.isnan(val):
+                    ax.text(j, i, f"{val:+.1f}", ha="center", va="center", fontsize=6)
+            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(tasks) + 1), [*tasks, "Avg."], fontsize=7)
+            ax.set_title(f"{benchmark.MERGER_LABELS.get(m, m)} ({gname})", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle("Figure 5 — Δ accuracy (LARV − base, pp) per data set and corruption")
+    fig.tight_layout()
+    path = folder / "fig5_corruption_delta.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def fig4(cells: Sequence[Cell], res, path: Path) -> Path | None:
+    """Δ average accuracy (custom (s_s, s_m, s_d) − base) over the {0.5, 1, 1.5}³ grid."""
+    plt = _plt()
+    import numpy as np
+
+    suites = _suites(cells)
+    mergers = _mergers(cells)
+    if not suites or not mergers:
+        return None
+    suite = suites[0].key
+    lv = FIG4_LEVELS
+    fig, axes = plt.subplots(
+        len(mergers),
+        len(lv),
+        figsize=(3.6 * len(lv) + 1, 3.2 * len(mergers) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    grids = {}
+    for m in mergers:
+        base = res.get(suite, m, "base")
+        for si, ss in enumerate(lv):
+            g = np.full((len(lv), len(lv)), np.nan)
+            for mi, sm in enumerate(lv):
+                for di, sd in enumerate(lv):
+                    run = res.get(suite, m, custom((ss, sm, sd)).slug)
+                    if run is not None and base is not None:
+                        g[mi, di] = run.average - base.average
+            grids[m, si] = g
+    finite = [np.nanmax(np.abs(g)) for g in grids.values() if not np.all(np.isnan(g))]
+    lim = max(finite) if finite else 1.0
+    lim = lim if lim > 0 else 1.0
+    for r, m in enumerate(mergers):
+        for si, ss in enumerate(lv):
+            ax = axes[r][si]
+            g = grids[m, si]
+            im = ax.imshow(g, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+            for (i, j), val in np.ndenumerate(g):
+                if not np.isnan(val):
+                    ax.text(j, i, f"{val:+.1f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(lv)), [f"{x:g}" for x in lv])
+            ax.set_yticks(range(len(lv)), [f"{x:g}" for x in lv])
+            ax.set_xlabel("s_deep")
+            ax.set_ylabel("s_middle")
+            ax.set_title(f"{benchmark.MERGER_LABELS.get(m, m)}, s_shallow = {ss:g}", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="Δ accuracy (pp) vs base")
+    fig.suptitle(f"Figure 4 — depth-only tiered scales, Δ vs base ({suites[0].label})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

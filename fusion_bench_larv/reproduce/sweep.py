@@ -1,0 +1,235 @@
+"""Turn cells into Hydra multiruns of the real ``fusion_bench`` CLI.
+
+One multirun per suite: a generated primary config (the suite's primary config with its
+``method`` choice dropped) and a generated config group ``cell`` with one option per cell
+(``# @package _global_``: it picks the method and sets ``path.log_dir`` /
+``report_save_path`` to the cell's own folder), swept as ``-m +cell=a,b,c``. Any Hydra launcher
+spreads the cells (``hydra/launcher=joblib``, ``submitit_slurm``, ...). Only cells without a
+report are launched, so an interrupted sweep resumes where it stopped.
+
+    fusion_bench --config-dir <out>/_sweeps/<suite> --config-name reproduce_suite \\
+        -m +cell=ta__base,ta__larv-tiered hydra/launcher=joblib
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .experiments import Cell, PoolSpec, Suite
+
+REPORT = "program_report.json"
+LAYERS = "larv_layers.json"
+PRIMARY = "reproduce_suite"
+
+
+# ------------------------------------------------------------------------------------------------
+# state of a cell
+# ------------------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(cell: Cell, out: Path) -> bool:
+    """A cell is done when its program report exists and parses (FusionBench writes it last)."""
+    return read_json(cell.run_dir(out) / REPORT) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# config generation
+# ------------------------------------------------------------------------------------------------
+def config_roots() -> list[Path]:
+    """Folders of this plugin's configs and of FusionBench's own (where primaries live)."""
+    from ..benchmark import fusion_bench_config_dir
+
+    roots = []
+    try:
+        spec = importlib.util.find_spec("fusion_bench_larv_config")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p) for p in spec.submodule_search_locations]
+    repo_cfg = Path(__file__).resolve().parents[2] / "config"
+    if (repo_cfg / "method").is_dir():
+        roots.append(repo_cfg)
+    roots.append(fusion_bench_config_dir())
+    return roots
+
+
+def find_primary(name: str, extra: Sequence[str] = ()) -> Path:
+    for root in [*map(Path, extra), *config_roots()]:
+        path = root / f"{name}.yaml"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"primary config {name!r} not found in {config_roots()}")
+
+
+def _is_group(entry: Any, group: str) -> bool:
+    if not isinstance(entry, Mapping) or len(entry) != 1:
+        return False
+    key = next(iter(entry)).strip()
+    return key.removeprefix("override").strip().lstrip("/") == group
+
+
+def primary_config(pool: PoolSpec, sweep_dir: Path) -> dict[str, Any]:
+    """The suite's primary config without its ``method`` choice, plus the pool overrides."""
+    if pool.parent == "fabric_model_fusion":
+        defaults: list[Any] = ["fabric_model_fusion"]
+        body: dict[str, Any] = {}
+    else:
+        parent = yaml.safe_load(find_primary(pool.parent, pool.searchpath).read_text()) or {}
+        defaults = [d for d in parent.pop("defaults", []) if not _is_group(d, "method")]
+        body = parent
+    defaults = [d for d in defaults if d != "_self_"]
+    for group, choice in (("modelpool", pool.modelpool), ("taskpool", pool.taskpool)):
+        if choice is None:
+            continue
+        defaults = [d for d in defaults if not _is_group(d, group)]
+        defaults.append({f"override /{group}": choice})
+    defaults.append("_self_")
+    cfg: dict[str, Any] = {"defaults": defaults, **body}
+    for k, v in pool.values.items():
+        if isinstance(v, Mapping) and isinstance(cfg.get(k), Mapping):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    hydra = cfg.setdefault("hydra", {})
+    if pool.searchpath:
+        hydra["searchpath"] = [f"file://{Path(p).resolve()}" for p in pool.searchpath]
+    hydra["sweep"] = {"dir": str(sweep_dir / "hydra"), "subdir": "${hydra.job.override_dirname}"}
+    return cfg
+
+
+def cell_config(cell: Cell, out: Path) -> dict[str, Any]:
+    method, values = cell.method()
+    run_dir = cell.run_dir(out).resolve()
+    cfg: dict[str, Any] = {"defaults": [{"override /method": method}]}
+    if values:
+        cfg["method"] = values
+    cfg["path"] = {"log_dir": str(run_dir)}
+    cfg["report_save_path"] = str(run_dir / REPORT)
+    return cfg
+
+
+def _dump(path: Path, cfg: Mapping[str, Any], header: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(dict(cfg), sort_keys=False, allow_unicode=True))
+    os.replace(tmp, path)
+
+
+def write_sweep(suite: Suite, cells: Sequence[Cell], out: Path) -> Path:
+    """Write the generated config folder of one suite's sweep; returns it."""
+    out = Path(out).resolve()
+    sweep_dir = out / "_sweeps" / suite.key
+    header = "# generated by fusion_bench_larv.reproduce; rewritten on every launch\n"
+    _dump(sweep_dir / f"{PRIMARY}.yaml", primary_config(suite.pool, sweep_dir), header)
+    for cell in cells:
+        _dump(
+            sweep_dir / "cell" / f"{cell.name}.yaml",
+            cell_config(cell, out),
+            "# @package _global_\n" + header,
+        )
+        meta = {
+            "suite": suite.key,
+            "suite_label": suite.label,
+            "pool": suite.pool.label or suite.pool.parent,
+            "merger": cell.merger,
+            "variant": cell.variant.slug,
+            "overrides": cell.overrides(),
+        }
+        run_dir = cell.run_dir(out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "cell.json").write_text(json.dumps(meta, indent=2))
+    return sweep_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------------
+def fusion_bench_exe() -> str:
+    exe = Path(sys.executable).parent / "fusion_bench"
+    return str(exe) if exe.exists() else "fusion_bench"
+
+
+def launcher_overrides(launcher: str, jobs: int | None) -> list[str]:
+    if launcher in ("", "basic"):
+        return []
+    out = [f"hydra/launcher={launcher}"]
+    if jobs and launcher == "joblib":
+        out.append(f"hydra.launcher.n_jobs={jobs}")
+    return out
+
+
+def sweep_command(
+    sweep_dir: Path,
+    cells: Sequence[Cell],
+    launcher: str = "basic",
+    jobs: int | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    return [
+        fusion_bench_exe(),
+        "--config-dir",
+        str(sweep_dir),
+        "--config-name",
+        PRIMARY,
+        "-m",
+        "+cell=" + ",".join(c.name for c in cells),
+        *launcher_overrides(launcher, jobs),
+        *extra,
+    ]
+
+
+def human_command(cell: Cell, extra: Sequence[str] = ()) -> str:
+    """The cell as one plain ``fusion_bench`` command (what a person would type)."""
+    pool = cell.suite.pool
+    args = ["fusion_bench"]
+    if pool.parent != "fabric_model_fusion":
+        args += ["--config-name", pool.parent]
+    args += [f"{k}={v}" for k, v in pool.values.items() if not isinstance(v, Mapping)]
+    if pool.modelpool:
+        args.append(f"modelpool={pool.modelpool}")
+    if pool.taskpool:
+        args.append(f"taskpool={pool.taskpool}")
+    args += cell.overrides()
+    return " ".join(shlex.quote(a) for a in [*args, *extra])
+
+
+def run_sweep(
+    cmd: Sequence[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    echo: bool = True,
+) -> int:
+    """Run one multirun; its output goes to ``log_path`` (and to stdout with ``echo``)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    run_env = dict(os.environ)
+    run_env.setdefault("HYDRA_FULL_ERROR", "1")
+    if env:
+        run_env.update(env)
+    with open(log_path, "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}  {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=run_env, text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if echo:
+                sys.stdout.write(line)
+        return proc.wait()

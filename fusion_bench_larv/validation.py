@@ -1,0 +1,156 @@
+"""Input checks shared by the state-dict API (``veneer``) and the FusionBench adapter
+(``algorithm``): the error classes a user can meet at run time, "did you mean" suggestions for
+misspelt keys, and the finiteness / key / shape / layer-count checks on state dicts.
+
+No FusionBench imports (the maths must work without it). Construction-time problems with LARV's
+own keys are :class:`~fusion_bench_larv.settings.LarvConfigError`; problems with the *models*
+(what only a run can see) are :class:`LarvInputError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .layers import LayerGroupingError, LayerGroups, group_layers
+
+# LARV needs at least this many transformer blocks: with one block the "layer-wise" rescaling is a
+# single global scale (the tiered gate would shrink the whole update to levels[0]).
+MIN_LAYERS = 2
+
+
+class LarvInputError(ValueError):
+    """The models LARV was given cannot be merged as they are (found at run time, before anything
+    is written): no ``_pretrained_``, NaN/Inf weights, θ_0 and the merged model disagree in keys or
+    shapes, or no usable layer structure."""
+
+
+class LarvLayerError(LarvInputError, LayerGroupingError):
+    """No (or too few) transformer blocks found in the model; set ``layer_pattern``."""
+
+
+class LarvWarning(UserWarning):
+    """Something odd but not wrong (e.g. an all-zero merged update)."""
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 1, prefix: str = "") -> str:
+    """`` (did you mean `x`?)`` for the closest candidate(s) (at most ``n``, each shown with
+    ``prefix``), or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(word), sorted(set(candidates)), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    shown = [f"`{prefix}{c}`" for c in close]
+    listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+    return f" (did you mean {listed}?)"
+
+
+def unknown_keys_message(unknown: Iterable[str], allowed: Iterable[str], what: str) -> str:
+    """One line per unknown key with a suggestion, then the allowed keys."""
+    allowed = sorted(set(allowed))
+    lines = [f"`{k}`{did_you_mean(k, allowed)}" for k in sorted(unknown, key=str)]
+    return f"unknown {what} key(s): {', '.join(lines)}; allowed: {allowed}"
+
+
+def _tensor_problem(t: torch.Tensor) -> str | None:
+    if not torch.is_floating_point(t) and not torch.is_complex(t):
+        return None
+    if t.numel() == 0 or t.device.type == "meta" or t.layout != torch.strided:
+        return None
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(t.numel() - int(finite.sum()) - nan)
+    return f"{nan} NaN and {inf} Inf of {t.numel()} values"
+
+
+def check_finite(state: Mapping[str, torch.Tensor], model: str) -> None:
+    """Raise :class:`LarvInputError` naming the first tensor (and the model) with NaN or Inf."""
+    for name, t in state.items():
+        problem = _tensor_problem(t)
+        if problem is not None:
+            raise LarvInputError(
+                f"{model} has non-finite values in tensor {name!r} ({problem}); LARV refuses to "
+                "merge it: a NaN/Inf weight makes every merged number meaningless. Check that "
+                "checkpoint (a diverged fine-tune, a bad fp16 conversion)."
+            )
+
+
+def check_same_keys_and_shapes(
+    theta0: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]
+) -> None:
+    """θ_0 and the merged model must list the same parameters with the same shapes."""
+    missing = [k for k in theta0 if k not in merged]
+    extra = [k for k in merged if k not in theta0]
+    if missing or extra:
+        raise LarvInputError(
+            "θ_0 (the pretrained model) and the merged model have different parameters: "
+            f"missing in merged {missing[:5]}{' …' if len(missing) > 5 else ''}, "
+            f"only in merged {extra[:5]}{' …' if len(extra) > 5 else ''}. The base method must "
+            "return a model of the pretrained model's architecture."
+        )
+    for k, t in merged.items():
+        if tuple(t.shape) != tuple(theta0[k].shape):
+            raise LarvInputError(
+                f"shape of {k!r} differs: θ_0 {tuple(theta0[k].shape)} vs merged "
+                f"{tuple(t.shape)}. The base method must return a model of the pretrained "
+                "model's architecture."
+            )
+
+
+def layer_error(names: Sequence[str], layer_pattern: str | None, reason: str) -> LarvLayerError:
+    """A :class:`LarvLayerError` naming the first parameter names seen and the option to set."""
+    shown = list(names[:8])
+    more = f" … ({len(names)} in all)" if len(names) > len(shown) else ""
+    how = (
+        "the auto-detected pattern"
+        if layer_pattern is None
+        else f"`layer_pattern` = {layer_pattern!r}"
+    )
+    return LarvLayerError(
+        f"{reason} (with {how}). LARV needs at least {MIN_LAYERS} transformer blocks. First "
+        f"parameter names seen: {shown}{more}. Set the `layer_pattern` option "
+        "(method.layer_pattern=<regex> on the command line) to a regex whose group "
+        "(?P<idx>\\d+) captures the block index, e.g. '^encoder\\.layers\\.(?P<idx>\\d+)\\.'."
+    )
+
+
+def check_scales(
+    theta0: Mapping[str, torch.Tensor],
+    merged: Mapping[str, torch.Tensor],
+    param_scale: Mapping[str, float],
+) -> None:
+    """Inputs of ``apply_scales``: every scaled name in both state dicts, same shapes, floating
+    tensors, finite scales (all checked before any tensor is changed)."""
+    for name, s in param_scale.items():
+        if name not in merged or name not in theta0:
+            side = "the merged model" if name not in merged else "θ_0"
+            raise LarvInputError(f"a scale is given for {name!r}, which {side} does not have")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise LarvInputError(f"the scale of {name!r} is {s!r}; scales must be finite numbers")
+        t, t0 = merged[name], theta0[name]
+        if tuple(t.shape) != tuple(t0.shape):
+            raise LarvInputError(
+                f"shape of {name!r} differs: θ_0 {tuple(t0.shape)} vs merged {tuple(t.shape)}"
+            )
+        if not torch.is_floating_point(t):
+            raise LarvInputError(
+                f"{name!r} is a {t.dtype} tensor; only floating-point parameters can be rescaled"
+            )
+
+
+def grouped_layers(names: Sequence[str], layer_pattern: str | None) -> LayerGroups:
+    """:func:`~fusion_bench_larv.layers.group_layers`, with a :class:`LarvLayerError` naming the
+    first parameter names and the ``layer_pattern`` option when no (or too few) blocks are found.
+    Needs only θ_0's parameter names, so it can run before any merging."""
+    names = list(names)
+    try:
+        groups = group_layers(names, layer_pattern)
+    except LayerGroupingError as err:
+        raise layer_error(names, layer_pattern, str(err)) from err
+    if groups.num_layers < MIN_LAYERS:
+        raise layer_error(names, layer_pattern, f"only {groups.num_layers} block(s) found")
+    return groups

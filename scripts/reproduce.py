@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Thin wrapper: ``python scripts/reproduce.py ARGS`` = ``python -m fusion_bench_larv.reproduce ARGS``
+(one command per paper artefact; see README, "Reproducing the paper")."""
+
+import sys
+
+from fusion_bench_larv.reproduce.__main__ import main
+
+if __name__ == "__main__":
+    sys.exit(main())
