@@ -285,6 +285,7 @@ def test_method_configs_compose(tiny_clip_suite):
 
 
 # ------------------------------------------------------------------------------ real-weights testbed
+@pytest.mark.slow  # builds the ci testbed (the shared session fixture)
 def test_testbed_train_set_is_the_builders_split(ci_testbed, monkeypatch):
     from fusion_bench_larv.testbed import build as B
     from fusion_bench_larv.testbed import pools

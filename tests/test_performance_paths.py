@@ -239,3 +239,13 @@ def test_stats_from_other_settings_are_refused():
 def test_bad_cache_setting_is_rejected():
     with pytest.raises(ValueError, match="stats_cache_dir"):
         LarvSettings(stats_cache_dir=3)
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 1e3])
+def test_exact_energies_at_the_scale_of_fine_tuning_updates(scale):
+    # the Gram is normalised to unit trace before the eigen-solve (speed), then scaled back
+    rng = np.random.default_rng(9)
+    a = structured((48, 16), rng, rank=4, noise=0.2) * scale
+    got = exact_energies(torch.tensor(a, dtype=torch.float32)[None])[0].numpy()
+    ref = np.linalg.svd(a, compute_uv=False) ** 2
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * ref[0])
