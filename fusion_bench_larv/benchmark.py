@@ -17,6 +17,7 @@ taskpool=...``, minus a process start per run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -200,6 +201,13 @@ def _print_flush(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run_benchmark(
     runner: InProcessFusionBench,
     mergers: Sequence[str],
@@ -209,7 +217,14 @@ def run_benchmark(
     extra: dict[str, list[str]] | None = None,
     reference: bool = True,
     progress: Callable[[str], None] = _print_flush,
+    resume: bool = False,
 ) -> BenchmarkResult:
+    """Run every (merger, variant) cell. Each finished cell is saved at once (``runs/<cell>/
+    run.json``, and ``results.json``/``table.md`` are rewritten), so an interrupted benchmark
+    loses at most the cell in progress; with ``resume`` a cell whose ``run.json`` was made with
+    the same method and overrides is read back instead of run again."""
+    from .algorithm import write_json_atomic
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = runner.tasks
@@ -217,29 +232,48 @@ def run_benchmark(
         tasks=tasks, command=command, meta={"mergers": list(mergers), "variants": list(variants)}
     )
     if reference:
-        t = time.time()
-        result.pretrained = _accuracies(
-            runner.evaluate(runner.modelpool.load_pretrained_model()), tasks
-        )
-        for task in tasks:
-            result.finetuned[task] = _accuracies(
-                runner.evaluate(runner.modelpool.load_model(task)), tasks
-            )[task]
-        progress(
-            f"[bench] pretrained and fine-tuned references evaluated in {time.time() - t:.0f}s"
-        )
+        saved = _load_json(out_dir / "references.json") if resume else None
+        if saved and saved.get("tasks") == list(tasks):
+            result.pretrained, result.finetuned = saved["pretrained"], saved["finetuned"]
+            progress("[bench] pretrained and fine-tuned references read back (--resume)")
+        else:
+            t = time.time()
+            result.pretrained = _accuracies(
+                runner.evaluate(runner.modelpool.load_pretrained_model()), tasks
+            )
+            for task in tasks:
+                result.finetuned[task] = _accuracies(
+                    runner.evaluate(runner.modelpool.load_model(task)), tasks
+                )[task]
+            write_json_atomic(
+                str(out_dir / "references.json"),
+                {"tasks": list(tasks), "pretrained": result.pretrained,
+                 "finetuned": result.finetuned},
+            )  # fmt: skip
+            progress(
+                f"[bench] pretrained and fine-tuned references evaluated in {time.time() - t:.0f}s"
+            )
     cells = [(m, v) for m in mergers for v in variants]
     for i, (merger, variant) in enumerate(cells, 1):
         method, overrides = run_overrides(merger, variant, extra)
-        t = time.time()
-        report, layers = runner.run(
-            method, overrides, report_dir=out_dir / "runs" / f"{merger}_{variant}"
-        )
-        acc = _accuracies(report, tasks)
-        run = RunResult(merger, variant, method, overrides, acc, time.time() - t, layers)
+        cell_dir = out_dir / "runs" / f"{merger}_{variant}"
+        saved = _load_json(cell_dir / "run.json") if resume else None
+        if saved and saved.get("method") == method and saved.get("overrides") == overrides:
+            saved.pop("average", None)
+            run = RunResult(**saved)
+            how = "read back"
+        else:
+            t = time.time()
+            report, layers = runner.run(method, overrides, report_dir=cell_dir)
+            acc = _accuracies(report, tasks)
+            run = RunResult(merger, variant, method, overrides, acc, time.time() - t, layers)
+            write_json_atomic(str(cell_dir / "run.json"), {**vars(run), "average": run.average})
+            how = f"{run.seconds:.0f}s"
         result.runs.append(run)
+        write_outputs(result, out_dir, figure=False)
         progress(
-            f"[bench] ({i}/{len(cells)}) {merger:<15}{variant:<11} avg {100 * run.average:6.2f}  ({run.seconds:.0f}s)"
+            f"[bench] ({i}/{len(cells)}) {merger:<15}{variant:<11} avg {100 * run.average:6.2f}"
+            f"  ({how})"
         )
     write_outputs(result, out_dir)
     return result
@@ -338,7 +372,7 @@ def plot_layer_metrics(result: BenchmarkResult, path: Path) -> Path | None:
     return path
 
 
-def write_outputs(result: BenchmarkResult, out_dir: Path) -> dict[str, Path]:
+def write_outputs(result: BenchmarkResult, out_dir: Path, figure: bool = True) -> dict[str, Path]:
     from .algorithm import write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +391,7 @@ def write_outputs(result: BenchmarkResult, out_dir: Path) -> dict[str, Path]:
     tmp = paths["table"].with_suffix(".md.tmp")
     tmp.write_text(header + table + "\n")
     os.replace(tmp, paths["table"])
-    if plot_layer_metrics(result, paths["figure"]) is None:
+    if not figure or plot_layer_metrics(result, paths["figure"]) is None:
         paths.pop("figure")
     return paths
 
@@ -383,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         help="extra Hydra overrides for the pools, e.g. modelpool.testbed_dir=DIR taskpool.testbed_dir=DIR",
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="reuse the cells (and references) an earlier, interrupted run already saved in --out",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     extra = {"wudi": [f"iter_num={args.wudi_iter}"]} if args.wudi_iter else None
     command = "python -m fusion_bench_larv.benchmark " + " ".join(
@@ -396,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         args.pool_overrides,
     )
     try:
-        result = run_benchmark(runner, args.mergers, args.variants, args.out, command, extra)
+        result = run_benchmark(
+            runner, args.mergers, args.variants, args.out, command, extra, resume=args.resume
+        )
     finally:
         runner.close()
     print(format_table(result))

@@ -58,3 +58,29 @@ def test_benchmark_on_tiny_clip(tiny_clip_suite, tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 2 + 3
     with Image.open(tmp_path / "fig2_layer_metrics.png") as img:
         assert img.width > 800 and img.height > 300
+    # an interrupted benchmark resumes: the cells saved above are read back, only the new
+    # variant runs, and the earlier numbers are kept as measured
+    (tmp_path / "runs" / "ta_lines" / "run.json").unlink()
+    ran = []
+
+    class Recording(InProcessFusionBench):
+        def run(self, method, overrides, report_dir=None):
+            ran.append((method, tuple(overrides)))
+            return super().run(method, overrides, report_dir=report_dir)
+
+    runner = Recording(
+        tiny_clip_suite.config_dir,
+        tiny_clip_suite.modelpool_config,
+        tiny_clip_suite.taskpool_config,
+    )
+    try:
+        again = run_benchmark(
+            runner, ["ta"], ["base", "tiered", "lines"], tmp_path, "pytest", progress=lambda _: None,
+            resume=True,
+        )  # fmt: skip
+    finally:
+        runner.close()
+    assert ran == [("larv_ta", tuple(run_overrides("ta", "lines")[1]))]
+    assert again.get("ta", "tiered").accuracy == tiered.accuracy
+    assert again.get("ta", "lines").accuracy == result.get("ta", "lines").accuracy
+    assert again.pretrained == result.pretrained and again.finetuned == result.finetuned
