@@ -293,8 +293,17 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         return self._fabric_instance.device if self._fabric_instance is not None else None
 
     # -- run ------------------------------------------------------------------------------------
-    def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]):
+    def run(
+        self,
+        modelpool: BaseModelPool | Mapping[str, nn.Module],
+        base_merge: nn.Module | None = None,
+    ):
         """Merge with the base method, then rescale layer by layer.
+
+        ``base_merge``: the base merger's output for this same model pool and base config,
+        computed earlier (e.g. once for several gates in a sweep). A copy of it is rescaled and the
+        base merger is not run again; only with ``placement: merged``, where the base merge does
+        not depend on the LARV settings. The caller's module is left as it was.
 
         Every input problem is a :class:`LarvInputError` raised before anything is written (and,
         for in-memory models, before the base merger touches them): no ``_pretrained_``, NaN/Inf
@@ -335,9 +344,19 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         # is refused before the (possibly long) base merge
         grouped_layers([k for k, v in theta0.items() if v.is_floating_point()], s.layer_pattern)
 
-        protect = s.placement == "task_vectors" and modelpool.has_instance_models
-        # the view checks every model the base merger loads for NaN/Inf (fine-tuned checkpoints)
-        out = self._run_base(_PoolView(modelpool, copy_instances=protect, checked=checked))
+        if base_merge is not None:
+            if s.placement != "merged":
+                raise LarvConfigError(
+                    "a precomputed `base_merge` can only be reused with `placement: merged`; with "
+                    f"placement {s.placement!r} the base merger must run on the rescaled models"
+                )
+            out = deepcopy(self._merged_module(base_merge))
+            check_finite(out.state_dict(), "the reused base merge")
+        else:
+            protect = s.placement == "task_vectors" and modelpool.has_instance_models
+            # the view checks every model the base merger loads for NaN/Inf (fine-tuned
+            # checkpoints)
+            out = self._run_base(_PoolView(modelpool, copy_instances=protect, checked=checked))
         merged = self._merged_module(out)
         result = compute_larv_scales(theta0, merged.state_dict(), s, device=self._device())
         log.info("LARV scales per layer: %s (diagnostics %.1f s)",
@@ -355,6 +374,8 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
 
         self.last_result = result
         self.last_report = self._report(result)
+        if base_merge is not None:
+            self.last_report["base_merge"] = "reused"  # the base merger was not run again here
         self._write_report(self.last_report)
         return out
 

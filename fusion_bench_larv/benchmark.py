@@ -69,6 +69,7 @@ class RunResult:
     accuracy: dict[str, float]
     seconds: float
     larv_layers: dict | None = None
+    base_merge_reused: bool = False  # rescaled a base merge computed once (``reuse_base_merge``)
 
     @property
     def average(self) -> float:
@@ -169,9 +170,16 @@ class InProcessFusionBench:
     def evaluate(self, model) -> dict:
         return self.taskpool.evaluate(model)
 
-    def run(
-        self, method: str, overrides: Sequence[str], report_dir: Path | None = None
-    ) -> tuple[dict, dict | None]:
+    def merge(
+        self,
+        method: str,
+        overrides: Sequence[str],
+        report_dir: Path | None = None,
+        base_merge: Any = None,
+    ) -> tuple[Any, dict | None]:
+        """Run one method config; returns the merged model and LARV's per-layer report (if any).
+        ``base_merge``: a LARV method rescales a copy of this base merge instead of running its
+        base merger again (see ``LARVAlgorithm.run``)."""
         from .algorithm import LARVAlgorithm
 
         cfg = self._compose(
@@ -183,12 +191,27 @@ class InProcessFusionBench:
         if isinstance(alg, LARVAlgorithm) and report_dir is not None:
             alg.report_dir = str(report_dir)
         alg.on_run_start()
-        merged = alg.run(self.modelpool)
+        if base_merge is not None:
+            if not isinstance(alg, LARVAlgorithm):
+                raise ValueError(f"method {method!r} is not a LARV method: nothing to reuse")
+            merged = alg.run(self.modelpool, base_merge=base_merge)
+        else:
+            merged = alg.run(self.modelpool)
         alg.on_run_end()
         if isinstance(merged, dict):
             merged = merged["merged"]
-        report = self.evaluate(merged)
-        return report, getattr(alg, "last_report", None)
+        return merged, getattr(alg, "last_report", None)
+
+    def run(
+        self,
+        method: str,
+        overrides: Sequence[str],
+        report_dir: Path | None = None,
+        base_merge: Any = None,
+    ) -> tuple[dict, dict | None]:
+        """Merge and evaluate: the task pool's report and LARV's per-layer report (if any)."""
+        merged, layers = self.merge(method, overrides, report_dir, base_merge)
+        return self.evaluate(merged), layers
 
 
 def _cuda() -> bool:
@@ -218,11 +241,18 @@ def run_benchmark(
     reference: bool = True,
     progress: Callable[[str], None] = _print_flush,
     resume: bool = False,
+    reuse_base_merge: Sequence[str] = (),
 ) -> BenchmarkResult:
     """Run every (merger, variant) cell. Each finished cell is saved at once (``runs/<cell>/
     run.json``, and ``results.json``/``table.md`` are rewritten), so an interrupted benchmark
     loses at most the cell in progress; with ``resume`` a cell whose ``run.json`` was made with
-    the same method and overrides is read back instead of run again."""
+    the same method and overrides is read back instead of run again.
+
+    ``reuse_base_merge``: mergers whose base merge is computed once and rescaled by every LARV
+    variant (all variants here use ``placement: merged``, where the base merge does not depend on
+    the gate), instead of running the base merger once per variant. For slow, deterministic base
+    mergers (WUDI: 400 Adam steps per linear layer); the cell's ``run.json`` says so and its
+    ``seconds`` then count LARV and the evaluation only."""
     from .algorithm import write_json_atomic
 
     out_dir = Path(out_dir)
@@ -254,6 +284,7 @@ def run_benchmark(
                 f"[bench] pretrained and fine-tuned references evaluated in {time.time() - t:.0f}s"
             )
     cells = [(m, v) for m in mergers for v in variants]
+    base_merges: dict[str, Any] = {}  # merger -> its base merge (``reuse_base_merge`` only)
     for i, (merger, variant) in enumerate(cells, 1):
         method, overrides = run_overrides(merger, variant, extra)
         cell_dir = out_dir / "runs" / f"{merger}_{variant}"
@@ -263,10 +294,25 @@ def run_benchmark(
             run = RunResult(**saved)
             how = "read back"
         else:
+            reuse = merger in reuse_base_merge
+            if reuse and variant != "base" and merger not in base_merges:
+                progress(f"[bench] {merger}: computing the base merge once, for every variant")
+                base_merges[merger], _ = runner.merge(*run_overrides(merger, "base", extra))
             t = time.time()
-            report, layers = runner.run(method, overrides, report_dir=cell_dir)
+            if reuse and variant == "base":
+                merged, layers = runner.merge(method, overrides)
+                base_merges[merger] = merged
+                report = runner.evaluate(merged)
+            else:
+                report, layers = runner.run(
+                    method, overrides, report_dir=cell_dir,
+                    base_merge=base_merges.get(merger) if reuse else None,
+                )  # fmt: skip
             acc = _accuracies(report, tasks)
-            run = RunResult(merger, variant, method, overrides, acc, time.time() - t, layers)
+            run = RunResult(
+                merger, variant, method, overrides, acc, time.time() - t, layers,
+                base_merge_reused=reuse and variant != "base",
+            )  # fmt: skip
             write_json_atomic(str(cell_dir / "run.json"), {**vars(run), "average": run.average})
             how = f"{run.seconds:.0f}s"
         result.runs.append(run)
@@ -421,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true",
         help="reuse the cells (and references) an earlier, interrupted run already saved in --out",
     )  # fmt: skip
+    parser.add_argument(
+        "--reuse-base-merge", nargs="*", default=[], choices=list(MERGERS), metavar="MERGER",
+        help="compute these mergers' base merge once and rescale it for every LARV variant "
+        "(for slow deterministic mergers such as wudi)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     extra = {"wudi": [f"iter_num={args.wudi_iter}"]} if args.wudi_iter else None
     command = "python -m fusion_bench_larv.benchmark " + " ".join(
@@ -435,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = run_benchmark(
-            runner, args.mergers, args.variants, args.out, command, extra, resume=args.resume
-        )
+            runner, args.mergers, args.variants, args.out, command, extra, resume=args.resume,
+            reuse_base_merge=args.reuse_base_merge,
+        )  # fmt: skip
     finally:
         runner.close()
     print(format_table(result))

@@ -224,3 +224,27 @@ def test_bad_settings_fail_at_construction(kwargs, key):
 def test_base_method_must_have_target():
     with pytest.raises(LarvConfigError, match="_target_"):
         LARVAlgorithm(base_method={"scaling_factor": 0.3})
+
+
+@pytest.mark.parametrize("gate", ["tiered", "continuous"])
+def test_reused_base_merge_equals_running_the_base_merger(models, gate):
+    # a sweep over gates may compute the base merge once: rescaling a copy of it must give the
+    # very same weights and report as running the merger, and leave the shared merge untouched
+    full = LARVAlgorithm(base_method=BASES["larv_ties"], gate=gate)
+    want = state(full.run(fresh_pool(models)))
+    base_merge = DIRECT["larv_ties"]().run(fresh_pool(models))
+    kept = state(base_merge)
+    reuse = LARVAlgorithm(base_method=BASES["larv_ties"], gate=gate)
+    got = state(reuse.run(fresh_pool(models), base_merge=base_merge))
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert all(torch.equal(kept[k], v) for k, v in state(base_merge).items())
+    assert reuse.last_report.pop("base_merge") == "reused"
+    assert reuse.last_report == full.last_report
+
+
+def test_reused_base_merge_needs_merged_placement(models):
+    base_merge = DIRECT["larv_ta"]().run(fresh_pool(models))
+    alg = LARVAlgorithm(base_method=BASES["larv_ta"], placement="task_vectors")
+    with pytest.raises(LarvConfigError, match="placement: merged"):
+        alg.run(fresh_pool(models), base_merge=base_merge)

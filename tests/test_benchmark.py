@@ -64,9 +64,9 @@ def test_benchmark_on_tiny_clip(tiny_clip_suite, tmp_path):
     ran = []
 
     class Recording(InProcessFusionBench):
-        def run(self, method, overrides, report_dir=None):
+        def merge(self, method, overrides, report_dir=None, base_merge=None):
             ran.append((method, tuple(overrides)))
-            return super().run(method, overrides, report_dir=report_dir)
+            return super().merge(method, overrides, report_dir, base_merge)
 
     runner = Recording(
         tiny_clip_suite.config_dir,
@@ -84,3 +84,39 @@ def test_benchmark_on_tiny_clip(tiny_clip_suite, tmp_path):
     assert again.get("ta", "tiered").accuracy == tiered.accuracy
     assert again.get("ta", "lines").accuracy == result.get("ta", "lines").accuracy
     assert again.pretrained == result.pretrained and again.finetuned == result.finetuned
+
+
+def test_reused_base_merge_gives_the_same_cells(tiny_clip_suite, tmp_path):
+    # --reuse-base-merge runs the base merger once per merger (here: once for three cells) and
+    # must reproduce, number for number, the cells that run it every time
+    calls = []
+
+    class Counting(InProcessFusionBench):
+        def merge(self, method, overrides, report_dir=None, base_merge=None):
+            calls.append((method, base_merge is not None))
+            return super().merge(method, overrides, report_dir, base_merge)
+
+    results = {}
+    for reuse in ([], ["ta"]):
+        runner = Counting(
+            tiny_clip_suite.config_dir,
+            tiny_clip_suite.modelpool_config,
+            tiny_clip_suite.taskpool_config,
+        )
+        try:
+            results[bool(reuse)] = run_benchmark(
+                runner, ["ta"], ["base", "tiered", "continuous"], tmp_path / str(bool(reuse)),
+                "pytest", progress=lambda _: None, reference=False, reuse_base_merge=reuse,
+            )  # fmt: skip
+        finally:
+            runner.close()
+    assert calls[3:] == [("task_arithmetic", False), ("larv_ta", True), ("larv_ta", True)]
+    for variant in ("base", "tiered", "continuous"):
+        a, b = results[False].get("ta", variant), results[True].get("ta", variant)
+        assert a.accuracy == b.accuracy
+        assert b.base_merge_reused == (variant != "base")
+        if variant != "base":
+            assert b.larv_layers.pop("base_merge") == "reused"
+            assert a.larv_layers == b.larv_layers
+    saved = json.loads((tmp_path / "True" / "runs" / "ta_tiered" / "run.json").read_text())
+    assert saved["base_merge_reused"] is True
