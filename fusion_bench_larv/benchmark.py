@@ -388,7 +388,7 @@ def plot_layer_metrics(result: BenchmarkResult, path: Path) -> Path | None:
     ]
     if not mergers:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, merger in enumerate(mergers):
         color = colors[i % len(colors)]
@@ -409,9 +409,11 @@ def plot_layer_metrics(result: BenchmarkResult, path: Path) -> Path | None:
         ax.set_title(title)
         ax.set_xlabel("layer ℓ (depth)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[2].legend(fontsize=7, ncol=1)
-    fig.tight_layout()
+    # one legend for the colours (mergers), outside the panels: the scale panel holds two lines
+    # per merger and an inside legend would hide them
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
