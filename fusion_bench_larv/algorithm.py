@@ -350,8 +350,8 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
                     "a precomputed `base_merge` can only be reused with `placement: merged`; with "
                     f"placement {s.placement!r} the base merger must run on the rescaled models"
                 )
+            # checked for NaN/Inf with every merge in compute_larv_scales below
             out = deepcopy(self._merged_module(base_merge))
-            check_finite(out.state_dict(), "the reused base merge")
         else:
             protect = s.placement == "task_vectors" and modelpool.has_instance_models
             # the view checks every model the base merger loads for NaN/Inf (fine-tuned

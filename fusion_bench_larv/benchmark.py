@@ -203,14 +203,10 @@ class InProcessFusionBench:
         return merged, getattr(alg, "last_report", None)
 
     def run(
-        self,
-        method: str,
-        overrides: Sequence[str],
-        report_dir: Path | None = None,
-        base_merge: Any = None,
+        self, method: str, overrides: Sequence[str], report_dir: Path | None = None
     ) -> tuple[dict, dict | None]:
         """Merge and evaluate: the task pool's report and LARV's per-layer report (if any)."""
-        merged, layers = self.merge(method, overrides, report_dir, base_merge)
+        merged, layers = self.merge(method, overrides, report_dir)
         return self.evaluate(merged), layers
 
 
@@ -299,16 +295,13 @@ def run_benchmark(
                 progress(f"[bench] {merger}: computing the base merge once, for every variant")
                 base_merges[merger], _ = runner.merge(*run_overrides(merger, "base", extra))
             t = time.time()
+            merged, layers = runner.merge(
+                method, overrides, report_dir=cell_dir,
+                base_merge=base_merges[merger] if reuse and variant != "base" else None,
+            )  # fmt: skip
             if reuse and variant == "base":
-                merged, layers = runner.merge(method, overrides)
-                base_merges[merger] = merged
-                report = runner.evaluate(merged)
-            else:
-                report, layers = runner.run(
-                    method, overrides, report_dir=cell_dir,
-                    base_merge=base_merges.get(merger) if reuse else None,
-                )  # fmt: skip
-            acc = _accuracies(report, tasks)
+                base_merges[merger] = merged  # LARV cells rescale copies of it
+            acc = _accuracies(runner.evaluate(merged), tasks)
             run = RunResult(
                 merger, variant, method, overrides, acc, time.time() - t, layers,
                 base_merge_reused=reuse and variant != "base",
