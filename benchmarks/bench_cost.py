@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from copy import deepcopy
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
@@ -280,6 +281,24 @@ def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log
                 f"({ {k: round(v, 2) for k, v in steps.items()} }, θ_0 copy {clone_s:.2f}s), "
                 f"peak +{base_mem[-1] / 2**20:.0f} / +{total_mem[-1] / 2**20:.0f} MiB")  # fmt: skip
             del merged, theta0
+        # the same veneer with randomized spectra (uniform tail), θ_0 statistics warm: what the
+        # diagnostics cost when the eigen-solves are replaced by sketches
+        rset = replace(settings, spectrum="randomized", spectrum_tail="uniform")
+        rstats = shared.setdefault("stats_randomized", Theta0Stats.empty(rset))
+        rand_t = []
+        for _ in range(reps + (1 if not len(rstats) else 0)):
+            restore(models["_pretrained_"], theta_ref)
+            merged = base_merger(mname).run(pool)
+            t0 = time.perf_counter()
+            theta0 = {k: v.detach().clone() for k, v in models["_pretrained_"].state_dict().items()}
+            clone_s = time.perf_counter() - t0
+            was_warm = len(rstats) > 0
+            steps, _ = larv_steps(theta0, merged.state_dict(), rset, device, rstats)
+            if was_warm:
+                rand_t.append(sum(steps.values()) + clone_s)
+            del merged, theta0
+        log(f"  {NAMES[kind]} K={num_tasks} {mname}: LARV extra, randomized spectra (warm) "
+            f"{statistics.median(rand_t):.2f}s")  # fmt: skip
         base = statistics.median(base_t)
         warm = statistics.median(larv_t) if larv_t else None
         cold = statistics.median(larv_cold_t) if larv_cold_t else None
@@ -292,6 +311,8 @@ def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log
             "theta0_copy_seconds": statistics.median(clone_t),
             "ratio_cold": None if cold is None else cold / base,
             "ratio_warm": None if warm is None else warm / base,
+            "larv_extra_seconds_randomized_warm": statistics.median(rand_t),
+            "ratio_randomized_warm": statistics.median(rand_t) / base,
             "peak_bytes_base": max(base_mem),
             "peak_bytes_with_larv": max(total_mem),
         }
@@ -375,18 +396,26 @@ def bench_spectra(
     out.update(exact_seconds=t_ex, randomized_seconds=t_rd, speedup=t_ex / t_rd,
                full_svdvals_seconds_one_matrix=t_svd,
                exact_seconds_one_matrix=t_ex / len(ys))  # fmt: skip
-    out["spearman_e"] = None
+    out["spearman_e"] = out["spearman_e_uniform_tail"] = None
     if spearman_too:
         e = {}
-        for spectrum in ("exact", "randomized"):
-            s = LarvSettings(spectrum=spectrum, rank=rank, oversample=oversample)
+        for spectrum, tail in (
+            ("exact", "none"),
+            ("randomized", "none"),
+            ("randomized", "uniform"),
+        ):
+            s = LarvSettings(spectrum=spectrum, rank=rank, oversample=oversample,
+                             spectrum_tail=tail)  # fmt: skip
             st = stats if (stats is not None and spectrum == "exact") else None
-            e[spectrum], _, _ = layer_diagnostics(theta0, delta, groups, s, device, False, st)
-        out["e_exact"], out["e_randomized"] = e["exact"], e["randomized"]
-        out["spearman_e"] = spearman(e["exact"], e["randomized"])
+            e[spectrum, tail], _, _ = layer_diagnostics(theta0, delta, groups, s, device, False, st)
+        out["e_exact"] = e["exact", "none"]
+        out["e_randomized"] = e["randomized", "none"]
+        out["e_randomized_uniform_tail"] = e["randomized", "uniform"]
+        out["spearman_e"] = spearman(out["e_exact"], out["e_randomized"])
+        out["spearman_e_uniform_tail"] = spearman(out["e_exact"], out["e_randomized_uniform_tail"])
     log(f"  {NAMES[kind]} spectra on {len(ys)} MLP matrices: exact {t_ex:.2f}s, randomized "
         f"{t_rd:.3f}s ({out['speedup']:.1f}x); one full svdvals {t_svd:.2f}s; "
-        f"Spearman(e) {out['spearman_e']}")  # fmt: skip
+        f"Spearman(e) {out['spearman_e']} (spec), {out['spearman_e_uniform_tail']} (uniform tail)")  # fmt: skip
     return out
 
 
@@ -412,8 +441,9 @@ def markdown(res: dict) -> str:
              res["notes"], "",
              "## Base merger vs LARV's extra time and peak memory", "",
              "| model | K | merger | base (s) | LARV extra cold (s) | warm (s) | extra/base cold | "
-             "warm | peak base | peak base+LARV | LARV adds | fp32 model |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "warm | randomized warm (s) | extra/base | peak base | peak base+LARV | LARV adds "
+             "| fp32 model |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind, r in res["models"].items():
         for run in r.get("pool_runs", []):
             for m, x in run["mergers"].items():
@@ -424,7 +454,9 @@ def markdown(res: dict) -> str:
                 lines.append(
                     f"| {NAMES[kind]} | {run['num_tasks']} | {m.upper()} | {x['base_seconds']:.2f} "
                     f"| {fmt(x['larv_extra_seconds_cold'])} | {warm} "
-                    f"| {pct(x['ratio_cold'])} | {rw} | {mib(x['peak_bytes_base'])} "
+                    f"| {pct(x['ratio_cold'])} | {rw} "
+                    f"| {fmt(x.get('larv_extra_seconds_randomized_warm'))} "
+                    f"| {pct(x.get('ratio_randomized_warm'))} | {mib(x['peak_bytes_base'])} "
                     f"| {mib(x['peak_bytes_with_larv'])} | {mib(add)} "
                     f"({add / run['model_fp32_bytes']:.2f} copies) | {mib(run['model_fp32_bytes'])} |"
                 )
@@ -433,12 +465,14 @@ def markdown(res: dict) -> str:
             lines.append(
                 f"| {NAMES[kind]} | {x['num_tasks']} | (not run) | – | "
                 f"{x['larv_extra_seconds_cold']:.2f} | {x['larv_extra_seconds_warm']:.2f} | – | – "
+                f"| – | – "
                 f"| – | – | LARV phase alone: +{mib(x['peak_bytes_larv_cold'])} | "
                 f"{mib(x['model_fp32_bytes'])} |"
             )
     lines += ["", "## Exact vs randomized spectra (MLP matrices of Δ; Spearman of e across layers)",
               "", "| model | matrices | exact (s) | randomized (s) | speed-up | one full svdvals (s) "
-              "| one Gram-eig (s) | Spearman e |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| one Gram-eig (s) | Spearman e (spec: top-k only) | Spearman e (uniform tail) |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind, r in res["models"].items():
         if "spectra" in r:
             x = r["spectra"]
@@ -446,7 +480,7 @@ def markdown(res: dict) -> str:
                 f"| {NAMES[kind]} | {x['matrices']} {x['shapes']} | {x['exact_seconds']:.2f} | "
                 f"{x['randomized_seconds']:.3f} | {x['speedup']:.1f}x | "
                 f"{x['full_svdvals_seconds_one_matrix']:.2f} | {x['exact_seconds_one_matrix']:.3f} "
-                f"| {fmt(x['spearman_e'])} |"
+                f"| {fmt(x['spearman_e'])} | {fmt(x.get('spearman_e_uniform_tail'))} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -11,12 +11,16 @@ Two layers of API: the single-matrix functions (``singular_values``, ``effective
 matrices on whatever device the tensors live on. The batched kernels never form an object larger
 than ``min(m, n)²`` per matrix beyond the inputs:
 
-* exact spectrum: the eigenvalues of the smaller Gram (``AᵀA`` or ``AAᵀ``, formed in float64)
-  are the squared singular values; the eigen-solve runs in the matrix's compute dtype
-  (float64 for float64 input, float32 otherwise);
+* Grams (``AᵀA`` or ``AAᵀ``, the smaller one) are products in the compute dtype (float64 for
+  float64 input, float32 otherwise) over row blocks, accumulated in float64: float64 products
+  cost ~5x more on a CPU and buy nothing the float32 eigen-solve could keep;
+* exact spectrum: the eigenvalues of the smaller Gram are the squared singular values; the
+  eigen-solve runs in the compute dtype;
 * rectangular commutators: the large side comes from the trace identity
   ``‖M − Mᵀ‖² = 2‖M‖² − 2 tr(M²)`` with ``‖XYᵀ‖² = ⟨XᵀX, YᵀY⟩`` and ``tr((XYᵀ)²) = ⟨C, Cᵀ⟩``,
-  ``C = XᵀY``, and the small side is ``‖C − Cᵀ‖`` itself, all in float64.
+  ``C = XᵀY``, and the small side is ``‖C − Cᵀ‖`` itself. The identity is a difference: where
+  it cancels (nearly commuting θ_0 and Δ) those matrices are redone with float64 products, so
+  float32 round-off never decides a small c.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def effective_rank(
     rank: int = 2,
     oversample: int = 10,
     generator: torch.Generator | None = None,
+    spectrum_tail: str = "none",
 ) -> float:
     """r_eff(A) = exp(H(A)); scale invariant, 1 for a rank-1 matrix, min(m, n) for an isotropic one.
 
@@ -98,7 +103,8 @@ def effective_rank(
         energy = randomized_energies(a, rank, oversample, [generator])
     else:
         raise ValueError(f"spectrum must be 'exact' or 'randomized', got {spectrum!r}")
-    return float(entropies(energy, frobenius_sq(a)).exp()[0])
+    tail = tail_dims(spectrum, spectrum_tail, energy, *a.shape[-2:])
+    return float(entropies(energy, frobenius_sq(a), tail).exp()[0])
 
 
 def rank_contrast(
@@ -109,12 +115,13 @@ def rank_contrast(
     oversample: int = 10,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    spectrum_tail: str = "none",
 ) -> float:
     """Effective-rank contrast e = r_eff(θ_0) / (r_eff(Δ) + ε); 0 when ‖Δ‖_F is numerically zero."""
     if is_numerically_zero(delta, theta0):
         return 0.0
-    r0 = effective_rank(theta0, spectrum, rank, oversample, generator)
-    rd = effective_rank(delta, spectrum, rank, oversample, generator)
+    r0 = effective_rank(theta0, spectrum, rank, oversample, generator, spectrum_tail)
+    rd = effective_rank(delta, spectrum, rank, oversample, generator, spectrum_tail)
     return r0 / (rd + eps)
 
 
@@ -143,8 +150,11 @@ def commutator_conflict(
 
 
 # -- batched kernels -----------------------------------------------------------------------------
-# Row blocks for float64 Gram products: a float64 copy of at most this many rows per matrix at once.
+# Row blocks for Gram products: a converted copy of at most this many rows per matrix at once.
 _ROW_BLOCK = 2048
+# Redo a rectangular commutator with float64 products when the identity's difference is below this
+# fraction of its first term: float32 products err by ~1e-6 of that term, so c stays within ~1e-4.
+_CANCELLATION = 1e-2
 
 
 def frobenius_sq(a: torch.Tensor) -> torch.Tensor:
@@ -157,22 +167,25 @@ def tall(a: torch.Tensor) -> torch.Tensor:
     return a.mT if a.shape[-2] < a.shape[-1] else a
 
 
-def gram64(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """``Xᵀ Y`` (``Xᵀ X`` without ``y``) of tall stacks ``(B, m, n)`` in float64, accumulated over
-    row blocks so that no full float64 copy of the inputs is made."""
+def gram64(x: torch.Tensor, y: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+    """``Xᵀ Y`` (``Xᵀ X`` without ``y``) of tall stacks ``(B, m, n)`` as float64: products over
+    row blocks in the compute dtype (float64 with ``exact``), accumulated in float64, so that no
+    full converted copy of the inputs is made."""
     m = x.shape[-2]
+    work = torch.float64 if exact else compute_dtype(x.dtype)
     out = None
     for i in range(0, m, _ROW_BLOCK):
-        xb = x[..., i : i + _ROW_BLOCK, :].to(torch.float64)
-        yb = xb if y is None else y[..., i : i + _ROW_BLOCK, :].to(torch.float64)
-        part = xb.mT @ yb
+        xb = x[..., i : i + _ROW_BLOCK, :].to(work)
+        yb = xb if y is None else y[..., i : i + _ROW_BLOCK, :].to(work)
+        part = (xb.mT @ yb).to(torch.float64)
         out = part if out is None else out.add_(part)
     return out
 
 
-def small_gram(a: torch.Tensor) -> torch.Tensor:
-    """The ``min(m, n)²`` Gram (``AᵀA`` of the tall orientation) of each matrix, in float64."""
-    return gram64(tall(a))
+def small_gram(a: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """The ``min(m, n)²`` Gram (``AᵀA`` of the tall orientation) of each matrix, float64 (see
+    ``gram64`` for ``exact``)."""
+    return gram64(tall(a), exact=exact)
 
 
 def exact_energies(a: torch.Tensor | None = None, gram: torch.Tensor | None = None,
@@ -217,15 +230,36 @@ def randomized_energies(
     return torch.linalg.svdvals(q.mT @ a)[..., :k].to(torch.float64).pow(2)
 
 
-def entropies(energy: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+def entropies(energy: torch.Tensor, total: torch.Tensor, tail_dims: int = 0) -> torch.Tensor:
     """Spectral entropy per row: H = −Σ p_j log p_j, p_j = energy_j / total (float64); 0 where
-    total ≤ 0."""
+    total ≤ 0.
+
+    ``tail_dims`` > 0 (``spectrum_tail: uniform``) adds the unseen rest of a truncated spectrum:
+    the residual share ``p_r = 1 − Σ p_j`` spread evenly over the ``tail_dims`` directions outside
+    the top-k, ``−p_r log(p_r / tail_dims)`` — the largest entropy consistent with the top-k and
+    the true total. Without it (the spec's formula) a spectrum whose energy spreads out loses
+    top-k mass and so *lowers* H, ranking layers opposite to the exact entropy."""
     energy = energy.to(torch.float64)
     total = total.to(torch.float64)
     safe = torch.where(total > 0, total, torch.ones_like(total))
     p = energy / safe.unsqueeze(-1)
     h = -torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p)).sum(-1)
+    if tail_dims > 0:
+        rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # round-off can push Σ p_j past 1
+        h = h - torch.where(rest > 0, rest * (rest.clamp_min(1e-300) / tail_dims).log(),
+                            torch.zeros_like(rest))  # fmt: skip
     return torch.where(total > 0, h, torch.zeros_like(h))
+
+
+def tail_dims(spectrum: str, spectrum_tail: str, energy: torch.Tensor, m: int, n: int) -> int:
+    """Directions outside the computed spectrum that ``entropies`` spreads the residual over:
+    ``min(m, n) − k`` for a randomized spectrum with ``spectrum_tail: uniform``, else 0 (an exact
+    spectrum has no tail)."""
+    if spectrum != "randomized" or spectrum_tail == "none":
+        return 0
+    if spectrum_tail != "uniform":
+        raise ValueError(f"spectrum_tail must be 'none' or 'uniform', got {spectrum_tail!r}")
+    return max(0, min(m, n) - energy.shape[-1])
 
 
 def commutator_conflicts(
@@ -260,6 +294,14 @@ def commutator_conflicts(
     gy = gram64(yt) if gram_y is None else gram_y.to(torch.float64)
     c = gram64(xt, yt)
     small = torch.linalg.matrix_norm(c - c.mT)
-    big_sq = 2.0 * (gx * gy).sum((-2, -1)) - 2.0 * (c * c.mT).sum((-2, -1))
+    first = 2.0 * (gx * gy).sum((-2, -1))
+    big_sq = first - 2.0 * (c * c.mT).sum((-2, -1))
+    redo = (big_sq < _CANCELLATION * first).nonzero().flatten().tolist()
+    if redo and compute_dtype(x.dtype) != torch.float64:
+        idx = torch.tensor(redo, device=x.device)
+        xr, yr = xt.index_select(0, idx), yt.index_select(0, idx)
+        gx_r, gy_r, c_r = gram64(xr, exact=True), gram64(yr, exact=True), gram64(xr, yr, exact=True)
+        small[idx] = torch.linalg.matrix_norm(c_r - c_r.mT)
+        big_sq[idx] = 2.0 * (gx_r * gy_r).sum((-2, -1)) - 2.0 * (c_r * c_r.mT).sum((-2, -1))
     big = big_sq.clamp_min(0.0).sqrt()
     return 0.5 * big / denom + 0.5 * small / denom

@@ -15,6 +15,7 @@ from .validation import did_you_mean, unknown_keys_message
 GATES = ("tiered", "continuous", "schedule")
 PLACEMENTS = ("merged", "task_vectors")
 SPECTRA = ("exact", "randomized")
+SPECTRUM_TAILS = ("none", "uniform")
 OUTSIDE_POLICIES = ("nearest", "neutral")
 
 
@@ -58,6 +59,7 @@ class LarvSettings:
     rank: int = 2
     oversample: int = 10
     seed: int = 0
+    spectrum_tail: str = "none"  # randomized only: energy outside the top-k (see diagnostics)
     outside_blocks: str = "nearest"
     layer_pattern: str | None = None
     eps: float = 1e-8
@@ -98,6 +100,7 @@ class LarvSettings:
         _choice("gate", self.gate, GATES)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("spectrum", self.spectrum, SPECTRA)
+        _choice("spectrum_tail", self.spectrum_tail, SPECTRUM_TAILS)
         _choice("outside_blocks", self.outside_blocks, OUTSIDE_POLICIES)
         _choice("schedule", self.schedule, SCHEDULES)
         self.alpha, self.beta = _number("alpha", self.alpha), _number("beta", self.beta)

@@ -32,6 +32,7 @@ def stats_settings(settings) -> dict:
         "rank": int(settings.rank),
         "oversample": int(settings.oversample),
         "seed": int(settings.seed),
+        "spectrum_tail": str(getattr(settings, "spectrum_tail", "none")),
         "eps": float(settings.eps),
     }
 

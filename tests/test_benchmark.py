@@ -4,6 +4,9 @@ tiny CLIP suite, checked against the CLI path and read back."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -120,3 +123,21 @@ def test_reused_base_merge_gives_the_same_cells(tiny_clip_suite, tmp_path):
             assert a.larv_layers == b.larv_layers
     saved = json.loads((tmp_path / "True" / "runs" / "ta_tiered" / "run.json").read_text())
     assert saved["base_merge_reused"] is True
+
+
+def test_cost_benchmark_smoke_on_a_tiny_tower(tmp_path):
+    # the cost benchmark end to end on the smoke-test tower (real-size runs: benchmarks/RESULTS.md)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(repo, "benchmarks", "bench_cost.py"), "--models", "tiny",
+           "--tasks", "2", "--mergers", "ta", "--repeats", "1", "--spectra-models", "tiny",
+           "--spearman-models", "tiny", "--tag", "smoke", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = json.loads((tmp_path / "cost-smoke.json").read_text())
+    run = res["models"]["tiny"]["pool_runs"][0]["mergers"]["ta"]
+    assert run["base_seconds"] > 0 and run["larv_extra_seconds_cold"] > 0
+    assert run["larv_extra_seconds_randomized_warm"] > 0
+    spectra = res["models"]["tiny"]["spectra"]
+    # the synthetic updates spread their energy with depth: the spec's top-k entropy inverts the
+    # exact ranking of e, the uniform tail keeps it
+    assert spectra["spearman_e_uniform_tail"] > spectra["spearman_e"]
+    assert "Spearman e (uniform tail)" in (tmp_path / "cost-smoke.md").read_text()

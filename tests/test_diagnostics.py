@@ -111,6 +111,20 @@ def test_rectangular_conflict_zero_for_aligned_update():
     assert commutator_conflict(x, 0.3 * x) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(300, 20), (20, 300)])
+def test_nearly_commuting_float32_rectangular_is_redone_in_float64(shape):
+    # float32 Gram products would leave a round-off floor (~1e-4) in the trace identity's
+    # difference; the cancellation guard redoes such matrices with float64 products
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape)
+    y = 0.3 * x + 1e-6 * rng.normal(size=shape)  # almost Δ = λ θ_0
+    want = _literal_rect_conflict(x, y)
+    assert want < 1e-5
+    got32 = commutator_conflict(torch.from_numpy(x).float(), torch.from_numpy(y).float())
+    # the float32 inputs themselves differ from x, y by ~1e-8 relative: that sets the tolerance
+    assert got32 == pytest.approx(want, abs=2e-7)
+
+
 # -- properties ----------------------------------------------------------------------------------
 shapes = st.tuples(st.integers(2, 12), st.integers(2, 12))
 scales = st.floats(1e-3, 1e3)
@@ -384,3 +398,63 @@ def test_low_precision_spectrum_is_float32(dtype):
     torch.testing.assert_close(sig, torch.linalg.svdvals(a.float()))
     k = torch.randn(4, 3, 2, 2).to(dtype)
     assert effective_rank(k) == pytest.approx(effective_rank(k.float()), rel=1e-6)
+
+
+# -- randomized spectrum with the uniform tail ---------------------------------------------------
+def test_uniform_tail_by_hand():
+    # diag(2, 1, 1, 1), rank 1: p_1 = 4/7 seen, the residual 3/7 spread over the 3 other
+    # directions gives exactly the true spectrum (a flat tail), so r_eff equals the exact one
+    a = torch.diag(t([2.0, 1.0, 1.0, 1.0]))
+    gen = torch.Generator().manual_seed(0)
+    r = effective_rank(a, "randomized", 1, 10, gen, spectrum_tail="uniform")
+    assert r == pytest.approx(_np_effective_rank(a.numpy()), rel=1e-12)
+    p1, rest = 4 / 7, 1 / 7
+    assert r == pytest.approx(math.exp(-p1 * math.log(p1) - 3 * rest * math.log(rest)), rel=1e-12)
+    # the spec's formula drops the residual
+    r_none = effective_rank(a, "randomized", 1, 10, torch.Generator().manual_seed(0))
+    assert r_none == pytest.approx(math.exp(-p1 * math.log(p1)), rel=1e-12)
+
+
+def test_uniform_tail_is_an_upper_bound_and_exact_without_a_tail():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        a = torch.randn(30, 12, generator=g, dtype=torch.float64) @ torch.diag(
+            torch.rand(12, generator=g, dtype=torch.float64) * 3
+        )
+        exact = effective_rank(a)
+        # largest entropy given the top-k and the total: never below the exact entropy when the
+        # top-k are exact (full sketch: oversample covers the whole range)
+        tail = effective_rank(a, "randomized", 3, 20, torch.Generator().manual_seed(1),
+                              spectrum_tail="uniform")  # fmt: skip
+        assert tail >= exact * (1 - 1e-12)
+        # an exact spectrum has no tail: the option changes nothing
+        assert effective_rank(a, "exact", spectrum_tail="uniform") == exact
+        # k = min(m, n): nothing is left over
+        full = effective_rank(a, "randomized", 12, 0, torch.Generator().manual_seed(1),
+                              spectrum_tail="uniform")  # fmt: skip
+        assert full == pytest.approx(exact, rel=1e-9)
+
+
+def test_uniform_tail_keeps_the_ranking_that_the_truncated_entropy_inverts():
+    # updates whose energy spreads out (rank 2 → 48 plus noise): the exact r_eff grows; the spec's
+    # top-2 entropy shrinks (less mass in the top 2); the uniform tail grows with the exact one
+    g = torch.Generator().manual_seed(0)
+    exact, none, tail = [], [], []
+    for r in (2, 4, 8, 16, 32, 48):
+        low = torch.randn(64, r, generator=g, dtype=torch.float64) @ torch.randn(
+            r, 64, generator=g, dtype=torch.float64
+        )
+        noise = torch.randn(64, 64, generator=g, dtype=torch.float64)
+        a = 0.8 * low / low.norm() + 0.2 * noise / noise.norm()
+        exact.append(effective_rank(a))
+        none.append(effective_rank(a, "randomized", 2, 10, torch.Generator().manual_seed(r)))
+        tail.append(effective_rank(a, "randomized", 2, 10, torch.Generator().manual_seed(r),
+                                   spectrum_tail="uniform"))  # fmt: skip
+    assert exact == sorted(exact)
+    assert none == sorted(none, reverse=True)
+    assert tail == sorted(tail)
+
+
+def test_unknown_tail_is_rejected():
+    with pytest.raises(ValueError, match="spectrum_tail"):
+        effective_rank(torch.randn(5, 4), "randomized", 1, 2, torch.Generator(), spectrum_tail="x")

@@ -140,6 +140,10 @@ def naive_layers(theta0, merged, settings):
                 s0 = singular_values(torch.tensor(x), "randomized", settings.rank, 10, g).numpy()
                 sd = singular_values(torch.tensor(y), "randomized", settings.rank, 10, g).numpy()
                 p0, pd = s0**2 / np.sum(x * x), sd**2 / np.sum(y * y)
+                if settings.spectrum_tail == "uniform":  # the residual as d equal eigenvalues
+                    d = min(x.shape) - len(s0)
+                    p0 = np.concatenate([p0, np.full(d, (1 - p0.sum()) / d)])
+                    pd = np.concatenate([pd, np.full(d, (1 - pd.sum()) / d)])
                 r0, rd = np.exp(-(p0 * np.log(p0)).sum()), np.exp(-(pd * np.log(pd)).sum())
             e_v.append(r0 / (rd + settings.eps))
             c_v.append(naive_conflict(x, y, settings.eps))
@@ -148,10 +152,12 @@ def naive_layers(theta0, merged, settings):
     return e_l, c_l
 
 
-@pytest.mark.parametrize("spectrum", ["exact", "randomized"])
-def test_layer_diagnostics_match_naive_formulas(spectrum):
+@pytest.mark.parametrize(
+    "spectrum,tail", [("exact", "none"), ("randomized", "none"), ("randomized", "uniform")]
+)
+def test_layer_diagnostics_match_naive_formulas(spectrum, tail):
     theta0, merged = make_pair()
-    s = LarvSettings(spectrum=spectrum)
+    s = LarvSettings(spectrum=spectrum, spectrum_tail=tail)
     e_ref, c_ref = naive_layers(theta0, merged, s)
     res = compute_larv_scales(theta0, merged, s, progress=False)
     e = [rec.e for rec in res.layers]
@@ -218,7 +224,12 @@ def test_changed_theta0_or_settings_miss_the_cache(tmp_path):
     changed["layers.2.q.weight"] = theta0["layers.2.q.weight"].clone()
     changed["layers.2.q.weight"][0, 0] += 1e-3
     assert content_key(changed, names, s) != key
-    assert content_key(theta0, names, LarvSettings(spectrum="randomized")) != key
+    rand = content_key(theta0, names, LarvSettings(spectrum="randomized"))
+    assert rand != key
+    assert (
+        content_key(theta0, names, LarvSettings(spectrum="randomized", spectrum_tail="uniform"))
+        != rand
+    )
     res = compute_larv_scales(changed, merged, s, progress=False)
     assert len(os.listdir(tmp_path)) == 2  # a miss: computed and cached under the new key
     ref = compute_larv_scales(changed, merged, LarvSettings(), progress=False)

@@ -33,6 +33,7 @@ from fusion_bench_larv import (
 )
 from fusion_bench_larv import algorithm as algorithm_module
 from fusion_bench_larv.algorithm import write_json_atomic
+from fusion_bench_larv.validation import check_finite
 from fusion_bench_larv.veneer import apply_scales, compute_larv_scales
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
@@ -581,3 +582,16 @@ def test_the_checking_pool_view_keeps_a_specialised_pools_behaviour(placement):
     alg = LARVAlgorithm(base_method=DataHungryAverage(), placement=placement)
     alg.run(DataPool(states, 4))
     assert DataHungryAverage.seen == {"data": "train data of task0", "path": "/checkpoints/task1"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_large_finite_values_whose_sum_overflows_are_accepted(dtype):
+    # the check sums first (cheap); an overflowing sum of finite values must fall through to the
+    # element-wise check, not be reported as non-finite
+    big = torch.finfo(dtype).max / 2
+    t = torch.full((8, 8), big, dtype=dtype)
+    assert not torch.isfinite(t.sum(dtype=torch.float32 if dtype == torch.bfloat16 else None))
+    check_finite({"w": t}, "model `m`")
+    t[3, 3] = float("nan")
+    with pytest.raises(LarvInputError, match=r"'w'.*1 NaN and 0 Inf"):
+        check_finite({"w": t}, "model `m`")
