@@ -324,6 +324,47 @@ def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log
     return out
 
 
+@torch.no_grad()
+def bench_floor(kind, device, repeats, log):
+    """The dense linear algebra that exact LARV cannot avoid, on random matrices of the tower's
+    block shapes (float32): one eigen-solve of the smaller Gram per matrix of Δ, the two products
+    of each square commutator, and Δ's Gram plus θ_0ᵀΔ per rectangular matrix. LARV's measured
+    time over this floor is what the implementation itself costs."""
+    cfg = CONFIGS[kind]
+    h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    g = torch.Generator().manual_seed(0)
+    sq = torch.randn(2, h, h, generator=g).to(device)
+    rect = torch.randn(2, f, h, generator=g).to(device)
+    spd = (sq[0].mT @ sq[0]) / (h * h)
+    n_sq, n_rect = 4 * layers, 2 * layers
+
+    def eig():
+        for _ in range(n_sq + n_rect):
+            torch.linalg.eigvalsh(spd)
+
+    def square():
+        for _ in range(n_sq):
+            sq[0] @ sq[1]
+            sq[1] @ sq[0]
+
+    def rectangular():
+        for _ in range(n_rect):
+            rect[1].mT @ rect[1]
+            rect[0].mT @ rect[1]
+
+    out = {}
+    for name, fn in (("eig", eig), ("square_commutators", square), ("rect_products", rectangular)):
+        out[f"{name}_seconds"], _, _ = timed(fn, device, repeats)
+    out["floor_exact_seconds"] = sum(out.values())
+    out["floor_randomized_seconds"] = out["square_commutators_seconds"] + out["rect_products_seconds"]
+    out["counts"] = {"matrices": n_sq + n_rect, "square": n_sq, "rectangular": n_rect}
+    log(f"  {NAMES[kind]} dense-LA floor: {out['floor_exact_seconds']:.2f}s exact "
+        f"(eig {out['eig_seconds']:.2f}s, square {out['square_commutators_seconds']:.2f}s, "
+        f"rect {out['rect_products_seconds']:.2f}s), {out['floor_randomized_seconds']:.2f}s "
+        "without eigen-solves")  # fmt: skip
+    return out
+
+
 def bench_larv_only(kind, num_tasks, device, repeats, settings, log):
     """LARV's cost on a merged model formed without the pool (memory too small for the pool)."""
     pretrained = build_tower(kind)
@@ -469,6 +510,22 @@ def markdown(res: dict) -> str:
                 f"| – | – | LARV phase alone: +{mib(x['peak_bytes_larv_cold'])} | "
                 f"{mib(x['model_fp32_bytes'])} |"
             )
+    floors = [(kind, r) for kind, r in res["models"].items() if "floor" in r]
+    if floors:
+        lines += ["", "## Dense linear-algebra floor (what exact LARV cannot avoid) vs LARV warm", "",
+                  "| model | eigen-solves (s) | square commutators (s) | rectangular products (s) "
+                  "| floor exact (s) | LARV warm (s) | floor randomized (s) | LARV randomized warm (s) |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for kind, r in floors:
+            x = r["floor"]
+            ta = [run["mergers"]["ta"] for run in r.get("pool_runs", []) if "ta" in run["mergers"]]
+            warm = fmt(ta[0]["larv_extra_seconds_warm"]) if ta else "–"
+            rw = fmt(ta[0].get("larv_extra_seconds_randomized_warm")) if ta else "–"
+            lines.append(
+                f"| {NAMES[kind]} | {x['eig_seconds']:.2f} | {x['square_commutators_seconds']:.2f} "
+                f"| {x['rect_products_seconds']:.2f} | {x['floor_exact_seconds']:.2f} | {warm} "
+                f"| {x['floor_randomized_seconds']:.2f} | {rw} |"
+            )
     lines += ["", "## Exact vs randomized spectra (MLP matrices of Δ; Spearman of e across layers)",
               "", "| model | matrices | exact (s) | randomized (s) | speed-up | one full svdvals (s) "
               "| one Gram-eig (s) | Spearman e (spec: top-k only) | Spearman e (uniform tail) |",
@@ -556,6 +613,8 @@ def main(argv=None):
             mergers = [m for m in args.mergers if m == "ta" or k <= args.ties_max_tasks]
             run = bench_base_and_larv(kind, k, mergers, device, args.repeats, settings, log, shared)
             r.setdefault("pool_runs", []).append(run)
+            if "floor" not in r:
+                r["floor"] = bench_floor(kind, device, args.repeats, log)
             dump(res, args.out, tag)
         if kind in args.spectra_models and "spectra" not in r:
             pretrained = build_tower(kind)

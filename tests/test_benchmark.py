@@ -136,6 +136,8 @@ def test_cost_benchmark_smoke_on_a_tiny_tower(tmp_path):
     run = res["models"]["tiny"]["pool_runs"][0]["mergers"]["ta"]
     assert run["base_seconds"] > 0 and run["larv_extra_seconds_cold"] > 0
     assert run["larv_extra_seconds_randomized_warm"] > 0
+    floor = res["models"]["tiny"]["floor"]
+    assert floor["floor_exact_seconds"] >= floor["floor_randomized_seconds"] > 0
     spectra = res["models"]["tiny"]["spectra"]
     # the synthetic updates spread their energy with depth: the spec's top-k entropy inverts the
     # exact ranking of e, the uniform tail keeps it
