@@ -356,7 +356,9 @@ def bench_floor(kind, device, repeats, log):
     for name, fn in (("eig", eig), ("square_commutators", square), ("rect_products", rectangular)):
         out[f"{name}_seconds"], _, _ = timed(fn, device, repeats)
     out["floor_exact_seconds"] = sum(out.values())
-    out["floor_randomized_seconds"] = out["square_commutators_seconds"] + out["rect_products_seconds"]
+    out["floor_randomized_seconds"] = (
+        out["square_commutators_seconds"] + out["rect_products_seconds"]
+    )
     out["counts"] = {"matrices": n_sq + n_rect, "square": n_sq, "rectangular": n_rect}
     log(f"  {NAMES[kind]} dense-LA floor: {out['floor_exact_seconds']:.2f}s exact "
         f"(eig {out['eig_seconds']:.2f}s, square {out['square_commutators_seconds']:.2f}s, "
