@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .gates import DEFAULT_LEVELS, SCHEDULES, TIER_LEVELS
-from .validation import did_you_mean, unknown_keys_message
+from .validation import LarvWarning, did_you_mean, unknown_keys_message
 
 GATES = ("tiered", "continuous", "schedule")
 PLACEMENTS = ("merged", "task_vectors")
@@ -150,6 +151,7 @@ class LarvSettings:
                 )
         if self.layer_pattern is not None:
             self._check_layer_pattern(self.layer_pattern)
+        self._warn_unused()
         cache_dir = getattr(self, "stats_cache_dir", None)
         if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
             raise _bad("stats_cache_dir", cache_dir, "null (no cache) or a directory path")
@@ -160,6 +162,27 @@ class LarvSettings:
             or any(sep in name for sep in ("/", "\\", "\0"))
         ):
             raise _bad("report_name", name, "a plain file name (no directory; see `report_dir`)")
+
+    def _warn_unused(self) -> None:
+        """Keys that are valid but have no effect with the other settings: a warning, since a
+        sweep may set them on purpose, but a silent no-op usually means a mistaken config."""
+        unused = []
+        if self.gate != "schedule":
+            if self.schedule != "uniform":
+                unused.append(f"`schedule` = {self.schedule!r}")
+            if self.schedule_scales is not None:
+                unused.append(f"`schedule_scales` = {list(self.schedule_scales)}")
+            if unused:
+                unused[-1] += f" (used only with `gate: schedule`; gate is {self.gate!r})"
+        if self.spectrum != "randomized" and self.spectrum_tail != "none":
+            unused.append(
+                f"`spectrum_tail` = {self.spectrum_tail!r} (an exact spectrum has no tail; "
+                "used only with `spectrum: randomized`)"
+            )
+        if unused:
+            warnings.warn(
+                "LARV config key(s) without effect: " + "; ".join(unused), LarvWarning, stacklevel=5
+            )
 
     @staticmethod
     def _check_layer_pattern(pattern: Any) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from fusion_bench_larv.settings import LarvConfigError, LarvSettings
+from fusion_bench_larv.validation import LarvWarning
 
 
 @pytest.mark.parametrize(
@@ -46,9 +49,12 @@ def test_unknown_key():
 
 
 def test_good_values_normalised():
-    s = LarvSettings(levels=[0, 1, 2], schedule="custom", schedule_scales=[0, 1, 1.5])
+    s = LarvSettings(
+        levels=[0, 1, 2], gate="schedule", schedule="custom", schedule_scales=[0, 1, 1.5]
+    )
     assert s.levels == (0.0, 1.0, 2.0) and s.schedule_scales == (0.0, 1.0, 1.5)
-    assert LarvSettings(schedule="lines", schedule_scales=[-0.5, 2]).schedule_scales == (-0.5, 2.0)
+    lines = LarvSettings(gate="schedule", schedule="lines", schedule_scales=[-0.5, 2])
+    assert lines.schedule_scales == (-0.5, 2.0)
     assert LarvSettings().to_dict()["levels"] == [0.5, 1.0, 1.5]
 
 
@@ -143,9 +149,9 @@ def test_to_dict_round_trips_through_from_mapping():
         {"eta": 0, "rho": 0, "zeta": 0},  # exponents may be 0 (factor off)
         {"levels": [0, 0, 0]},  # freeze everything
         {"alpha": 0.01, "beta": 0.99},
-        {"schedule": "tier6", "schedule_scales": [0, 0.2, 0.4, 0.6, 0.8, 1.0]},
-        {"schedule": "uniform", "schedule_scales": [0.0]},
-        {"schedule": "linear"},
+        {"gate": "schedule", "schedule": "tier6", "schedule_scales": [0, 0.2, 0.4, 0.6, 0.8, 1.0]},
+        {"gate": "schedule", "schedule": "uniform", "schedule_scales": [0.0]},
+        {"gate": "schedule", "schedule": "linear"},
         {"layer_pattern": r"^blocks\.(\d+)\."},
     ],
 )
@@ -302,3 +308,32 @@ def test_construction_error_leaves_the_output_directory_alone(tmp_path):
     assert (tmp_path / "larv_layers.json").read_text() == "old"
     with pytest.raises(LarvConfigError, match="`report_dir`"):
         LARVAlgorithm(base_method={"_target_": TA_TARGET, "scaling_factor": 0.3}, report_dir=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,named",
+    [
+        (dict(schedule_scales=[1.2]), "`schedule_scales` = [1.2]"),
+        (dict(schedule="linear", gate="continuous"), "`schedule` = 'linear'"),
+        (dict(spectrum_tail="uniform"), "`spectrum_tail` = 'uniform'"),
+    ],
+)
+def test_keys_without_effect_warn_and_name_the_key(kwargs, named):
+    with pytest.warns(LarvWarning, match="without effect") as rec:
+        LarvSettings(**kwargs)
+    assert named in str(rec[0].message)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(gate="schedule", schedule="uniform", schedule_scales=[1.2]),
+        dict(gate="schedule", schedule="linear"),
+        dict(spectrum="randomized", spectrum_tail="uniform"),
+    ],
+)
+def test_keys_in_use_do_not_warn(kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LarvSettings(**kwargs)
