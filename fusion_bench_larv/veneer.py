@@ -103,7 +103,14 @@ class _LazyDelta(Mapping):
         m, t0 = self._merged[name].detach(), self._theta0[name].detach()
         if device is not None:
             m, t0 = m.to(device), t0.to(device)
-        return m.to(torch.float32) - t0.to(device=m.device, dtype=torch.float32)
+        cd = compute_dtype(m.dtype)  # float64 models keep float64; others float32
+        return m.to(cd) - t0.to(device=m.device, dtype=cd)
+
+    def into(self, name: str, out: torch.Tensor) -> None:
+        """Write Δ of ``name`` (as a matrix) into ``out`` (a slice of a stack): no temporary."""
+        m, t0 = self._merged[name].detach(), self._theta0[name].detach()
+        m = m.to(device=out.device, dtype=out.dtype).reshape(out.shape)
+        torch.sub(m, t0.to(device=out.device, dtype=out.dtype).reshape(out.shape), out=out)
 
     def __iter__(self):
         return iter(self._names)
@@ -220,7 +227,13 @@ def _diagnose_stack(theta0, delta, names, m, n, settings, device, stats, keep, e
     Returns whether any θ_0 statistic was computed."""
     dev = device if device is not None else theta0[names[0]].device
     x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in names])
-    y = torch.stack([as_matrix(_delta_on(delta, k, dev)) for k in names])
+    if isinstance(delta, _LazyDelta):  # Δ written straight into the stack
+        dtype = compute_dtype(delta._merged[names[0]].dtype)
+        y = torch.empty((len(names), m, n), dtype=dtype, device=dev)
+        for i, k in enumerate(names):
+            delta.into(k, y[i])
+    else:
+        y = torch.stack([as_matrix(_delta_on(delta, k, dev)) for k in names])
     cd = compute_dtype(x.dtype)
     square = m == n
     randomized = settings.spectrum == "randomized"

@@ -122,7 +122,7 @@ def make_pair(num_layers=4, seed=0):
     return theta0, merged
 
 
-def naive_layers(theta0, merged, settings):
+def naive_layers(theta0, merged, settings, exact_delta=False):
     names = [k for k, v in theta0.items() if v.is_floating_point()]
     groups = group_layers(names, settings.layer_pattern)
     e_l, c_l = [], []
@@ -132,7 +132,10 @@ def naive_layers(theta0, merged, settings):
             if theta0[k].ndim < 2:
                 continue
             x = theta0[k].double().reshape(theta0[k].shape[0], -1).numpy()
-            y = (merged[k].float() - theta0[k].float()).double().reshape(x.shape).numpy()
+            if exact_delta:  # float64 models: Δ in float64
+                y = (merged[k].double() - theta0[k].double()).reshape(x.shape).numpy()
+            else:  # LARV forms Δ of a float32 model in float32
+                y = (merged[k].float() - theta0[k].float()).double().reshape(x.shape).numpy()
             if settings.spectrum == "exact":
                 r0, rd = naive_reff(x), naive_reff(y)
             else:  # the literal single-matrix path: one generator, θ_0's sketch first, then Δ's
@@ -167,6 +170,22 @@ def test_layer_diagnostics_match_naive_formulas(spectrum, tail):
     # the tiered gate depends on the order of w only: the scales are the same, bit for bit
     _, s_ref, _ = gate_scores(e_ref, c_ref, s)
     assert res.scales == s_ref
+
+
+def test_float64_models_are_diagnosed_in_float64():
+    # Δ is formed in the model's compute dtype: a float64 model matches the float64 formulas to
+    # round-off (a float32 Δ would leave ~1e-6 relative errors)
+    theta0, merged = make_pair(seed=8)
+    theta0 = {k: v.double() for k, v in theta0.items()}
+    rng = np.random.default_rng(9)
+    merged = {
+        k: theta0[k] + 1e-3 * torch.tensor(rng.normal(size=v.shape)) for k, v in merged.items()
+    }
+    s = LarvSettings()
+    e_ref, c_ref = naive_layers(theta0, merged, s, exact_delta=True)
+    res = compute_larv_scales(theta0, merged, s, progress=False)
+    np.testing.assert_allclose([r.e for r in res.layers], e_ref, rtol=1e-9)
+    np.testing.assert_allclose([r.c for r in res.layers], c_ref, rtol=1e-9)
 
 
 def test_streaming_in_small_chunks_gives_the_same_result(monkeypatch):
