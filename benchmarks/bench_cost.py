@@ -242,6 +242,19 @@ def larv_steps(theta0, merged_sd, settings, device, stats=None):
     return t, res
 
 
+def with_larv(models, theta_ref, pool, mname, settings, device, stats):
+    """Base merger + LARV as LARVAlgorithm.run does it (own θ_0 copy, base merger, diagnostics,
+    apply), from a restored pretrained model; returns LARV's timed steps and the θ_0 copy's
+    seconds."""
+    restore(models["_pretrained_"], theta_ref)
+    t0 = time.perf_counter()
+    theta0 = {k: v.detach().clone() for k, v in models["_pretrained_"].state_dict().items()}
+    clone_s = time.perf_counter() - t0
+    merged = base_merger(mname).run(pool)
+    steps, _ = larv_steps(theta0, merged.state_dict(), settings, device, stats)
+    return steps, clone_s
+
+
 def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log, shared):
     """Base merger alone vs base merger + LARV on an in-memory pool (models already loaded)."""
     from fusion_bench import BaseModelPool
@@ -264,15 +277,8 @@ def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log
             base_t.append(ph.seconds)
             base_mem.append(ph.peak)
             del merged
-            restore(models["_pretrained_"], theta_ref)
-            # with LARV, as LARVAlgorithm.run: own θ_0 copy, base merger, diagnostics, apply
             with Phase(device) as ph:
-                t0 = time.perf_counter()
-                sd0 = models["_pretrained_"].state_dict()
-                theta0 = {k: v.detach().clone() for k, v in sd0.items()}
-                clone_s = time.perf_counter() - t0
-                merged = base_merger(mname).run(pool)
-                steps, res = larv_steps(theta0, merged.state_dict(), settings, device, stats)
+                steps, clone_s = with_larv(models, theta_ref, pool, mname, settings, device, stats)
             total_mem.append(ph.peak)
             clone_t.append(clone_s)
             (larv_cold_t if cold else larv_t).append(sum(steps.values()) + clone_s)
@@ -280,23 +286,16 @@ def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log
                 f"LARV extra {(larv_cold_t + larv_t)[-1]:.2f}s "
                 f"({ {k: round(v, 2) for k, v in steps.items()} }, θ_0 copy {clone_s:.2f}s), "
                 f"peak +{base_mem[-1] / 2**20:.0f} / +{total_mem[-1] / 2**20:.0f} MiB")  # fmt: skip
-            del merged, theta0
         # the same veneer with randomized spectra (uniform tail), θ_0 statistics warm: what the
         # diagnostics cost when the eigen-solves are replaced by sketches
         rset = replace(settings, spectrum="randomized", spectrum_tail="uniform")
         rstats = shared.setdefault("stats_randomized", Theta0Stats.empty(rset))
+        if not len(rstats):  # warm-up, untimed: computes θ_0's randomized statistics
+            with_larv(models, theta_ref, pool, mname, rset, device, rstats)
         rand_t = []
-        for _ in range(reps + (1 if not len(rstats) else 0)):
-            restore(models["_pretrained_"], theta_ref)
-            merged = base_merger(mname).run(pool)
-            t0 = time.perf_counter()
-            theta0 = {k: v.detach().clone() for k, v in models["_pretrained_"].state_dict().items()}
-            clone_s = time.perf_counter() - t0
-            was_warm = len(rstats) > 0
-            steps, _ = larv_steps(theta0, merged.state_dict(), rset, device, rstats)
-            if was_warm:
-                rand_t.append(sum(steps.values()) + clone_s)
-            del merged, theta0
+        for _ in range(reps):
+            steps, clone_s = with_larv(models, theta_ref, pool, mname, rset, device, rstats)
+            rand_t.append(sum(steps.values()) + clone_s)
         log(f"  {NAMES[kind]} K={num_tasks} {mname}: LARV extra, randomized spectra (warm) "
             f"{statistics.median(rand_t):.2f}s")  # fmt: skip
         base = statistics.median(base_t)

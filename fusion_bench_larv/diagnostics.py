@@ -292,16 +292,22 @@ def commutator_conflicts(
     xt, yt = tall(x), tall(y)
     gx = gram64(xt) if gram_x is None else gram_x.to(torch.float64)
     gy = gram64(yt) if gram_y is None else gram_y.to(torch.float64)
-    c = gram64(xt, yt)
-    small = torch.linalg.matrix_norm(c - c.mT)
-    first = 2.0 * (gx * gy).sum((-2, -1))
-    big_sq = first - 2.0 * (c * c.mT).sum((-2, -1))
-    redo = (big_sq < _CANCELLATION * first).nonzero().flatten().tolist()
-    if redo and compute_dtype(x.dtype) != torch.float64:
-        idx = torch.tensor(redo, device=x.device)
-        xr, yr = xt.index_select(0, idx), yt.index_select(0, idx)
-        gx_r, gy_r, c_r = gram64(xr, exact=True), gram64(yr, exact=True), gram64(xr, yr, exact=True)
-        small[idx] = torch.linalg.matrix_norm(c_r - c_r.mT)
-        big_sq[idx] = 2.0 * (gx_r * gy_r).sum((-2, -1)) - 2.0 * (c_r * c_r.mT).sum((-2, -1))
+    small, big_sq, first = _gram_commutators(gx, gy, gram64(xt, yt))
+    if compute_dtype(x.dtype) != torch.float64:
+        redo = (big_sq < _CANCELLATION * first).nonzero().flatten()
+        if len(redo):
+            xr, yr = xt.index_select(0, redo), yt.index_select(0, redo)
+            small[redo], big_sq[redo], _ = _gram_commutators(
+                gram64(xr, exact=True), gram64(yr, exact=True), gram64(xr, yr, exact=True)
+            )
     big = big_sq.clamp_min(0.0).sqrt()
     return 0.5 * big / denom + 0.5 * small / denom
+
+
+def _gram_commutators(gx: torch.Tensor, gy: torch.Tensor, c: torch.Tensor) -> tuple:
+    """From ``XᵀX``, ``YᵀY`` and ``C = XᵀY`` of tall stacks: the small-side commutator norm
+    ``‖C − Cᵀ‖``, the large side's square ``2⟨XᵀX, YᵀY⟩ − 2⟨C, Cᵀ⟩`` and that identity's first
+    term (the scale its round-off is relative to)."""
+    small = torch.linalg.matrix_norm(c - c.mT)
+    first = 2.0 * (gx * gy).sum((-2, -1))
+    return small, first - 2.0 * (c * c.mT).sum((-2, -1)), first

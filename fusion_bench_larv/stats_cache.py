@@ -32,7 +32,7 @@ def stats_settings(settings) -> dict:
         "rank": int(settings.rank),
         "oversample": int(settings.oversample),
         "seed": int(settings.seed),
-        "spectrum_tail": str(getattr(settings, "spectrum_tail", "none")),
+        "spectrum_tail": str(settings.spectrum_tail),
         "eps": float(settings.eps),
     }
 

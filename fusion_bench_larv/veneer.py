@@ -90,8 +90,8 @@ def _matrix_seed(seed: int, name: str) -> int:
 
 
 class _LazyDelta(Mapping):
-    """Δθ = θ_merged − θ_0 (float32) per parameter, computed on access and never stored: LARV holds
-    no full copy of the update (spec, "Pipeline" 2)."""
+    """Δθ = θ_merged − θ_0 (float32, float64 for float64 models) per parameter, computed on access
+    and never stored: LARV holds no full copy of the update (spec, "Pipeline" 2)."""
 
     def __init__(self, theta0: StateDict, merged: StateDict, names: list[str]):
         self._theta0, self._merged, self._names = theta0, merged, names
@@ -106,11 +106,16 @@ class _LazyDelta(Mapping):
         cd = compute_dtype(m.dtype)  # float64 models keep float64; others float32
         return m.to(cd) - t0.to(device=m.device, dtype=cd)
 
-    def into(self, name: str, out: torch.Tensor) -> None:
-        """Write Δ of ``name`` (as a matrix) into ``out`` (a slice of a stack): no temporary."""
-        m, t0 = self._merged[name].detach(), self._theta0[name].detach()
-        m = m.to(device=out.device, dtype=out.dtype).reshape(out.shape)
-        torch.sub(m, t0.to(device=out.device, dtype=out.dtype).reshape(out.shape), out=out)
+    def stack(self, names: list[str], shape: tuple[int, int], device) -> torch.Tensor:
+        """Δ of same-shaped parameters as one ``(len(names), m, n)`` stack of matrices on
+        ``device``, each written straight into its slice (no per-matrix temporary)."""
+        dtype = compute_dtype(self._merged[names[0]].dtype)
+        out = torch.empty((len(names), *shape), dtype=dtype, device=device)
+        for i, name in enumerate(names):
+            m = self._merged[name].detach().to(device=device, dtype=dtype).reshape(shape)
+            t0 = self._theta0[name].detach().to(device=device, dtype=dtype).reshape(shape)
+            torch.sub(m, t0, out=out[i])
+        return out
 
     def __iter__(self):
         return iter(self._names)
@@ -227,11 +232,8 @@ def _diagnose_stack(theta0, delta, names, m, n, settings, device, stats, keep, e
     Returns whether any θ_0 statistic was computed."""
     dev = device if device is not None else theta0[names[0]].device
     x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in names])
-    if isinstance(delta, _LazyDelta):  # Δ written straight into the stack
-        dtype = compute_dtype(delta._merged[names[0]].dtype)
-        y = torch.empty((len(names), m, n), dtype=dtype, device=dev)
-        for i, k in enumerate(names):
-            delta.into(k, y[i])
+    if isinstance(delta, _LazyDelta):
+        y = delta.stack(names, (m, n), dev)
     else:
         y = torch.stack([as_matrix(_delta_on(delta, k, dev)) for k in names])
     cd = compute_dtype(x.dtype)
