@@ -23,8 +23,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusion_bench_larv.testbed.build import RECIPES, build_testbed, default_cache_dir
-    from fusion_bench_larv.testbed.sources import SourceMissingError, available_sources
+    from fusion_bench_larv.lab.testbed.build import RECIPES, build_testbed, default_cache_dir
+    from fusion_bench_larv.lab.testbed.sources import SourceMissingError, available_sources
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="quick")

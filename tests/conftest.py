@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_clip_suite(tmp_path_factory):
     """The tiny offline CLIP suite (real CLIPModel, local data sets, fine-tuned towers)."""
-    from fusion_bench_larv.testing.tiny_clip import build_tiny_clip_suite
+    from fusion_bench_larv.lab.tiny_clip import build_tiny_clip_suite
 
     return build_tiny_clip_suite(tmp_path_factory.mktemp("tiny_clip_suite"))
 
@@ -21,7 +21,7 @@ def tiny_clip_suite(tmp_path_factory):
 def ci_testbed(tmp_path_factory):
     """The real-weights testbed on its tiny ``ci`` recipe, built once per session into a temporary
     cache (skips, saying what is missing, without the sources)."""
-    from fusion_bench_larv.testbed import build_testbed, missing_requirements
+    from fusion_bench_larv.lab.testbed import build_testbed, missing_requirements
 
     reason = missing_requirements()
     if reason:

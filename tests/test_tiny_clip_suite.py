@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import CLIPProcessor, CLIPVisionModel
 
-from fusion_bench_larv.layers import group_layers
-from fusion_bench_larv.testing.tiny_clip import (
+from fusion_bench_larv.lab.tiny_clip import (
     build_tiny_clip_suite,
     run_fusion_bench,
     zero_shot_accuracy,
 )
+from fusion_bench_larv.layers import group_layers
 
 
 def test_tokenizer_matches_open_clip(tiny_clip_suite):

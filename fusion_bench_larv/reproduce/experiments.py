@@ -507,7 +507,7 @@ def parse_pool(spec: str) -> PoolSpec:
     kind, _, rest = spec.partition(":")
     if kind == "tiny_clip":
         root = Path(rest).expanduser().resolve()
-        from ..testing.tiny_clip import MODELPOOL_CONFIG, TASKPOOL_CONFIG
+        from ..lab.tiny_clip import MODELPOOL_CONFIG, TASKPOOL_CONFIG
 
         return PoolSpec(
             modelpool=MODELPOOL_CONFIG,

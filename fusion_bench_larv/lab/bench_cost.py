@@ -2,7 +2,7 @@
 structured task vectors; base merger time vs LARV's extra time, peak memory with and without LARV,
 exact vs randomized spectra.
 
-    python benchmarks/bench_cost.py --models b32 b16 l14 --tasks 8 14 20 --device cpu
+    python -m fusion_bench_larv.lab.bench_cost --models b32 b16 l14 --tasks 8 14 20 --device cpu
 
 Nothing is downloaded: the towers are ``transformers.CLIPVisionModel(CLIPVisionConfig(...))``.
 Timings are medians over ``--repeats`` (the machine may be shared: ratios within one run are
@@ -30,19 +30,16 @@ from datetime import datetime, timezone
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from fusion_bench_larv.diagnostics import (  # noqa: E402
+from fusion_bench_larv.diagnostics import (
     exact_energies,
     randomized_energies,
     singular_values,
     small_gram,
 )
-from fusion_bench_larv.layers import group_layers  # noqa: E402
-from fusion_bench_larv.settings import LarvSettings  # noqa: E402
-from fusion_bench_larv.stats_cache import Theta0Stats  # noqa: E402
-from fusion_bench_larv.veneer import (  # noqa: E402
+from fusion_bench_larv.layers import group_layers
+from fusion_bench_larv.settings import LarvSettings
+from fusion_bench_larv.stats_cache import Theta0Stats
+from fusion_bench_larv.veneer import (
     _LazyDelta,
     apply_scales,
     compute_larv_scales,
@@ -557,7 +554,7 @@ def main(argv=None):
     ap.add_argument("--spectra-only", action="store_true", help="no mergers: spectra only")
     ap.add_argument("--spectra-max-matrices", type=int, default=0, help="0 = all MLP matrices")
     ap.add_argument("--spearman-models", nargs="+", default=["b32", "b16", "l14"])
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -570,7 +567,7 @@ def main(argv=None):
         print(msg, flush=True)
 
     res = {
-        "command": "python benchmarks/bench_cost.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m fusion_bench_larv.lab.bench_cost " + " ".join(argv or sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": f"{platform.machine()} {os.cpu_count()} logical CPUs",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

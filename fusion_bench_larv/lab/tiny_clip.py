@@ -441,7 +441,7 @@ def _write_configs(
     import yaml
 
     header = (
-        "# Written by fusion_bench_larv.testing.tiny_clip.build_tiny_clip_suite; do not edit.\n"
+        "# Written by fusion_bench_larv.lab.tiny_clip.build_tiny_clip_suite; do not edit.\n"
         "# Every path is local: runs fully offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1).\n"
     )
     modelpool = {
