@@ -4,7 +4,7 @@ opt-in (``stats_cache_dir``), kept on disk keyed by a hash of θ_0's content and
 that a sweep over mergers and gates pays for them once.
 
 A cache file holds plain tensors, strings and numbers only (``torch.save``), read back with
-``weights_only=True``; it is written atomically (temporary file, then rename).
+``weights_only=True``; it is written atomically (:func:`~fusion_bench_larv.io.atomic_path`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from .diagnostics import MatrixStats
+from .io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,6 @@ class Theta0Stats:
     r_eff: dict[str, float] = field(default_factory=dict)
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # rectangular matrices only
     key: str | None = None  # content hash, when known
-    loaded: bool = False  # read from the disk cache
 
     @classmethod
     def empty(cls, settings) -> Theta0Stats:
@@ -64,6 +65,23 @@ class Theta0Stats:
                 f"θ_0 statistics were computed with {self.settings_key}, "
                 f"not with the current settings {stats_settings(settings)}"
             )
+
+    def stacked(self, names: list[str], device) -> MatrixStats:
+        """The statistics of ``names`` (all known, one shape) as one stack on ``device``."""
+        fro2 = torch.tensor([self.fro2[k] for k in names], dtype=torch.float64, device=device)
+        r_eff = torch.tensor([self.r_eff[k] for k in names], dtype=torch.float64, device=device)
+        gram = None  # square matrices keep no Gram
+        if names[0] in self.gram:
+            gram = torch.stack([self.gram[k].to(device) for k in names])
+        return MatrixStats(fro2, r_eff, gram)
+
+    def store(self, names: list[str], stats: MatrixStats, grams: bool = True) -> None:
+        """Keep the statistics of a stack under its matrices' ``names``; with ``grams``, the small
+        Grams of a rectangular stack too (the bulk of the memory)."""
+        for k, fro2, r_eff in zip(names, stats.fro2.tolist(), stats.r_eff.tolist(), strict=True):
+            self.fro2[k], self.r_eff[k] = fro2, r_eff
+        if grams and stats.gram is not None:
+            self.gram.update(zip(names, stats.gram, strict=True))
 
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.gram.values())
@@ -105,7 +123,6 @@ def load_stats(cache_dir: str | os.PathLike, key: str, settings) -> Theta0Stats 
             dict(zip(names, r_eff, strict=True)),
             dict(obj["gram"]),
             key=key,
-            loaded=True,
         )
     except Exception as exc:  # a damaged file is a miss, never an error
         log.warning("LARV: ignoring unreadable θ_0 stats cache %s (%s)", path, exc)
@@ -119,8 +136,6 @@ def save_stats(cache_dir: str | os.PathLike, stats: Theta0Stats) -> str:
     if stats.key is None:
         raise ValueError("θ_0 statistics without a content key cannot be cached")
     path = cache_path(cache_dir, stats.key)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
     names = list(stats.r_eff)
     obj = {
         "key": stats.key,
@@ -130,13 +145,6 @@ def save_stats(cache_dir: str | os.PathLike, stats: Theta0Stats) -> str:
         "r_eff": torch.tensor([stats.r_eff[n] for n in names], dtype=torch.float64),
         "gram": {n: g.detach().to("cpu").contiguous() for n, g in stats.gram.items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -12,16 +12,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .diagnostics import (
+    SpectrumOptions,
     as_matrix,
-    commutator_conflicts,
     compute_dtype,
-    entropies,
-    exact_energies,
-    frobenius_sq,
-    is_numerically_zero,
-    randomized_energies,
-    small_gram,
-    tail_dims,
+    is_zero_update,
+    pair_diagnostics,
+    skip_theta0_sketches,
+    theta0_statistics,
 )
 from .gates import composite_score, continuous_gate, depth_prior, depth_schedule, tiered_gate
 from .layers import LayerGroups
@@ -124,12 +121,6 @@ class _LazyDelta(Mapping):
         return len(self._names)
 
 
-def _delta_on(delta: StateDict, name: str, device) -> torch.Tensor:
-    if isinstance(delta, _LazyDelta):
-        return delta.on(name, device)
-    return delta[name].detach().to(device=device)
-
-
 # At most this many bytes of θ_0 matrices go into one batch of layers (and at most 1/8 of θ_0):
 # the transient stacks stay small next to the model.
 CHUNK_BYTES = 256 * 2**20
@@ -150,54 +141,62 @@ def _layer_chunks(mats: list[list[str]], theta0: StateDict) -> list[list[int]]:
     return chunks
 
 
-def _randomized_generators(names, settings, m: int, n: int, replay_theta0: bool):
-    """The per-matrix sketch generators (seeded by the matrix's name). θ_0's sketch is drawn first
-    and Δ's second from the same generator (as ``rank_contrast``); with θ_0's statistics already
-    known its draw is replayed (cheap) so that Δ's sketch is the same either way."""
-    k = max(1, min(settings.rank, m, n))
-    sketch = min(k + settings.oversample, m, n)
-    gens = []
-    for name in names:
-        g = torch.Generator(device="cpu").manual_seed(_matrix_seed(settings.seed, name))
-        if replay_theta0:
-            torch.randn(n, sketch, generator=g)
-        gens.append(g)
-    return gens
+def _sketch_generators(names: list[str], seed: int) -> list[torch.Generator]:
+    """One sketch generator per matrix, seeded by the matrix's name: it draws θ_0's sketch first
+    and Δ's second (as ``rank_contrast``)."""
+    return [torch.Generator(device="cpu").manual_seed(_matrix_seed(seed, k)) for k in names]
+
+
+def _spectrum_options(settings: LarvSettings) -> SpectrumOptions:
+    return SpectrumOptions(settings.spectrum, settings.rank, settings.oversample,
+                           settings.spectrum_tail)  # fmt: skip
+
+
+def _open_theta0_stats(
+    theta0: StateDict, names: list[str], settings: LarvSettings, stats: Theta0Stats | None
+) -> Theta0Stats:
+    """θ_0's statistics to read and fill: the caller's (checked against the settings), else the
+    disk cache's entry for θ_0's content (``settings.stats_cache_dir``), else an empty set."""
+    if stats is not None:
+        stats.check(settings)
+        return stats
+    stats = Theta0Stats.empty(settings)
+    if settings.stats_cache_dir is not None and names:
+        key = content_key(theta0, names, settings)
+        stats = load_stats(settings.stats_cache_dir, key, settings) or stats
+        stats.key = key
+    return stats
 
 
 def layer_diagnostics(
     theta0: StateDict,
-    delta: StateDict,
+    delta: _LazyDelta,
     groups: LayerGroups,
     settings: LarvSettings,
     device: torch.device | str | None = None,
     progress: bool | None = None,
     stats: Theta0Stats | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
-    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices.
+    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices (spec, "Layers").
 
     Streams a few layers at a time (``CHUNK_BYTES``); within a batch, same-shaped matrices are
-    stacked and go through the batched kernels of :mod:`.diagnostics` on ``device`` (default:
-    where θ_0 lives). θ_0's statistics come from ``stats`` where it has them, else from the disk
-    cache (``settings.stats_cache_dir``), else they are computed here once (and saved to the cache,
-    or added to ``stats`` when the caller passed one).
+    stacked and go through :func:`~.diagnostics.theta0_statistics` (where θ_0's statistics are not
+    known yet) and :func:`~.diagnostics.pair_diagnostics` on ``device`` (default: where θ_0
+    lives). θ_0's statistics come from ``stats`` where it has them, else from the disk cache
+    (``settings.stats_cache_dir``), else they are computed here once (and saved to the cache, or
+    added to ``stats`` when the caller passed one).
     """
     mats = [
         [n for n in members if theta0[n].ndim >= 2 and _is_float(theta0[n])]
         for members in groups.members
     ]  # biases and norms are scaled but never enter the diagnostics
     all_mats = [n for names in mats for n in names]
-    cache_dir = getattr(settings, "stats_cache_dir", None)
-    keep = stats is not None or cache_dir is not None
-    if stats is None:
-        stats = Theta0Stats.empty(settings)
-        if cache_dir is not None and all_mats:
-            key = content_key(theta0, all_mats, settings)
-            stats = load_stats(cache_dir, key, settings) or stats
-            stats.key = key
-    else:
-        stats.check(settings)
-    computed_any = False
+    cache_dir = settings.stats_cache_dir
+    keep_grams = stats is not None or cache_dir is not None  # the statistics outlive this call
+    stats = _open_theta0_stats(theta0, all_mats, settings, stats)
+    known = len(stats)
+    options = _spectrum_options(settings)
+    randomized = settings.spectrum == "randomized"
 
     e_mat: dict[str, float] = {}
     c_mat: dict[str, float] = {}
@@ -210,13 +209,25 @@ def layer_diagnostics(
             for li in chunk:
                 for n in mats[li]:
                     by_shape.setdefault(tuple(as_matrix(theta0[n]).shape), []).append(n)
-            for (m, n), names in by_shape.items():
-                computed_any |= _diagnose_stack(theta0, delta, names, m, n, settings, device,
-                                                stats, keep, e_mat, c_mat)  # fmt: skip
+            for shape, names in by_shape.items():
+                dev = device if device is not None else theta0[names[0]].device
+                x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in names])
+                y = delta.stack(names, shape, dev)
+                gens = _sketch_generators(names, settings.seed) if randomized else None
+                if all(k in stats for k in names):
+                    x_stats = stats.stacked(names, dev)
+                    if gens is not None:
+                        skip_theta0_sketches(gens, x, options)
+                else:  # θ_0's statistics, once per run (or per cache)
+                    x_stats = theta0_statistics(x, options, gens)
+                    stats.store(names, x_stats, grams=keep_grams)
+                e, c = pair_diagnostics(x, y, x_stats, options, settings.eps, gens)
+                e_mat.update(zip(names, e.tolist(), strict=True))
+                c_mat.update(zip(names, c.tolist(), strict=True))
             bar.update(len(chunk))
     bar.close()
-    if cache_dir is not None and computed_any and stats.key is not None:
-        save_stats(cache_dir, stats)
+    if cache_dir is not None and len(stats) > known and stats.key is not None:
+        save_stats(cache_dir, stats)  # something was computed: a miss, or a partial entry
 
     e_layers, c_layers, counts = [], [], []
     for names in mats:
@@ -227,69 +238,16 @@ def layer_diagnostics(
     return e_layers, c_layers, counts
 
 
-def _diagnose_stack(theta0, delta, names, m, n, settings, device, stats, keep, e_mat, c_mat):
-    """e and c of a stack of same-shaped matrices; fills ``stats`` with θ_0's where missing.
-    Returns whether any θ_0 statistic was computed."""
-    dev = device if device is not None else theta0[names[0]].device
-    x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in names])
-    if isinstance(delta, _LazyDelta):
-        y = delta.stack(names, (m, n), dev)
-    else:
-        y = torch.stack([as_matrix(_delta_on(delta, k, dev)) for k in names])
-    cd = compute_dtype(x.dtype)
-    square = m == n
-    randomized = settings.spectrum == "randomized"
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dtype=torch.float64).square()
 
-    missing = [k not in stats for k in names]
-    computed = any(missing)
-    if computed:  # θ_0's statistics, once per run (or per cache)
-        fx = frobenius_sq(x)
-        gens = _randomized_generators(names, settings, m, n, False) if randomized else None
-        if randomized:
-            gx = None if square else small_gram(x)
-            energy = randomized_energies(x, settings.rank, settings.oversample, gens)
-        else:
-            gx = small_gram(x)
-            energy = exact_energies(gram=gx, dtype=cd)
-        tail = tail_dims(settings.spectrum, settings.spectrum_tail, energy, m, n)
-        r0 = entropies(energy, fx, tail).exp()
-        for i, k in enumerate(names):
-            stats.fro2[k], stats.r_eff[k] = float(fx[i]), float(r0[i])
-            if not square and keep:
-                stats.gram[k] = gx[i]
-        gx = None if square else gx
-        del energy
-    else:
-        fx = torch.tensor([stats.fro2[k] for k in names], dtype=torch.float64, device=dev)
-        r0 = torch.tensor([stats.r_eff[k] for k in names], dtype=torch.float64, device=dev)
-        gx = None if square else torch.stack([stats.gram[k].to(dev) for k in names])
-        gens = _randomized_generators(names, settings, m, n, True) if randomized else None
 
-    if square:
-        yc = y.to(cd)
-        gy = None if randomized else yc.mT @ yc  # spectrum only: the compute dtype suffices
-    else:
-        gy = small_gram(y)  # also the commutator identity's Δ Gram
-    # ‖Δ‖_F² is the Gram's trace where there is one (saves a pass over Δ)
-    fy = (
-        frobenius_sq(y)
-        if gy is None
-        else gy.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
-    )
-    zero = (fy == 0) | (fy.sqrt() <= 1e-10 * fx.sqrt())
-    if randomized:
-        energy = randomized_energies(y, settings.rank, settings.oversample, gens)
-    else:
-        energy = exact_energies(gram=gy, dtype=cd)
-    tail = tail_dims(settings.spectrum, settings.spectrum_tail, energy, m, n)
-    ry = entropies(energy, fy, tail).exp()
-    e = torch.where(zero, torch.zeros_like(r0), r0 / (ry + settings.eps))
-    c = commutator_conflicts(x, y, settings.eps, gram_x=gx, gram_y=None if square else gy,
-                             fro2_x=fx, fro2_y=fy)  # fmt: skip
-    c = torch.where(zero, torch.zeros_like(c), c)
-    for k, ev, cv in zip(names, e.tolist(), c.tolist(), strict=True):
-        e_mat[k], c_mat[k] = ev, cv
-    return computed
+def _zero_everywhere(theta0: StateDict, delta: _LazyDelta, e_layers: list[float]) -> bool:
+    """Whether every parameter's update is zero (``is_zero_update``). A layer with e > 0 has a
+    non-zero update, which settles it without another pass over the model."""
+    if any(v != 0.0 for v in e_layers):
+        return False
+    return all(bool(is_zero_update(_sq_norm(delta[k]), _sq_norm(theta0[k]))) for k in delta)
 
 
 def gate_scores(
@@ -339,7 +297,7 @@ def compute_larv_scales(
         theta0, delta, groups, settings, device, progress, theta0_stats
     )
     warnings = []
-    if all(is_numerically_zero(delta[k], theta0[k]) for k in names):
+    if _zero_everywhere(theta0, delta, e):
         warnings.append("the merged update θ_merged − θ_0 is zero everywhere; e = 0 in every layer")
     w, s, thresholds = gate_scores(e, c, settings)
     r = depth_prior(groups.num_layers)

@@ -11,12 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusion_bench_larv.diagnostics import (
+    MatrixStats,
+    SpectrumOptions,
     as_matrix,
     commutator_conflict,
     effective_rank,
+    effective_ranks,
+    is_zero_update,
+    pair_diagnostics,
     rank_contrast,
+    rank_contrasts,
     singular_values,
+    skip_theta0_sketches,
     spectral_entropy,
+    theta0_statistics,
 )
 
 
@@ -458,3 +466,164 @@ def test_uniform_tail_keeps_the_ranking_that_the_truncated_entropy_inverts():
 def test_unknown_tail_is_rejected():
     with pytest.raises(ValueError, match="spectrum_tail"):
         effective_rank(torch.randn(5, 4), "randomized", 1, 2, torch.Generator(), spectrum_tail="x")
+
+
+# -- the batched formulas (what the pipeline calls) against independent definitions -------------
+def _svd_reff(a: torch.Tensor) -> float:
+    """r_eff from torch.linalg.svdvals in float64: exp(−Σ p log p), p = σ² / ‖A‖_F²."""
+    a = a.to(torch.float64)
+    p = torch.linalg.svdvals(a) ** 2 / (a**2).sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _explicit_conflict(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> float:
+    """c with every commutator formed explicitly, float64."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    den = float(torch.linalg.norm(x) * torch.linalg.norm(y)) + eps
+    if x.shape[0] == x.shape[1]:
+        return float(torch.linalg.norm(x @ y - y @ x)) / den
+    left = float(torch.linalg.norm(x @ y.T - y @ x.T))
+    right = float(torch.linalg.norm(x.T @ y - y.T @ x))
+    return 0.5 * left / den + 0.5 * right / den
+
+
+def _randomized_reff(a: torch.Tensor, g: torch.Generator, k: int, oversample: int) -> float:
+    """r_eff from a top-k range finder written out (Gaussian sketch, QR, SVD of QᵀA), float64."""
+    a = a.to(torch.float64)
+    m, n = a.shape
+    k = max(1, min(k, m, n))
+    omega = torch.randn(n, min(k + oversample, m, n), generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a @ omega)
+    p = torch.linalg.svdvals(q.T @ a)[:k] ** 2 / (a**2).sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _stack_pairs(shape, batch, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    low = torch.randn(batch, shape[0], 2, generator=g, dtype=torch.float64)
+    y = 0.01 * (low @ torch.randn(batch, 2, shape[1], generator=g, dtype=torch.float64))
+    y = y + 1e-3 * torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (30, 7), (7, 30)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pair_diagnostics_match_svdvals_and_explicit_commutators(shape, dtype):
+    x, y = _stack_pairs(shape, 3, dtype, seed=sum(shape))
+    options = SpectrumOptions()
+    stats = theta0_statistics(x, options)
+    e, c = pair_diagnostics(x, y, stats, options)
+    assert e.dtype == c.dtype == torch.float64 and e.shape == c.shape == (3,)
+    assert (stats.gram is None) == (shape[0] == shape[1])
+    rel = 1e-10 if dtype == torch.float64 else 1e-4
+    for i in range(3):
+        assert float(stats.fro2[i]) == pytest.approx(float((x[i].double() ** 2).sum()), rel=1e-12)
+        assert float(stats.r_eff[i]) == pytest.approx(_svd_reff(x[i]), rel=rel)
+        want_e = _svd_reff(x[i]) / (_svd_reff(y[i]) + 1e-8)
+        assert float(e[i]) == pytest.approx(want_e, rel=rel)
+        assert float(c[i]) == pytest.approx(_explicit_conflict(x[i], y[i]), rel=rel)
+        # the single-matrix helpers give the same numbers
+        assert effective_rank(x[i]) == pytest.approx(float(stats.r_eff[i]), rel=rel)
+        assert rank_contrast(x[i], y[i]) == pytest.approx(float(e[i]), rel=rel)
+        assert commutator_conflict(x[i], y[i]) == pytest.approx(float(c[i]), rel=rel)
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (40, 9)])
+@pytest.mark.parametrize("tail", ["none", "uniform"])
+def test_randomized_pair_diagnostics_draw_theta0_first_then_delta(shape, tail):
+    x, y = _stack_pairs(shape, 2, torch.float64, seed=4)
+    options = SpectrumOptions("randomized", rank=2, oversample=3, spectrum_tail=tail)
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11)]
+    e, c = pair_diagnostics(x, y, theta0_statistics(x, options, gens), options, generators=gens)
+    for i, s in enumerate((10, 11)):
+        g = torch.Generator().manual_seed(s)  # one generator: θ_0's sketch, then Δ's
+        r0, rd = _randomized_reff(x[i], g, 2, 3), _randomized_reff(y[i], g, 2, 3)
+        if tail == "none":
+            assert float(e[i]) == pytest.approx(r0 / (rd + 1e-8), rel=1e-9)
+        g = torch.Generator().manual_seed(s)
+        want = rank_contrast(x[i], y[i], "randomized", 2, 3, generator=g, spectrum_tail=tail)
+        assert float(e[i]) == pytest.approx(want, rel=1e-12)  # a stack of one: the same path
+        assert float(c[i]) == pytest.approx(_explicit_conflict(x[i], y[i]), rel=1e-9)
+    # θ_0's statistics from elsewhere (a cache): replaying θ_0's draw gives the same Δ sketch
+    for dtype in (torch.float64, torch.float32):
+        xd, yd = x.to(dtype), y.to(dtype)
+        fresh = [torch.Generator().manual_seed(s) for s in (10, 11)]
+        stats = theta0_statistics(xd, options, fresh)
+        e1, _ = pair_diagnostics(xd, yd, stats, options, generators=fresh)
+        replay = [torch.Generator().manual_seed(s) for s in (10, 11)]
+        skip_theta0_sketches(replay, xd, options)
+        e2, _ = pair_diagnostics(xd, yd, stats, options, generators=replay)
+        assert torch.equal(e1, e2)
+
+
+def test_pair_diagnostics_by_hand():
+    # pair 1: θ_0 = diag(2, 1) (σ² = 4, 1: p = 0.8, 0.2), Δ = 3·e1e2ᵀ (rank 1, r_eff 1):
+    #   e = exp(H(0.8, 0.2)) / (1 + ε); θ_0Δ − Δθ_0 = 6·e1e2ᵀ − 3·e1e2ᵀ, norm 3;
+    #   ‖θ_0‖ = √5, ‖Δ‖ = 3: c = 3 / (3√5 + ε)
+    # pair 2: θ_0 = I (r_eff 2), Δ = ½ I (r_eff 2, commutes): e = 2 / (2 + ε), c = 0
+    # pair 3: Δ = 0: e = c = 0
+    eye = torch.eye(2, dtype=torch.float64)
+    x = torch.stack([torch.diag(t([2.0, 1.0])), eye, eye])
+    y = torch.stack([t([[0.0, 3.0], [0.0, 0.0]]), 0.5 * eye, 0 * eye])
+    r0 = math.exp(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)))
+    for eps in (0.0, 1e-8):
+        options = SpectrumOptions()
+        e, c = pair_diagnostics(x, y, theta0_statistics(x, options), options, eps)
+        assert e.tolist() == pytest.approx([r0 / (1 + eps), 2 / (2 + eps), 0.0], rel=1e-12)
+        assert c.tolist() == pytest.approx([3 / (3 * math.sqrt(5) + eps), 0.0, 0.0], abs=1e-12)
+        assert e[2] == 0.0 and c[2] == 0.0
+    # rectangular: X = e1e1ᵀ, Y = e2e1ᵀ (3x2): r_eff 1 each, X Yᵀ − Y Xᵀ = e1e2ᵀ − e2e1ᵀ (norm
+    # √2), Xᵀ Y − Yᵀ X = 0, ‖X‖ = ‖Y‖ = 1: e = 1, c = ½√2
+    xr = t([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])[None]
+    yr = t([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])[None]
+    options = SpectrumOptions()
+    for a, b in ((xr, yr), (xr.mT, yr.mT)):
+        e, c = pair_diagnostics(a, b, theta0_statistics(a, options), options, 0.0)
+        assert e.tolist() == pytest.approx([1.0], rel=1e-12)
+        assert c.tolist() == pytest.approx([0.5 * math.sqrt(2)], rel=1e-12)
+
+
+def test_effective_ranks_and_rank_contrasts_formulas():
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(4, 11, 6, generator=g, dtype=torch.float64)
+    r = effective_ranks(a, SpectrumOptions())
+    assert r.tolist() == pytest.approx([_svd_reff(m) for m in a], rel=1e-12)
+    # given Gram and ‖A‖² are used as they are
+    gram = a.mT @ a
+    fro2 = (a**2).sum((-2, -1))
+    torch.testing.assert_close(effective_ranks(a, SpectrumOptions(), gram=gram, fro2=fro2), r)
+    with pytest.raises(ValueError, match="spectrum"):
+        effective_ranks(a, SpectrumOptions("lanczos"))
+    # e = r_eff(θ_0) / (r_eff(Δ) + ε), 0 where the update is zero
+    th = MatrixStats(fro2=t([4.0, 4.0, 4.0]), r_eff=t([3.0, 3.0, 3.0]))
+    de = MatrixStats(fro2=t([1.0, 0.0, 1e-21]), r_eff=t([1.5, 1.0, 1.0]))
+    assert rank_contrasts(th, de, 0.5).tolist() == [3.0 / 2.0, 0.0, 0.0]
+
+
+def test_is_zero_update_semantics():
+    # ‖Δ‖ = 0 exactly, or ‖Δ‖ ≤ 1e-10·‖θ_0‖ (compared as norms, not squares)
+    fro2_theta0 = t([4.0, 4.0, 4.0, 4.0, 0.0, 0.0])
+    fro2_delta = t([0.0, (0.99e-10 * 2) ** 2, (1.01e-10 * 2) ** 2, 1.0, 0.0, 1e-300])
+    assert is_zero_update(fro2_delta, fro2_theta0).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert bool(is_zero_update(0.0, 1.0)) and not bool(is_zero_update(1e-18, 1.0))
+    # rank_contrast and pair_diagnostics follow the same rule (and set c = 0 with e)
+    theta0 = torch.diag(t([1.0, 2.0, 3.0]))  # ‖θ_0‖ = √14; does not commute with `unit`
+    unit = torch.ones(3, 3, dtype=torch.float64) / 3  # ‖·‖ = 1
+    options = SpectrumOptions()
+    for ratio in (0.0, 0.5e-10, 0.99e-10, 1.01e-10, 2e-10, 1e-3):
+        delta = ratio * math.sqrt(14) * unit
+        zero = bool(is_zero_update((delta**2).sum(), (theta0**2).sum()))
+        assert zero == (ratio < 1e-10)
+        assert (rank_contrast(theta0, delta) == 0.0) == zero
+        stats = theta0_statistics(theta0[None], options)
+        e, c = pair_diagnostics(theta0[None], delta[None], stats, options)
+        assert (float(e[0]) == 0.0) == zero and (float(c[0]) == 0.0) == zero

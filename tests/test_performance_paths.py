@@ -279,3 +279,61 @@ def test_exact_energies_at_the_scale_of_fine_tuning_updates(scale):
     got = exact_energies(torch.tensor(a, dtype=torch.float32)[None])[0].numpy()
     ref = np.linalg.svd(a, compute_uv=False) ** 2
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * ref[0])
+
+
+@pytest.mark.parametrize("tail", ["none", "uniform"])
+def test_randomized_float64_warm_stats_give_the_cold_result(tail):
+    # with θ_0's statistics known, θ_0's sketch is replayed in its own dtype (float64 here) before
+    # Δ's is drawn: the result is the same as when they are computed in the same call
+    theta0, merged = make_pair(seed=5)
+    theta0 = {k: v.double() for k, v in theta0.items()}
+    merged = {k: v.double() for k, v in merged.items()}
+    s = LarvSettings(spectrum="randomized", spectrum_tail=tail, seed=2)
+    cold = compute_larv_scales(theta0, merged, s, progress=False)
+    stats = Theta0Stats.empty(s)
+    compute_larv_scales(theta0, merged, s, progress=False, theta0_stats=stats)
+    warm = compute_larv_scales(theta0, merged, s, progress=False, theta0_stats=stats)
+    assert [r.e for r in warm.layers] == [r.e for r in cold.layers]
+    assert [r.c for r in warm.layers] == [r.c for r in cold.layers]
+
+
+def test_theta0_stats_store_and_stack_round_trip():
+    from fusion_bench_larv.diagnostics import SpectrumOptions, theta0_statistics
+
+    x = torch.randn(3, 10, 4, dtype=torch.float64)
+    s = theta0_statistics(x, SpectrumOptions())
+    stats = Theta0Stats.empty(LarvSettings())
+    names = ["a", "b", "c"]
+    stats.store(names, s, grams=False)
+    assert len(stats) == 3 and not stats.gram
+    stats.store(names, s)
+    back = stats.stacked(names, "cpu")
+    assert torch.equal(back.fro2, s.fro2) and torch.equal(back.r_eff, s.r_eff)
+    assert torch.equal(back.gram, s.gram)
+    square = theta0_statistics(torch.randn(2, 5, 5), SpectrumOptions())
+    stats.store(["p", "q"], square)
+    assert square.gram is None and stats.stacked(["p", "q"], "cpu").gram is None
+
+
+def test_stats_cache_is_written_atomically(tmp_path, monkeypatch):
+    from fusion_bench_larv import stats_cache
+
+    theta0, _ = make_pair(num_layers=1)
+    s = LarvSettings()
+    stats = Theta0Stats.empty(s)
+    stats.key = "k0"
+    stats.fro2["w"], stats.r_eff["w"] = 2.0, 1.5
+    path = stats_cache.save_stats(tmp_path, stats)
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary left behind
+    assert stats_cache.load_stats(tmp_path, "k0", s).r_eff == {"w": 1.5}
+
+    def broken(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    stats.key = "k1"
+    monkeypatch.setattr(stats_cache.torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        stats_cache.save_stats(tmp_path, stats)
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # nothing half-written

@@ -340,3 +340,43 @@ def test_tied_t5_embeddings_get_one_scale():
     assert {res.param_scale[k] for k in tied} == {0.5}  # `shared.weight` comes first: layer 1
     apply_scales(theta0, merged, res.param_scale)
     torch.testing.assert_close(merged["lm_head.weight"], theta0["shared.weight"] + 0.5 * delta)
+
+
+# -- one definition of a zero update -------------------------------------------------------------
+def test_pipeline_and_rank_contrast_agree_on_zero_updates():
+    # one matrix per layer (float64: updates near 1e-10·‖θ_0‖ are representable), with
+    # ‖Δ‖ / ‖θ_0‖ on both sides of the 1e-10 threshold: the pipeline's e (and c) is 0 exactly where
+    # rank_contrast's is and is_zero_update says so
+    from fusion_bench_larv.diagnostics import is_zero_update, rank_contrast
+
+    g = torch.Generator().manual_seed(4)
+    ratios = [0.0, 0.5e-10, 0.9e-10, 1.1e-10, 3e-10, 1e-4]
+    theta0, merged = {}, {}
+    for i, ratio in enumerate(ratios):
+        x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+        d = torch.randn(6, 4, generator=g, dtype=torch.float64)
+        theta0[f"layers.{i}.w"] = x
+        merged[f"layers.{i}.w"] = x + ratio * x.norm() / d.norm() * d
+    res = compute_larv_scales(theta0, merged, LarvSettings(), progress=False)
+    for i, (ratio, rec) in enumerate(zip(ratios, res.layers, strict=True)):
+        k = f"layers.{i}.w"
+        delta = merged[k] - theta0[k]
+        zero = bool(is_zero_update((delta**2).sum(), (theta0[k] ** 2).sum()))
+        assert zero == (ratio < 1e-10)
+        assert (rec.e == 0.0) == zero == (rank_contrast(theta0[k], delta) == 0.0)
+        assert (rec.c == 0.0) == zero
+        if not zero:  # the pipeline's e is the single-matrix function's
+            assert rec.e == pytest.approx(rank_contrast(theta0[k], delta), rel=1e-12)
+    assert res.warnings == []
+
+    # every update (biases too) under the threshold: the "zero everywhere" warning, by that rule
+    tiny = {k: v + 0.5e-10 * v.norm() / v.numel() ** 0.5 for k, v in theta0.items()}
+    tiny_theta0 = dict(theta0, **{"layers.0.b": torch.ones(4, dtype=torch.float64)})
+    tiny["layers.0.b"] = tiny_theta0["layers.0.b"] + 0.5e-10
+    res = compute_larv_scales(tiny_theta0, tiny, LarvSettings(), progress=False)
+    assert all(r.e == 0.0 for r in res.layers)
+    assert any("zero everywhere" in w for w in res.warnings)
+    # ...but a bias over it is an update: no warning, although every matrix's e is 0
+    tiny["layers.0.b"] = tiny_theta0["layers.0.b"] + 1e-6
+    res = compute_larv_scales(tiny_theta0, tiny, LarvSettings(), progress=False)
+    assert all(r.e == 0.0 for r in res.layers) and res.warnings == []
