@@ -1,4 +1,4 @@
-"""Reproduce the LARV paper: one command per artefact, as resumable FusionBench multiruns.
+"""Run the experiments (the paper's artefacts and the benchmark): one command each, resumable.
 
     python -m fusion_bench_larv.reproduce --dry-run all          # every run of every artefact
     python -m fusion_bench_larv.reproduce table1 --out results/paper
@@ -6,13 +6,18 @@
     python -m fusion_bench_larv.reproduce all --launcher submitit_slurm \\
         --override hydra.launcher.partition=gpu --override hydra.launcher.gpus_per_node=1
     python -m fusion_bench_larv.reproduce table1 --collate-only  # tables and figures only
+    python -m fusion_bench_larv.reproduce bench --pools testbed:full --launcher inprocess \\
+        --merger ta ties iso_c pretrained finetuned --out results/bench
 
 Experiments: table1, table2 (also Tables 7 and 9), table3, table5, table6 (also Figure 4), fig2,
-fig3 (also Figure 5), table4, table8, all. Each run writes into
-``<out>/runs/<suite>/<merger>/<variant>/`` (FusionBench's ``program_report.json``, the task
-pool's ``report.json``, LARV's ``larv_layers.json``); runs whose report exists are skipped, so
-re-running a command after an interruption completes only the missing runs. The collator then
-writes every artefact of the named experiments into ``<out>/artefacts/``.
+fig3 (also Figure 5), table4, table8, all (= these), and bench (every merger alone, with LARV and
+with depth-only schedules, on one pool pair). Each run writes into
+``<out>/runs/<suite>/<merger>/<variant>/`` (FusionBench's ``program_report.json``, LARV's
+``larv_layers.json``, ``cell.json``); runs whose report exists are skipped, so re-running a
+command after an interruption completes only the missing runs. Launchers: any Hydra launcher (a
+multirun of the real ``fusion_bench`` CLI per suite) or ``inprocess`` (this process, one loaded
+model pool per suite; same configs, same files, same numbers). The collator then writes every
+artefact of the named experiments into ``<out>/artefacts/``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import argparse
 import shlex
 import sys
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,12 +34,14 @@ from .experiments import (
     ALL,
     EXPERIMENTS,
     Cell,
+    by_suite,
     expand,
     filter_cells,
     map_pools,
     parse_pool,
     unique_cells,
 )
+from .registry import registry
 from .sweep import (
     PRIMARY,
     human_command,
@@ -61,21 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="with --dry-run: counts only")
     p.add_argument(
         "--launcher", default="basic",
-        help="Hydra launcher: basic (sequential), joblib, submitit_slurm, submitit_local, ...",
+        help="inprocess (this process, one loaded model pool per suite) or a Hydra launcher: "
+        "basic (sequential), joblib, submitit_slurm, submitit_local, ...",
     )  # fmt: skip
     p.add_argument("--jobs", type=int, default=None, help="joblib: parallel jobs (n_jobs)")
+    p.add_argument(
+        "--reuse-base-merge", nargs="+", action="extend", default=[], metavar="MERGER",
+        help="inprocess: compute these mergers' base merge once per suite and rescale it for "
+        "every LARV variant (slow deterministic mergers: wudi, lot)",
+    )  # fmt: skip
     p.add_argument(
         "--override", "-o", action="append", default=[], metavar="KEY=VALUE",
         help="extra Hydra override for every run (e.g. fabric.accelerator=cpu, "
         "hydra.launcher.partition=gpu); repeatable",
     )  # fmt: skip
-    p.add_argument("--suite", action="append", default=[], metavar="GLOB",
-                   help="only suites whose key matches (repeatable)")  # fmt: skip
-    p.add_argument("--merger", action="append", default=[], metavar="GLOB",
-                   help="only these mergers / references (repeatable); names an optional "
-                   "merger (e.g. lot) to include it")  # fmt: skip
-    p.add_argument("--variant", action="append", default=[], metavar="GLOB",
-                   help="only these variants (base, larv-tiered, sched-linear, ...)")  # fmt: skip
+    p.add_argument("--suite", nargs="+", action="extend", default=[], metavar="GLOB",
+                   help="only suites whose key matches")  # fmt: skip
+    p.add_argument("--merger", nargs="+", action="extend", default=[], metavar="GLOB",
+                   help="only these mergers / references (e.g. ta ties pretrained finetuned); "
+                   "names an optional merger (e.g. lot) to include it")  # fmt: skip
+    p.add_argument("--variant", nargs="+", action="extend", default=[], metavar="GLOB",
+                   help="only these variants, by slug or short name (base, larv-tiered or "
+                   "tiered, sched-linear or linear, ...)")  # fmt: skip
     p.add_argument(
         "--pools", default=None, metavar="SPEC",
         help="run every cell on other pools (folders keep the paper's names): "
@@ -91,22 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def select(args) -> tuple[OrderedDict[str, list[Cell]], list[Cell]]:
+def select(args) -> tuple[dict[str, list[Cell]], list[Cell]]:
     include = [m for m in args.merger if "*" not in m and "?" not in m]
     groups = expand(args.experiments, include_mergers=include)
     pool = parse_pool(args.pools) if args.pools else None
-    out: OrderedDict[str, list[Cell]] = OrderedDict()
+    out: dict[str, list[Cell]] = {}
     for name, cells in groups.items():
         cells = filter_cells(cells, args.suite, args.merger, args.variant)
         out[name] = map_pools(cells, pool)
     return out, unique_cells(out)
-
-
-def by_suite(cells: Sequence[Cell]) -> OrderedDict[str, list[Cell]]:
-    groups: OrderedDict[str, list[Cell]] = OrderedDict()
-    for c in cells:
-        groups.setdefault(c.suite.key, []).append(c)
-    return groups
 
 
 def dry_run(args, groups, cells) -> None:
@@ -130,10 +136,16 @@ def dry_run(args, groups, cells) -> None:
     )
     todo = [c for c in cells if not is_done(c, out)]
     if todo and not args.summary:
-        print("\nmultirun commands (one per suite; configs generated at launch):")
+        inprocess = args.launcher == "inprocess"
+        print(
+            "\nmultirun commands (one per suite; configs generated at launch"
+            + ("; --launcher inprocess composes the same configs in one process):" if inprocess
+               else "):")
+        )  # fmt: skip
+        launcher = "basic" if inprocess else args.launcher
         for key, scells in by_suite(todo).items():
             sweep_dir = Path(out).resolve() / "_sweeps" / key
-            cmd = sweep_command(sweep_dir, scells, args.launcher, args.jobs, args.override)
+            cmd = sweep_command(sweep_dir, scells, launcher, args.jobs, args.override)
             print("  " + shlex.join(cmd))
 
 
@@ -172,27 +184,22 @@ def check_compose(cells: Sequence[Cell], out: Path) -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    groups, cells = select(args)
+def launch(args, cells: Sequence[Cell]) -> list[str]:
+    """Run the cells not done yet with the chosen launcher; returns what failed."""
     out: Path = args.out
-    if args.dry_run:
-        dry_run(args, groups, cells)
-        return 0
-    if args.check_compose:
-        problems = check_compose(cells, out)
-        for p in problems:
-            print("FAIL", p)
-        print(f"composed {len(cells) - len(problems)}/{len(cells)} runs")
-        return 1 if problems else 0
     failed: list[str] = []
-    if not args.collate_only:
-        todo = [c for c in cells if not is_done(c, out)]
-        print(
-            f"[reproduce] {len(cells)} runs: {len(cells) - len(todo)} done (skipped), "
-            f"{len(todo)} to run",
-            flush=True,
-        )
+    todo = [c for c in cells if not is_done(c, out)]
+    print(
+        f"[reproduce] {len(cells)} runs: {len(cells) - len(todo)} done (skipped), "
+        f"{len(todo)} to run",
+        flush=True,
+    )
+    if args.launcher == "inprocess":
+        from .inprocess import InProcessLauncher
+
+        launcher = InProcessLauncher(out, args.override, args.reuse_base_merge)
+        launcher.run(cells)
+    else:
         for key, scells in by_suite(todo).items():
             sweep_dir = write_sweep(scells[0].suite, scells, out)
             cmd = sweep_command(sweep_dir, scells, args.launcher, args.jobs, args.override)
@@ -200,17 +207,37 @@ def main(argv: list[str] | None = None) -> int:
             rc = run_sweep(cmd, sweep_dir / "sweep.log", echo=not args.quiet)
             if rc != 0:
                 failed.append(f"{key} (exit {rc}; log {sweep_dir / 'sweep.log'})")
-        missing = [c for c in cells if not is_done(c, out)]
-        print(
-            f"[reproduce] {len(cells) - len(missing)}/{len(cells)} runs done"
-            + (f"; still missing: {', '.join(str(c.rel_dir) for c in missing)}" if missing else ""),
-            flush=True,
-        )
-        for f in failed:
-            print(f"[reproduce] sweep failed: {f}", flush=True)
+    missing = [c for c in cells if not is_done(c, out)]
+    print(
+        f"[reproduce] {len(cells) - len(missing)}/{len(cells)} runs done"
+        + (f"; still missing: {', '.join(str(c.rel_dir) for c in missing)}" if missing else ""),
+        flush=True,
+    )
+    for f in failed:
+        print(f"[reproduce] sweep failed: {f}", flush=True)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = sorted(set(args.reuse_base_merge) - set(registry().mergers))
+    if unknown:
+        raise SystemExit(f"--reuse-base-merge: unknown merger(s) {unknown}")
+    if args.reuse_base_merge and args.launcher != "inprocess":
+        raise SystemExit("--reuse-base-merge needs --launcher inprocess (one process per suite)")
+    groups, cells = select(args)
+    if args.dry_run:
+        dry_run(args, groups, cells)
+        return 0
+    if args.check_compose:
+        problems = check_compose(cells, args.out)
+        for p in problems:
+            print("FAIL", p)
+        print(f"composed {len(cells) - len(problems)}/{len(cells)} runs")
+        return 1 if problems else 0
+    failed = [] if args.collate_only else launch(args, cells)
     if not args.no_collate:
-        written = collate_mod.collate(out, groups)
-        for path in written:
+        for path in collate_mod.collate(args.out, groups):
             print(f"[reproduce] wrote {path}")
     return 1 if failed else 0
 

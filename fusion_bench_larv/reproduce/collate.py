@@ -1,4 +1,9 @@
-"""Read every run's reports and write the paper's tables (markdown + CSV) and figures (PNG).
+"""Read every run's reports and write the tables (markdown + CSV) and figures (PNG): the paper's
+and the benchmark's, whatever launched the runs (every launcher leaves the same files).
+
+One result type (:class:`Run`: a cell's per-task accuracy in %, read from FusionBench's
+``program_report.json``, where it is a fraction; LARV's per-layer report), one table renderer
+(:class:`Table`, :func:`per_task_table` and friends), one Figure 2 (:func:`plots.fig2`).
 
 Tables follow the paper's layouts: accuracy (%) with "(±Δ)" = variant − base merger in
 percentage points. Where the paper prints a number, a "↳ paper" row under ours shows it
@@ -12,20 +17,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .. import benchmark
+from ..io import atomic_path, write_text_atomic
 from .experiments import (
     ABLATION_ROWS,
+    BENCH_VARIANTS,
     CONTINUOUS,
     EXPERIMENTS,
     FIG4_GRID,
-    REFERENCES,
     SCHEDULE_LABELS,
     SCHEDULES,
     TABLE6_ROWS,
@@ -35,11 +39,12 @@ from .experiments import (
     ablation,
     custom,
 )
+from .registry import registry
 from .sweep import LAYERS, REPORT, read_json
 
 ANCHORS_FILE = Path(__file__).with_name("paper_anchors.json")
 MAX = "larv-max"  # pseudo variant: the better gate per cell (oracle, as in the paper)
-PAPER_LABELS = {"finetuned": "Fine-tuned (upper bound)", "adamerging": "AdaMerging"}
+FINETUNED = "finetuned"  # the reference whose average the benchmark's relative column divides by
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,6 +52,9 @@ PAPER_LABELS = {"finetuned": "Fine-tuned (upper bound)", "adamerging": "AdaMergi
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
+    """One cell's result: accuracy per task in % (FusionBench reports fractions) and LARV's
+    per-layer report (``larv_layers.json``; None for a base or reference cell)."""
+
     cell: Cell
     acc: dict[str, float]  # task -> %
     layers: dict | None = None
@@ -71,8 +79,12 @@ def metric(entry: Any) -> float | None:
 def load_run(cell: Cell, out: Path) -> Run | None:
     run_dir = cell.run_dir(out)
     report = read_json(run_dir / REPORT)
-    if report is None:
+    if not isinstance(report, Mapping):
         return None
+    ref = registry().references.get(cell.merger)
+    if ref is not None and ref.own_task:
+        # {model: <task pool report>}: each model on its own task
+        report = {t: r.get(t) for t, r in report.items() if isinstance(r, Mapping)}
     acc = {
         k: m
         for k, v in report.items()
@@ -172,38 +184,36 @@ class Table:
     def write(self, folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         md, csv_path = folder / f"{self.name}.md", folder / f"{self.name}.csv"
-        text = f"# {self.title}\n\n" + "\n".join(self.lines) + "\n"
-        if self.notes:
-            text += "\n" + "\n\n".join(self.notes) + "\n"
-        _write_text(md, text)
+        write_text_atomic(md, self.markdown())
         keys = [
             "suite", "row", "merger", "variant", "column", "ours", "base", "delta",
             "paper", "paper_delta", "paper_derived",
         ]  # fmt: skip
-        tmp = csv_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            w.writeheader()
-            for r in self.records:
-                w.writerow({k: _csv(r.get(k)) for k in keys})
-        os.replace(tmp, csv_path)
+        write_csv(csv_path, keys, [{k: _csv(r.get(k)) for k in keys} for r in self.records])
         return [md, csv_path]
+
+    def markdown(self) -> str:
+        text = f"# {self.title}\n\n" + "\n".join(self.lines) + "\n"
+        if self.notes:
+            text += "\n" + "\n\n".join(self.notes) + "\n"
+        return text
 
 
 def _csv(v: Any) -> Any:
     return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_csv(path: Path, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(keys), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    return path
 
 
 def merger_label(m: str) -> str:
-    if m in REFERENCES:
-        return REFERENCES[m][1]
-    return PAPER_LABELS.get(m, benchmark.MERGER_LABELS.get(m, m))
+    return registry().label(m)
 
 
 VARIANT_ROWS = {"base": "", TIERED.slug: " + LARV tiered", CONTINUOUS.slug: " + LARV continuous"}
@@ -219,6 +229,8 @@ class Col:
     suite: str
     value: Callable[[Run], float | None]
     key: str  # anchor task key / CSV column
+    delta: bool = True  # show (±Δ) against the base row
+    suffix: str = ""
 
 
 def task_col(suite: str, task: str) -> Col:
@@ -232,6 +244,16 @@ def avg_col(suite: str, label: str = "Avg.", tasks: Sequence[str] | None = None)
 
     key = "average" if tasks is None else label
     return Col(label, suite, f, key)
+
+
+def relative_col(suite: str, res: Results, label: str = "Avg. / fine-tuned") -> Col:
+    """Each row's average relative to the fine-tuned models' average (%), no Δ."""
+    ft = res.get(suite, FINETUNED, "base")
+
+    def f(r: Run) -> float | None:
+        return 100 * r.average / ft.average if ft is not None and ft.average else None
+
+    return Col(label, suite, f, "relative_to_finetuned", delta=False, suffix="%")
 
 
 def rows_block(
@@ -257,7 +279,8 @@ def rows_block(
                 base = res.get(col.suite, m, "base") if v != "base" else None
                 x = col.value(run) if run else None
                 b = col.value(base) if base else None
-                cells.append(with_delta(x, b if v != "base" else None))
+                shown = with_delta(x, b if v != "base" and col.delta else None)
+                cells.append(shown + (col.suffix if x is not None else ""))
                 a = anc.get((col.suite, m, anchor_variant.get(v, v), col.key))
                 if a is not None:
                     any_paper = True
@@ -321,7 +344,7 @@ def _mergers(cells: Sequence[Cell]) -> list[str]:
 
 
 def _refs(cells: Sequence[Cell]) -> list[str]:
-    return [r for r in REFERENCES if any(c.merger == r for c in cells)]
+    return [r for r in registry().references if any(c.merger == r for c in cells)]
 
 
 def _suites(cells: Sequence[Cell]) -> list[Suite]:
@@ -346,25 +369,48 @@ MAIN_ORDER = ["base", TIERED.slug, CONTINUOUS.slug, MAX]
 
 
 def per_task_table(
-    name: str, title: str, cells: Sequence[Cell], res: Results, anchor_table: str | None
+    name: str,
+    title: str,
+    cells: Sequence[Cell],
+    res: Results,
+    anchor_table: str | None,
+    order: Sequence[str] = (),
+    relative: bool = False,
 ) -> Table:
-    """Table 1 layout: one block per suite, one column per task, plus the average."""
+    """Table 1 layout: one block per suite, one column per task, plus the average; rows in
+    ``order`` (default: base, tiered, continuous, max†), then any other variant of the cells.
+    ``relative``: a last column with each row's average relative to the fine-tuned models'
+    (the benchmark's table)."""
     suites = _suites(cells)
     tasks0 = res.tasks(suites[0].key) if suites else []
-    t = Table(name, title, [*tasks0, "Avg."])
+    extra = ["Avg. / fine-tuned"] if relative else []
+    t = Table(name, title, [*tasks0, "Avg.", *extra])
     t.header()
+    order = list(order or MAIN_ORDER)
+    order += [c.variant.slug for c in cells if c.variant.slug not in order]
+    labels = {
+        c.variant.slug: " + " + c.variant.label.removeprefix("+")
+        for c in cells
+        if c.variant.slug not in VARIANT_ROWS
+    }
     for s in suites:
         scells = [c for c in cells if c.suite.key == s.key]
         tasks = res.tasks(s.key) or tasks0
         cols = [task_col(s.key, x) for x in tasks] + [avg_col(s.key)]
+        cols += [relative_col(s.key, res)] if relative else []
         if tasks != tasks0:
-            t.row("*tasks*", [*tasks, "Avg."])
+            t.row("*tasks*", [*tasks, "Avg.", *extra])
         t.section(s.label + (" (pools mapped)" if s.mapped else ""))
         if anchor_table:
             paper_only_rows(t, cols, anchor_table, ["finetuned", "adamerging"])
         rows_block(t, res, cols, _refs(scells), ["base"], anchor_table)
-        rows_block(t, res, cols, _mergers(scells), _variants(scells, MAIN_ORDER), anchor_table)
+        rows_block(t, res, cols, _mergers(scells), _variants(scells, order), anchor_table, labels)
     _notes(t, res, anchor_table)
+    if relative:
+        t.notes.append(
+            "Avg. / fine-tuned = the row's average accuracy relative to the fine-tuned models' "
+            "average (each fine-tuned model on its own task: the upper bound)."
+        )
     return t
 
 
@@ -538,15 +584,8 @@ def layer_csv(cells: Sequence[Cell], res: Results, path: Path) -> Path:
         for rec in run.layers["layers"]:
             rows.append({"suite": c.suite.key, "merger": c.merger, "variant": c.variant.slug,
                          **{k: rec.get(k) for k in ("index", "e", "c", "r", "w", "s")}})  # fmt: skip
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(
-            f, fieldnames=["suite", "merger", "variant", "index", "e", "c", "r", "w", "s"]
-        )
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    keys = ["suite", "merger", "variant", "index", "e", "c", "r", "w", "s"]
+    return write_csv(path, keys, rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,6 +625,13 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
         elif name == "fig2":
             written += plots.fig2(cells, res, folder)
             written.append(layer_csv(cells, res, folder / "fig2.csv"))
+        elif name == "bench":
+            order = [v.slug for v in BENCH_VARIANTS]
+            written += per_task_table(
+                "bench", EXPERIMENTS[name].title, cells, res, None, order, relative=True
+            ).write(folder)
+            written += plots.fig2(cells, res, folder)
+            written.append(layer_csv(cells, res, folder / "bench_layers.csv"))
         elif name == "fig3":
             written += fig3_table(cells, res).write(folder)
             written += plots.fig3(cells, res, folder)

@@ -1,11 +1,13 @@
-"""The paper's experiments as data: one registry of suites (model pool + task pool), variants
-(LARV settings) and experiments (suites × mergers × variants), expanded into FusionBench runs
-("cells"). Every cell has a deterministic folder ``<out>/runs/<suite>/<merger>/<variant>/``;
-a cell is done when its ``program_report.json`` exists and parses.
+"""The experiments as data: suites (model pool + task pool), variants (LARV settings) and
+experiments (suites × mergers × variants), expanded into FusionBench runs ("cells"). Every cell
+has a deterministic folder ``<out>/runs/<suite>/<merger>/<variant>/``; a cell is done when its
+``program_report.json`` exists and parses. Whatever launches a cell (a Hydra multirun of the
+``fusion_bench`` CLI or the in-process launcher) composes the same config for it.
 
-Mergers are read from :data:`fusion_bench_larv.benchmark.MERGERS` at call time, so a merger
-registered there (e.g. ``lot``) joins the default merger list automatically; mergers in
-:data:`OPTIONAL_MERGERS` (they need data) only join when asked for (``--merger``).
+Mergers and reference methods come from the registry (:mod:`.registry`: ``config/larv/
+mergers.yaml`` and the ``config/method/larv_*.yaml`` files) at call time: a merger registered
+there joins the default merger list automatically; one marked ``default: false`` (LOT: it needs
+data) only joins when named (``--merger lot``). No hyperparameter is written here.
 """
 
 from __future__ import annotations
@@ -18,30 +20,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import benchmark
+import yaml
 
-#: the five base mergers of the paper's tables
-PAPER_MERGERS = ("ta", "ties", "iso_c", "iso_cts", "tsvm")
-#: the four mergers of the ablations (Tables 3, 5, 6, Figure 4)
+from .registry import find_primary, registry
+
+#: merger selections resolved from the registry when an experiment is expanded
+DEFAULT = "default"  # every merger marked `default: true`
+PAPER = "paper"  # the paper's five base mergers (`paper: true`)
+#: the four mergers of the paper's ablations (Tables 3, 5, 6, Figure 4)
 ABLATION_MERGERS = ("ties", "iso_c", "iso_cts", "tsvm")
-#: mergers that are registered but not data-free: run only when named explicitly
-OPTIONAL_MERGERS: dict[str, str] = {
-    "lot": "needs data (activation statistics of the tasks' training sets)",
-}
 
-#: reference methods (no LARV variant): FusionBench method config, label, needs data?
-REFERENCES: dict[str, tuple[str, str, bool]] = {
-    "pretrained": ("dummy", "Pretrained (θ₀)", False),
-    "fisher": ("fisher_merging/clip_fisher_merging", "Fisher Merging", True),
-    "regmean": ("regmean/clip_regmean", "RegMean", True),
-    "regmean_plusplus": ("regmean_plusplus/clip_regmean_plusplus", "RegMean++", True),
-    "adamerging": ("adamerging/clip", "Layer-wise AdaMerging", True),
-}
-
+#: backbone -> label; each backbone's base hyperparameters are in its suite configs
+#: (config/larv_<backbone>_<tasks>.yaml, ``larv_suite``)
 BACKBONES = {
-    "clip-vit-base-patch32": ("ViT-B/32", 1.30),
-    "clip-vit-base-patch16": ("ViT-B/16", 1.40),
-    "clip-vit-large-patch14": ("ViT-L/14", 1.50),
+    "clip-vit-base-patch32": "ViT-B/32",
+    "clip-vit-base-patch16": "ViT-B/16",
+    "clip-vit-large-patch14": "ViT-L/14",
 }
 TASK_SETS = {"TA8": 8, "TALL14": 14, "TALL20": 20}
 CORRUPTIONS = (
@@ -88,21 +82,37 @@ class Suite:
     label: str
     backbone: str  # "ViT-B/32" ...
     pool: PoolSpec
-    hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # merger -> base hps
     column: str = ""  # short column label (e.g. "8 tasks", "Gaussian")
     group: str = ""  # e.g. the corruption
     seen_tasks: tuple[str, ...] = ()  # generalization: tasks whose models are merged
     mapped: bool = False  # pool replaced (--pools): tests / other pools
+    generic: bool = False  # no pools of its own in the paper: --pools names them, label follows
+
+    def larv_suite(self) -> dict[str, Any]:
+        """The suite's ``larv_suite`` values (per-backbone base hyperparameters such as Iso-C's
+        scaling), from its primary config; kept when the pools are mapped."""
+        if "larv_suite" in self.pool.values:
+            return dict(self.pool.values["larv_suite"])
+        return _larv_suite(self.pool.parent, self.pool.searchpath)
+
+
+def _larv_suite(parent: str, searchpath: tuple[str, ...] = ()) -> dict[str, Any]:
+    if parent == "fabric_model_fusion":
+        return {}
+    try:
+        doc = yaml.safe_load(find_primary(parent, searchpath).read_text()) or {}
+    except FileNotFoundError:
+        return {}
+    return dict(doc.get("larv_suite") or {})
 
 
 def clip_suite(backbone: str, tasks: str) -> Suite:
-    label, iso_c = BACKBONES[backbone]
+    label = BACKBONES[backbone]
     return Suite(
         key=f"{backbone}_{tasks}",
         label=f"{label}, {TASK_SETS[tasks]} tasks",
         backbone=label,
         pool=PoolSpec(parent=f"larv_{backbone}_{tasks}", label=f"larv_{backbone}_{tasks}"),
-        hparams={"iso_c": {"scaling_factor": iso_c}},
         column=f"{TASK_SETS[tasks]} tasks",
     )
 
@@ -117,7 +127,6 @@ def corruption_suite(corruption: str) -> Suite:
             values={"corruption": corruption},
             label=f"clip-vit-base-patch32_robustness_corrupted corruption={corruption}",
         ),
-        hparams={"iso_c": {"scaling_factor": 1.30}},
         column=CORRUPTION_LABELS[corruption],
         group=corruption,
     )
@@ -132,7 +141,6 @@ GENERALIZATION = Suite(
         taskpool="CLIPVisionModelTaskPool/clip-vit-classification_TA8",
         label="modelpool=…_generalization_exp1 taskpool=…_TA8",
     ),
-    hparams={"iso_c": {"scaling_factor": 1.30}},
     seen_tasks=GENERALIZATION_SEEN,
 )
 FLAN_T5 = Suite(
@@ -147,6 +155,17 @@ FLAN_T5 = Suite(
 )
 
 
+#: the benchmark's suite: any model pool / task pool pair (``--pools``; default the real-weights
+#: testbed, recipe ``full``); its label is the pools' spec
+BENCH = Suite(
+    key="bench",
+    label="testbed:full",
+    backbone="",
+    pool=PoolSpec(modelpool="LarvTestbed/full", taskpool="LarvTestbed/full", label="testbed:full"),
+    generic=True,
+)
+
+
 def vit_suites(backbones: Sequence[str] = tuple(BACKBONES), tasks: Sequence[str] = ("TA8",)):
     return tuple(clip_suite(b, t) for b in backbones for t in tasks)
 
@@ -156,9 +175,17 @@ def vit_suites(backbones: Sequence[str] = tuple(BACKBONES), tasks: Sequence[str]
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
+    """One set of variant definitions for every experiment and launcher."""
+
     slug: str  # folder name; no dots or commas
     label: str
     larv: Mapping[str, Any] | None  # None: the base merger alone (FusionBench's own config)
+
+    @property
+    def short(self) -> str:
+        """The slug without its ``larv-`` / ``sched-`` prefix (``tiered``, ``linear``, ...);
+        ``--variant`` matches either."""
+        return self.slug.split("-", 1)[1] if "-" in self.slug else self.slug
 
 
 def _num(x: float) -> str:
@@ -227,6 +254,10 @@ FIG4_LEVELS = (0.5, 1.0, 1.5)
 FIG4_GRID = tuple(itertools.product(FIG4_LEVELS, repeat=3))
 
 
+#: the benchmark's variants: alone, LARV's two gates, the depth-only schedules linear, tier3, LiNeS
+BENCH_VARIANTS = (BASE, TIERED, CONTINUOUS, *(schedule(s) for s in ("linear", "tier3", "lines")))
+
+
 def table6_variants() -> tuple[Variant, ...]:
     seen: dict[str, Variant] = {}
     for s in [row for _, row in TABLE6_ROWS] + list(FIG4_GRID):
@@ -241,12 +272,12 @@ def table6_variants() -> tuple[Variant, ...]:
 @dataclass(frozen=True)
 class Cell:
     suite: Suite
-    merger: str  # a key of benchmark.MERGERS, or of REFERENCES
+    merger: str  # a merger or a reference of the registry
     variant: Variant
 
     @property
     def is_reference(self) -> bool:
-        return self.merger in REFERENCES
+        return self.merger in registry().references
 
     @property
     def rel_dir(self) -> Path:
@@ -261,33 +292,42 @@ class Cell:
         return Path(out) / "runs" / self.rel_dir
 
     def method(self) -> tuple[str, dict[str, Any]]:
-        """FusionBench method config name and the values merged over it."""
-        if self.is_reference:
-            return REFERENCES[self.merger][0], {}
-        base_cfg, larv_cfg, hparams = benchmark.MERGERS[self.merger]
-        hp = {**hparams, **self.suite.hparams.get(self.merger, {})}
+        """FusionBench method config name and the values merged over it, from the registry: a
+        reference's method; a base cell's ``base_method`` node of ``larv_<merger>`` (FusionBench's
+        config + the block, interpolations unresolved: they resolve in the suite's config); a
+        LARV cell's ``larv_<merger>`` with the variant's LARV keys."""
+        reg = registry()
+        if self.merger in reg.references:
+            ref = reg.references[self.merger]
+            return ref.method, dict(ref.values)
+        if self.merger not in reg.mergers:
+            raise KeyError(f"unknown merger {self.merger!r}; registered: {', '.join(reg.mergers)}")
+        merger = reg.mergers[self.merger]
         if self.variant.larv is None:
-            return base_cfg, dict(hp)
-        values: dict[str, Any] = dict(self.variant.larv)
-        if hp:
-            values["base_method"] = dict(hp)
-        return larv_cfg, values
+            return merger.base_config, dict(merger.base_values)
+        return merger.larv_config, dict(self.variant.larv)
 
     def overrides(self) -> list[str]:
-        """The same run as plain ``fusion_bench`` command-line overrides (for people)."""
+        """The same run as plain ``fusion_bench`` command-line overrides (for people), with
+        interpolations resolved against the suite's ``larv_suite`` values."""
         cfg, values = self.method()
-        out = [f"method={cfg}"]
+        if values:
+            from omegaconf import OmegaConf
 
-        def flat(prefix: str, v: Any):
-            if isinstance(v, Mapping):
-                for k, x in v.items():
-                    yield from flat(f"{prefix}.{k}", x)
-            else:
-                yield f"{prefix}={json.dumps(v) if isinstance(v, list) else v}"
+            doc = OmegaConf.create({"larv_suite": self.suite.larv_suite(), "v": values})
+            values = OmegaConf.to_container(doc, resolve=True)["v"]
+        return [f"method={cfg}", *flat_overrides(values, "method.")]
 
-        for k, v in values.items():
-            out += list(flat(f"method.{k}", v))
-        return out
+
+def flat_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``["a.b=1", "c=[1, 2]"]`` (Hydra override syntax)."""
+    out = []
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            out += flat_overrides(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, list) else v}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -295,7 +335,7 @@ class Experiment:
     name: str
     title: str
     suites: tuple[Suite, ...]
-    mergers: tuple[str, ...] | None  # None: every default merger of benchmark.MERGERS
+    mergers: tuple[str, ...] | str  # DEFAULT, PAPER (from the registry) or explicit names
     variants: tuple[Variant, ...]
     references: tuple[str, ...] = ()
     artefacts: tuple[str, ...] = ()  # files the collator writes
@@ -303,16 +343,18 @@ class Experiment:
     gpu_hours: str = ""
     disk: str = ""
     notes: str = ""
+    paper: bool = True  # part of ``all`` (the paper's artefacts)
 
     def merger_list(self, include: Iterable[str] = ()) -> list[str]:
+        reg = registry()
         include = set(include)
-        if self.mergers is None:
-            ms = [m for m in benchmark.MERGERS if m not in OPTIONAL_MERGERS or m in include]
+        if self.mergers == DEFAULT:
+            ms = reg.default_mergers()
+        elif self.mergers == PAPER:
+            ms = reg.paper_mergers()
         else:
-            ms = list(self.mergers) + [
-                m for m in benchmark.MERGERS if m in include and m not in self.mergers
-            ]
-        return ms
+            ms = list(self.mergers)
+        return ms + [m for m in reg.mergers if m in include and m not in ms]
 
     def cells(self, include_mergers: Iterable[str] = ()) -> list[Cell]:
         out = []
@@ -335,7 +377,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "table1",
             "Table 1: 8 tasks, per data set, ViT-B/32, B/16, L/14",
             vit_suites(),
-            None,
+            DEFAULT,
             MAIN_VARIANTS,
             references=("pretrained",),
             artefacts=("table1.md", "table1.csv"),
@@ -347,7 +389,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "table2",
             "Table 2 (averages) and Tables 7 / 9 (per data set): 8 / 14 / 20 tasks",
             vit_suites(tasks=tuple(TASK_SETS)),
-            None,
+            DEFAULT,
             MAIN_VARIANTS,
             references=("pretrained",),
             artefacts=(
@@ -404,7 +446,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "fig2",
             "Figure 2: per-layer e, c, s by depth (ViT-B/32, B/16, 8 tasks)",
             vit_suites(("clip-vit-base-patch32", "clip-vit-base-patch16")),
-            None,
+            DEFAULT,
             LARV,
             artefacts=("fig2_<suite>.png", "fig2.csv"),
             grid="{B/32, B/16} TA8 × {M} mergers × {tiered, continuous} (same runs as Table 1)",
@@ -415,7 +457,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "fig3",
             "Figure 3 / 5: seven corruptions (ViT-B/32, Cars, EuroSAT, RESISC45, GTSRB)",
             tuple(corruption_suite(c) for c in CORRUPTIONS),
-            PAPER_MERGERS,
+            PAPER,
             MAIN_VARIANTS,
             artefacts=("fig3.md", "fig3.csv", "fig3_corruptions.png", "fig5_corruption_delta.png"),
             grid="7 corruptions × 5 mergers × {base, tiered, continuous}",
@@ -426,7 +468,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "table4",
             "Table 4: generalization, 6 seen + 2 unseen tasks (ViT-B/32)",
             (GENERALIZATION,),
-            PAPER_MERGERS,
+            PAPER,
             MAIN_VARIANTS,
             references=("pretrained", "fisher", "regmean", "regmean_plusplus", "adamerging"),
             artefacts=("table4.md", "table4.csv"),
@@ -440,7 +482,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "table8",
             "Table 8: Flan-T5-base LoRA, 8 GLUE tasks",
             (FLAN_T5,),
-            PAPER_MERGERS,
+            PAPER,
             MAIN_VARIANTS,
             references=("pretrained",),
             artefacts=("table8.md", "table8.csv"),
@@ -448,19 +490,37 @@ EXPERIMENTS: dict[str, Experiment] = {
             gpu_hours="≈ 1 GPU-h",
             disk="flan-t5-base (≈ 1 GB) + 8 LoRA adapters (≈ 30 MB) + GLUE validation sets (≈ 1 GB)",
         ),
+        Experiment(
+            "bench",
+            "Benchmark: every merger alone, with LARV (tiered, continuous) and with the depth-only "
+            "schedules linear, tier3 and LiNeS, on one model pool / task pool pair",
+            (BENCH,),
+            DEFAULT,
+            BENCH_VARIANTS,
+            references=("pretrained", "finetuned"),
+            artefacts=("bench.md", "bench.csv", "fig2_bench.png", "bench_layers.csv"),
+            grid="{M} mergers × {base, tiered, continuous, linear, tier3, LiNeS} + pretrained and "
+            "fine-tuned references, on the pools of --pools (default testbed:full)",
+            gpu_hours="testbed full on 2 CPU cores: ≈ 1 min per cell (WUDI's merge ≈ 40 min)",
+            disk="the testbed build (python scripts/build_testbed.py --recipe full)",
+            paper=False,
+        ),
     )
 }
 ALL = "all"
 
 
 def expand(names: Sequence[str], include_mergers: Iterable[str] = ()) -> dict[str, list[Cell]]:
-    """experiment -> its cells (``all`` expands to every experiment)."""
-    if not names or ALL in names:
-        names = list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS]
+    """experiment -> its cells (``all`` expands to every paper experiment)."""
+    wanted: list[str] = []
+    for n in names or [ALL]:
+        for m in [x for x, e in EXPERIMENTS.items() if e.paper] if n == ALL else [n]:
+            if m not in wanted:
+                wanted.append(m)
+    unknown = [n for n in wanted if n not in EXPERIMENTS]
     if unknown:
         raise KeyError(f"unknown experiment(s) {unknown}; known: {', '.join(EXPERIMENTS)}, all")
-    return {n: EXPERIMENTS[n].cells(include_mergers) for n in names}
+    return {n: EXPERIMENTS[n].cells(include_mergers) for n in wanted}
 
 
 def unique_cells(groups: Mapping[str, Sequence[Cell]]) -> list[Cell]:
@@ -472,6 +532,14 @@ def unique_cells(groups: Mapping[str, Sequence[Cell]]) -> list[Cell]:
     return list(seen.values())
 
 
+def by_suite(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    """Cells grouped by suite key, in order (one multirun / one in-process session each)."""
+    groups: dict[str, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.suite.key, []).append(c)
+    return groups
+
+
 def filter_cells(
     cells: Sequence[Cell],
     suites: Sequence[str] = (),
@@ -480,13 +548,15 @@ def filter_cells(
 ) -> list[Cell]:
     """Keep cells whose suite key / merger / variant slug match any of the glob patterns."""
 
-    def ok(value: str, pats: Sequence[str]) -> bool:
-        return not pats or any(fnmatch.fnmatchcase(value, p) for p in pats)
+    def ok(values: Sequence[str], pats: Sequence[str]) -> bool:
+        return not pats or any(fnmatch.fnmatchcase(v, p) for v in values for p in pats)
 
     return [
         c
         for c in cells
-        if ok(c.suite.key, suites) and ok(c.merger, mergers) and ok(c.variant.slug, variants)
+        if ok([c.suite.key], suites)
+        and ok([c.merger], mergers)
+        and ok([c.variant.slug, c.variant.short], variants)
     ]
 
 
@@ -497,7 +567,18 @@ def map_pools(cells: Sequence[Cell], pool: PoolSpec | None) -> list[Cell]:
     suites: dict[str, Suite] = {}
     out = []
     for c in cells:
-        s = suites.setdefault(c.suite.key, replace(c.suite, pool=pool, mapped=True))
+        s = suites.get(c.suite.key)
+        if s is None:
+            # the suite's per-backbone values (larv_suite) go along, so a mapped suite runs the
+            # same base hyperparameters as the suite it stands in for
+            larv_suite = c.suite.larv_suite()
+            values = {**pool.values, "larv_suite": larv_suite} if larv_suite else pool.values
+            mapped = replace(pool, values=values)
+            if c.suite.generic:
+                s = replace(c.suite, pool=mapped, label=pool.label or c.suite.label)
+            else:
+                s = replace(c.suite, pool=mapped, mapped=True)
+            suites[c.suite.key] = s
         out.append(replace(c, suite=s))
     return out
 

@@ -1,6 +1,6 @@
-"""The paper's figures from the collated runs (PNG, matplotlib's Agg backend).
+"""The figures from the collated runs (PNG, matplotlib's Agg backend).
 
-- Figure 2: e, c, s against depth, one line per merger (``benchmark.plot_layer_metrics``).
+- Figure 2: e, c, s against depth, one line per merger (the paper's and the benchmark's).
 - Figure 3: accuracy per corruption (and averaged), base vs LARV, one panel per merger.
 - Figure 5: Δ (LARV − base) heatmaps, data sets × corruptions, one panel per merger and gate.
 - Figure 4: Δ (schedule − base) heatmaps over (s_middle, s_deep), one panel per s_shallow and
@@ -12,8 +12,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import benchmark
+from ..io import atomic_path
 from .experiments import CONTINUOUS, FIG4_LEVELS, TIERED, Cell, custom
+from .registry import registry
+
+
+def merger_label(m: str) -> str:
+    return registry().label(m)
+
+
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    """Write the figure atomically (a PNG appears whole or not at all) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    _plt().close(fig)
+    return path
 
 
 def _plt():
@@ -41,39 +55,51 @@ def _mergers(cells):
 
 
 def fig2(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
-    """One PNG per suite, in the layout of ``benchmark.plot_layer_metrics``."""
+    """Figure 2, one PNG per suite (``fig2_<suite>.png``): e and c (from the tiered run's
+    diagnostics, else the continuous run's) and s (tiered solid, continuous dashed) against
+    depth, one colour per merger, the suite in the title."""
+    plt = _plt()
     written = []
     for s in _suites(cells):
-        mergers = _mergers([c for c in cells if c.suite.key == s.key])
-        result = benchmark.BenchmarkResult(
-            tasks=res.tasks(s.key), command="", meta={"mergers": mergers}
-        )
-        for m in mergers:
-            for v, name in ((TIERED, "tiered"), (CONTINUOUS, "continuous")):
+        lines = []  # (merger label, {gate: per-layer records})
+        for m in _mergers([c for c in cells if c.suite.key == s.key]):
+            gates = {}
+            for v in (TIERED, CONTINUOUS):
                 run = res.get(s.key, m, v.slug)
                 if run is not None and run.layers:
-                    result.runs.append(
-                        benchmark.RunResult(m, name, "", [], run.acc, 0.0, run.layers)
-                    )
-        path = benchmark.plot_layer_metrics(result, folder / f"fig2_{s.key}.png")
-        if path is not None:
-            _title(path, f"Figure 2 — {s.label}")
-            written.append(path)
+                    gates[v.slug] = run.layers["layers"]
+            if gates:
+                lines.append((merger_label(m), gates))
+        if not lines:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (label, gates) in enumerate(lines):
+            color = colors[i % len(colors)]
+            diag = gates.get(TIERED.slug) or gates[CONTINUOUS.slug]
+            depth = [rec["index"] for rec in diag]
+            axes[0].plot(depth, [rec["e"] for rec in diag], "o-", color=color, label=label)
+            axes[1].plot(depth, [rec["c"] for rec in diag], "o-", color=color, label=label)
+            for slug, style, gate in ((TIERED.slug, "-", "tiered"),
+                                      (CONTINUOUS.slug, "--", "continuous")):  # fmt: skip
+                if slug in gates:
+                    layers = gates[slug]
+                    axes[2].plot([rec["index"] for rec in layers], [rec["s"] for rec in layers],
+                                 style, marker=".", color=color, label=f"{label} ({gate})")  # fmt: skip
+        titles = ("effective-rank contrast $e_\\ell$", "commutator conflict $c_\\ell$",
+                  "scale $s_\\ell$ (tiered —, continuous - -)")  # fmt: skip
+        for ax, title in zip(axes, titles, strict=True):
+            ax.set_title(title)
+            ax.set_xlabel("layer ℓ (depth)")
+            ax.grid(alpha=0.3)
+        # one legend for the colours (mergers), outside the panels: the scale panel holds two
+        # lines per merger and an inside legend would hide them
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+        fig.suptitle(f"Figure 2 — per-layer diagnostics and scales ({s.label})")
+        fig.tight_layout(rect=(0, 0, 0.87, 1))
+        written.append(_save(fig, folder / f"fig2_{s.key}.png"))
     return written
-
-
-def _title(path: Path, title: str) -> None:
-    """Re-open a saved PNG and add a title band (keeps plot_layer_metrics untouched)."""
-    plt = _plt()
-    img = plt.imread(str(path))
-    h, w = img.shape[:2]
-    fig = plt.figure(figsize=(w / 120, h / 120 + 0.4), dpi=120)
-    ax = fig.add_axes([0, 0, 1, h / (h + 48)])
-    ax.imshow(img)
-    ax.axis("off")
-    fig.suptitle(title, y=0.995, fontsize=11)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
@@ -104,16 +130,13 @@ def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
             vals.append(np.nanmean(vals) if not np.all(np.isnan(vals)) else np.nan)
             ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=vlabel)
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(benchmark.MERGER_LABELS.get(m, m))
+        ax.set_title(merger_label(m))
         ax.set_ylabel("accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Figure 3 — accuracy under corruptions (mean over the data sets)")
     fig.tight_layout()
-    path = folder / "fig3_corruptions.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, folder / "fig3_corruptions.png"))
 
     # Figure 5: Δ heatmaps, data sets (+ Avg.) × corruptions (+ Avg.)
     tasks: list[str] = []
@@ -148,14 +171,11 @@ def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
                     ax.text(j, i, f"{val:+.1f}", ha="center", va="center", fontsize=6)
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(tasks) + 1), [*tasks, "Avg."], fontsize=7)
-            ax.set_title(f"{benchmark.MERGER_LABELS.get(m, m)} ({gname})", fontsize=9)
+            ax.set_title(f"{merger_label(m)} ({gname})", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle("Figure 5 — Δ accuracy (LARV − base, pp) per data set and corruption")
     fig.tight_layout()
-    path = folder / "fig5_corruption_delta.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, folder / "fig5_corruption_delta.png"))
     return written
 
 
@@ -203,10 +223,7 @@ def fig4(cells: Sequence[Cell], res, path: Path) -> Path | None:
             ax.set_yticks(range(len(lv)), [f"{x:g}" for x in lv])
             ax.set_xlabel("s_deep")
             ax.set_ylabel("s_middle")
-            ax.set_title(f"{benchmark.MERGER_LABELS.get(m, m)}, s_shallow = {ss:g}", fontsize=9)
+            ax.set_title(f"{merger_label(m)}, s_shallow = {ss:g}", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.8, label="Δ accuracy (pp) vs base")
     fig.suptitle(f"Figure 4 — depth-only tiered scales, Δ vs base ({suites[0].label})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)

@@ -1,0 +1,42 @@
+"""Reference "methods" of the experiments that FusionBench does not have (registry:
+``config/larv/mergers.yaml``, ``references``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fusion_bench import BaseAlgorithm, BaseModelPool
+from torch import nn
+
+
+class _ModelsByName(dict):
+    """``{name: model}`` that loads each model when it is reached, so FusionBench's program
+    (``evaluate_merged_model`` walks ``items()``) holds one fine-tuned model at a time."""
+
+    def __init__(self, modelpool: BaseModelPool):
+        super().__init__(dict.fromkeys(modelpool.model_names))
+        self._pool = modelpool
+
+    def __getitem__(self, name: str) -> nn.Module:
+        if name not in self.keys():
+            raise KeyError(name)
+        return self._pool.load_model(name)
+
+    def items(self) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        for name in self.keys():
+            yield name, self[name]
+
+    def values(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        for _, model in self.items():
+            yield model
+
+
+class FineTunedModels(BaseAlgorithm):
+    """The fine-tuned models themselves, by task: FusionBench's program evaluates each on every
+    task (``program_report.json``: ``{task: <task pool report>}``) and the collator reads each
+    on its own task (the fine-tuned upper bound)."""
+
+    def run(self, modelpool: BaseModelPool) -> dict[str, nn.Module]:
+        if not isinstance(modelpool, BaseModelPool):
+            modelpool = BaseModelPool(modelpool)
+        return _ModelsByName(modelpool)

@@ -1,0 +1,200 @@
+"""The one registry of mergers and reference methods, read from the config tree (config is data).
+
+- ``config/larv/mergers.yaml``: the mergers' display metadata (label, in the paper, default,
+  needs data) and the reference methods (pretrained, fine-tuned, Fisher, ...).
+- ``config/method/larv_<merger>.yaml``: everything a merger *runs*. Its LARV cells run that config;
+  its base cell runs that config's ``base_method`` node, i.e. FusionBench's own method config
+  named in the defaults list (``/method/<option>@base_method``) with the ``base_method:`` block
+  merged over it. The block is copied unresolved, so an interpolation such as Iso-C's
+  ``${oc.select:larv_suite.iso_c_scaling,1.30}`` resolves in the suite's config, exactly as it
+  does inside the LARV config.
+
+No hyperparameter is written in Python: adding a merger is one method config and one line in
+``mergers.yaml``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REGISTRY_FILE = Path("larv") / "mergers.yaml"
+
+
+def larv_config_root() -> Path:
+    """This plugin's config tree, as the Hydra search-path plugin finds it: the installed
+    ``fusion_bench_larv_config`` package, else the repository's ``config/`` folder."""
+    try:
+        spec = importlib.util.find_spec("fusion_bench_larv_config")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for p in spec.submodule_search_locations:
+            if (Path(p) / REGISTRY_FILE).is_file():
+                return Path(p)
+    return Path(__file__).resolve().parents[2] / "config"
+
+
+def fusion_bench_config_dir() -> Path:
+    """The installed ``fusion_bench_config`` folder (FusionBench's own config tree)."""
+    import fusion_bench
+
+    return Path(fusion_bench.__file__).resolve().parent.parent / "fusion_bench_config"
+
+
+def config_roots() -> list[Path]:
+    """Where primary configs are looked up: this plugin's config tree (an edited copy first, see
+    :class:`use_config_root`), then FusionBench's own."""
+    roots = [r for r in (custom_config_root(), larv_config_root()) if r is not None]
+    return [*roots, fusion_bench_config_dir()]
+
+
+def find_primary(name: str, extra: Sequence[str | Path] = ()) -> Path:
+    """The YAML file of a primary config (``larv_clip-vit-...``, ``fabric_model_fusion``, ...)."""
+    for root in [*map(Path, extra), *config_roots()]:
+        path = root / f"{name}.yaml"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"primary config {name!r} not found in {config_roots()}")
+
+
+@dataclass(frozen=True)
+class Merger:
+    """A base merger: ``larv_config`` for its LARV cells, ``base_config`` (a FusionBench method
+    config) with ``base_values`` merged over it for its base cell."""
+
+    name: str
+    label: str
+    larv_config: str
+    base_config: str
+    base_values: Mapping[str, Any] = field(default_factory=dict)
+    paper: bool = False
+    default: bool = True
+    needs_data: str | None = None
+
+    @property
+    def data_free(self) -> bool:
+        return self.needs_data is None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference row: a FusionBench method config (``method``, ``values`` merged over it)."""
+
+    name: str
+    label: str
+    method: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    own_task: bool = False  # one model per task, each read on its own task
+    needs_data: str | None = None
+
+
+@dataclass(frozen=True)
+class Registry:
+    root: Path
+    mergers: Mapping[str, Merger]
+    references: Mapping[str, Reference]
+
+    def label(self, name: str) -> str:
+        if name in self.mergers:
+            return self.mergers[name].label
+        if name in self.references:
+            return self.references[name].label
+        return name
+
+    def default_mergers(self) -> list[str]:
+        return [m for m, x in self.mergers.items() if x.default]
+
+    def paper_mergers(self) -> list[str]:
+        return [m for m, x in self.mergers.items() if x.paper]
+
+
+def _base_of(path: Path) -> tuple[str, dict[str, Any]]:
+    """FusionBench's method config named in a ``larv_*`` config's defaults list and the
+    ``base_method:`` block merged over it (unresolved)."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    base = None
+    for entry in doc.get("defaults", []):
+        if isinstance(entry, str) and entry.endswith("@base_method"):
+            name = entry.removesuffix("@base_method").strip()
+            base = name.removeprefix("/").removeprefix("method/")
+    if base is None:
+        raise ValueError(f"{path}: no `/method/<option>@base_method` entry in its defaults list")
+    values = doc.get("base_method") or {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path}: `base_method` must be a mapping, got {values!r}")
+    return base, dict(values)
+
+
+@cache
+def _load(root: Path) -> Registry:
+    doc = yaml.safe_load((root / REGISTRY_FILE).read_text()) or {}
+    mergers = {}
+    for name, meta in (doc.get("mergers") or {}).items():
+        larv_config = f"larv_{name}"
+        path = root / "method" / f"{larv_config}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"merger {name!r} ({root / REGISTRY_FILE}) has no {path}")
+        base_config, base_values = _base_of(path)
+        mergers[name] = Merger(
+            name=name,
+            label=str(meta.get("label", name)),
+            larv_config=larv_config,
+            base_config=base_config,
+            base_values=base_values,
+            paper=bool(meta.get("paper", False)),
+            default=bool(meta.get("default", True)),
+            needs_data=meta.get("needs_data"),
+        )
+    references = {
+        name: Reference(
+            name=name,
+            label=str(meta.get("label", name)),
+            method=str(meta["method"]),
+            values=dict(meta.get("values") or {}),
+            own_task=bool(meta.get("own_task", False)),
+            needs_data=meta.get("needs_data"),
+        )
+        for name, meta in (doc.get("references") or {}).items()
+    }
+    clash = set(mergers) & set(references)
+    if clash:
+        raise ValueError(f"{root / REGISTRY_FILE}: names both a merger and a reference: {clash}")
+    return Registry(root, mergers, references)
+
+
+_override: list[Path] = []
+
+
+def registry() -> Registry:
+    """The registry of the active config tree (see :func:`use_config_root`)."""
+    root = _override[-1] if _override else larv_config_root()
+    return _load(root.resolve())
+
+
+class use_config_root:
+    """Context manager: read the registry (and let the generated sweeps search) another copy of
+    this plugin's config tree, e.g. an edited one in a temporary folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def __enter__(self) -> Registry:
+        _override.append(self.root)
+        return registry()
+
+    def __exit__(self, *exc) -> None:
+        _override.remove(self.root)
+        _load.cache_clear()
+
+
+def custom_config_root() -> Path | None:
+    """The config tree set by :class:`use_config_root`, if any (generated sweeps put it first on
+    their search path)."""
+    return _override[-1] if _override else None
