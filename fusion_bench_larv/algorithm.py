@@ -1,5 +1,5 @@
 """The FusionBench adapter: one generic `BaseAlgorithm` that runs any base merger exactly as
-FusionBench would and puts LARV's layer-wise rescaling on top (spec, "Pipeline").
+FusionBench would and puts LARV's layer-wise rescaling on top (docs/method.md, "Pipeline").
 
 What it delegates: the base merger's config check, construction and run to
 :mod:`.base_method`, the model pool the merger sees to :mod:`.pool_view`, the maths to

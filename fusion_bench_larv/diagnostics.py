@@ -1,4 +1,4 @@
-"""Weight-only diagnostics on plain tensors (spec, "Diagnostics"): spectral entropy / effective
+"""Weight-only diagnostics on plain tensors (docs/method.md, "Diagnostics"): spectral entropy / effective
 rank, effective-rank contrast ``e``, commutator conflict ``c`` and the one rule for a zero update.
 
 Everything is computed in float32 or wider whatever the input dtype, and never needs data or
@@ -49,12 +49,14 @@ ZERO_UPDATE_RTOL = 1e-10
 
 @dataclass(frozen=True)
 class SpectrumOptions:
-    """How spectra are computed: the config keys of the same names (spec, "Diagnostics")."""
+    """How spectra are computed: the config keys of the same names (docs/method.md, "Diagnostics")."""
 
     spectrum: str = "exact"  # "exact" (all σ_j) | "randomized" (top-k sketch)
     rank: int = 2  # randomized: k
     oversample: int = 10  # randomized: extra sketch columns
-    spectrum_tail: str = "none"  # randomized: "none" (spec) | "uniform" (see ``entropies``)
+    spectrum_tail: str = (
+        "none"  # randomized: "none" (the paper's formula) | "uniform" (see ``entropies``)
+    )
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def spectral_entropy(
     sigma: torch.Tensor, frobenius_sq: float | torch.Tensor | None = None
 ) -> float:
     """H = −Σ p_j log p_j with p_j = σ_j² / ‖A‖_F². ``frobenius_sq`` defaults to Σσ_j² (exact
-    spectrum); a truncated spectrum must pass the true ‖A‖_F² (spec)."""
+    spectrum); a truncated spectrum must pass the true ‖A‖_F² (docs/method.md, "Exact and randomized spectra")."""
     energy = sigma.to(torch.float64) ** 2
     total = (
         energy.sum() if frobenius_sq is None else torch.as_tensor(frobenius_sq, dtype=torch.float64)
@@ -181,8 +183,8 @@ def commutator_conflict(
 def is_zero_update(
     fro2_delta: torch.Tensor | float, fro2_theta0: torch.Tensor | float
 ) -> torch.Tensor:
-    """Whether an update counts as zero (spec: "if ‖Δθ‖_F is (numerically) zero, e = 0"), from
-    squared Frobenius norms (batched, float64): ``‖Δ‖_F = 0`` exactly, or
+    """Whether an update counts as zero (docs/method.md, "Diagnostics"), from squared Frobenius
+    norms (batched, float64): ``‖Δ‖_F = 0`` exactly, or
     ``‖Δ‖_F ≤ 1e-10·‖θ_0‖_F`` (``ZERO_UPDATE_RTOL``; far under float32 round-off of θ_0).
 
     The only definition: ``rank_contrasts`` and ``pair_diagnostics`` (e and c of a zero update are
@@ -454,7 +456,7 @@ def entropies(energy: torch.Tensor, total: torch.Tensor, tail_dims: int = 0) -> 
     ``tail_dims`` > 0 (``spectrum_tail: uniform``) adds the unseen rest of a truncated spectrum:
     the residual share ``p_r = 1 − Σ p_j`` spread evenly over the ``tail_dims`` directions outside
     the top-k, ``−p_r log(p_r / tail_dims)`` — the largest entropy consistent with the top-k and
-    the true total. Without it (the spec's formula) a spectrum whose energy spreads out loses
+    the true total. Without it (the paper's formula, the default) a spectrum whose energy spreads out loses
     top-k mass and so *lowers* H, ranking layers opposite to the exact entropy."""
     energy = energy.to(torch.float64)
     total = total.to(torch.float64)

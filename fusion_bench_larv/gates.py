@@ -1,4 +1,4 @@
-"""Composite score, gates and depth-only schedules (spec, "Composite score and gates" and
+"""Composite score, gates and depth-only schedules (docs/method.md, "Composite score and gates" and
 "Depth-only schedules"). Plain Python floats in, plain lists out.
 """
 

@@ -1,4 +1,4 @@
-"""Layer grouping: which parameters form transformer block ℓ = 1..L (spec, "Layers").
+"""Layer grouping: which parameters form transformer block ℓ = 1..L (docs/method.md, "Layers").
 
 Plain strings and regexes only (no torch, no FusionBench), so it can be tested on key lists.
 

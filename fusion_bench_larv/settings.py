@@ -1,4 +1,4 @@
-"""LARV's settings: the public config keys (spec, "Config names"), validated at construction so
+"""LARV's settings: the public config keys (docs/method.md, "Config names"), validated at construction so
 that a bad value fails before any model is loaded, with a message naming the key."""
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class LarvSettings:
         if self.layer_pattern is not None:
             self._check_layer_pattern(self.layer_pattern)
         self._warn_unused()
-        cache_dir = getattr(self, "stats_cache_dir", None)
+        cache_dir = self.stats_cache_dir
         if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
             raise _bad("stats_cache_dir", cache_dir, "null (no cache) or a directory path")
         name = self.report_name

@@ -88,7 +88,7 @@ def _matrix_seed(seed: int, name: str) -> int:
 
 class _LazyDelta(Mapping):
     """Δθ = θ_merged − θ_0 (float32, float64 for float64 models) per parameter, computed on access
-    and never stored: LARV holds no full copy of the update (spec, "Pipeline" 2)."""
+    and never stored: LARV holds no full copy of the update (docs/method.md, "Pipeline" 2)."""
 
     def __init__(self, theta0: StateDict, merged: StateDict, names: list[str]):
         self._theta0, self._merged, self._names = theta0, merged, names
@@ -177,7 +177,7 @@ def layer_diagnostics(
     progress: bool | None = None,
     stats: Theta0Stats | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
-    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices (spec, "Layers").
+    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices (docs/method.md, "Layers").
 
     Streams a few layers at a time (``CHUNK_BYTES``); within a batch, same-shaped matrices are
     stacked and go through :func:`~.diagnostics.theta0_statistics` (where θ_0's statistics are not
@@ -276,7 +276,7 @@ def compute_larv_scales(
     progress: bool | None = None,
     theta0_stats: Theta0Stats | None = None,
 ) -> LarvResult:
-    """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (spec, "Pipeline" 2–4).
+    """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (docs/method.md, "Pipeline" 2–4).
 
     Raises :class:`~fusion_bench_larv.validation.LarvInputError` when θ_0 and the merged model
     differ in keys or shapes or hold NaN/Inf, and its subclass ``LarvLayerError`` when fewer than

@@ -454,7 +454,7 @@ def bench_spectra(
         out["spearman_e_uniform_tail"] = spearman(out["e_exact"], out["e_randomized_uniform_tail"])
     log(f"  {NAMES[kind]} spectra on {len(ys)} MLP matrices: exact {t_ex:.2f}s, randomized "
         f"{t_rd:.3f}s ({out['speedup']:.1f}x); one full svdvals {t_svd:.2f}s; "
-        f"Spearman(e) {out['spearman_e']} (spec), {out['spearman_e_uniform_tail']} (uniform tail)")  # fmt: skip
+        f"Spearman(e) {out['spearman_e']} (top-k only), {out['spearman_e_uniform_tail']} (uniform tail)")  # fmt: skip
     return out
 
 
@@ -526,7 +526,7 @@ def markdown(res: dict) -> str:
             )
     lines += ["", "## Exact vs randomized spectra (MLP matrices of Δ; Spearman of e across layers)",
               "", "| model | matrices | exact (s) | randomized (s) | speed-up | one full svdvals (s) "
-              "| one Gram-eig (s) | Spearman e (spec: top-k only) | Spearman e (uniform tail) |",
+              "| one Gram-eig (s) | Spearman e (top-k only) | Spearman e (uniform tail) |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind, r in res["models"].items():
         if "spectra" in r:
