@@ -9,20 +9,27 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import SHAPES, naive_conflict, naive_reff, structured
 
 from fusion_bench_larv.diagnostics import (
     MatrixStats,
     SpectrumOptions,
     as_matrix,
     commutator_conflict,
+    commutator_conflicts,
     effective_rank,
     effective_ranks,
+    entropies,
+    exact_energies,
+    frobenius_sq,
     is_zero_update,
     pair_diagnostics,
+    randomized_energies,
     rank_contrast,
     rank_contrasts,
     singular_values,
     skip_theta0_sketches,
+    small_gram,
     spectral_entropy,
     theta0_statistics,
 )
@@ -627,3 +634,71 @@ def test_is_zero_update_semantics():
         stats = theta0_statistics(theta0[None], options)
         e, c = pair_diagnostics(theta0[None], delta[None], stats, options)
         assert (float(e[0]) == 0.0) == zero and (float(c[0]) == 0.0) == zero
+
+
+# -- batched kernels against the straightforward formulas (tests/oracles.py) --------------------
+# -- batched kernels -------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_spectrum_entropy_and_conflict_match_naive(shape, batch, dtype):
+    rng = np.random.default_rng(sum(shape))
+    b = 1 if batch is None else batch
+    xs = [rng.normal(size=shape) for _ in range(b)]
+    ys = [structured(shape, rng) * 1e-2 for _ in range(b)]
+    x = torch.tensor(np.stack(xs), dtype=dtype)
+    y = torch.tensor(np.stack(ys), dtype=dtype)
+    if batch is None:  # unbatched use: a stack of one
+        x, y = x[:1], y[:1]
+    rtol = 1e-9 if dtype == torch.float64 else 2e-4
+    k = min(shape)
+    for i in range(x.shape[0]):
+        # σ² from the smaller Gram == squared singular values of the full matrix
+        sig = np.linalg.svd(xs[i], compute_uv=False)
+        got = exact_energies(x)[i].numpy()
+        assert got.shape == (k,)
+        np.testing.assert_allclose(got, sig**2, rtol=rtol, atol=rtol * sig[0] ** 2)
+    assert small_gram(x).shape == (x.shape[0], k, k)
+    r = entropies(exact_energies(x), frobenius_sq(x)).exp()
+    c = commutator_conflicts(x, y)
+    for i in range(x.shape[0]):
+        assert float(r[i]) == pytest.approx(naive_reff(xs[i]), rel=rtol)
+        assert float(c[i]) == pytest.approx(naive_conflict(xs[i], ys[i]), rel=rtol, abs=1e-7)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_conflict_reuses_given_grams_and_norms(shape):
+    rng = np.random.default_rng(5)
+    x = torch.tensor(np.stack([rng.normal(size=shape) for _ in range(2)]))
+    y = torch.tensor(np.stack([structured(shape, rng) for _ in range(2)]))
+    plain = commutator_conflicts(x, y)
+    reused = commutator_conflicts(
+        x, y, gram_x=small_gram(x), gram_y=small_gram(y), fro2_x=frobenius_sq(x),
+        fro2_y=frobenius_sq(y),
+    )  # fmt: skip
+    torch.testing.assert_close(reused, plain, rtol=1e-12, atol=1e-14)
+
+
+def test_batched_randomized_equals_single_matrix_path():
+    rng = np.random.default_rng(2)
+    a = torch.tensor(np.stack([structured((50, 20), rng) for _ in range(3)]))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    batched = randomized_energies(a, 2, 10, gens)
+    for i, s in enumerate((1, 2, 3)):
+        single = singular_values(a[i], "randomized", 2, 10, torch.Generator().manual_seed(s))
+        torch.testing.assert_close(batched[i], single.pow(2), rtol=1e-10, atol=0)
+
+
+def test_entropy_is_zero_for_zero_matrix():
+    z = torch.zeros(2, 5, 3, dtype=torch.float64)
+    assert entropies(exact_energies(z), frobenius_sq(z)).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 1e3])
+def test_exact_energies_at_the_scale_of_fine_tuning_updates(scale):
+    # the Gram is normalised to unit trace before the eigen-solve (speed), then scaled back
+    rng = np.random.default_rng(9)
+    a = structured((48, 16), rng, rank=4, noise=0.2) * scale
+    got = exact_energies(torch.tensor(a, dtype=torch.float32)[None])[0].numpy()
+    ref = np.linalg.svd(a, compute_uv=False) ** 2
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * ref[0])
