@@ -1,4 +1,4 @@
-"""Issue 6, item 7: property-based tests (hypothesis) over random shapes, scales and seeds for the
+"""Property-based tests (hypothesis) over random shapes, scales and seeds for the
 maths (invariances, bounds, tier counts), and a randomized test over configurations and inputs that
 must end in either a valid merge or one of the documented errors, with the output directory as it
 was."""

