@@ -4,6 +4,8 @@ the real ``fusion_bench`` CLI) → collate → tables and figures, read back and
 - tiny CLIP suite: Table 1 / Figure 2 cells; the sweep is killed after its first runs and
   started again, which must run only the missing cells; then the tables are checked against
   the reports FusionBench wrote.
+- tiny CLIP suite: the benchmark's cells (TA base and tiered, pretrained and fine-tuned rows)
+  under the Hydra multirun launcher and the in-process launcher give the same files and numbers.
 - real-weights testbed (``ci``): Table 6 / Figure 4 cells with the joblib launcher.
 """
 
@@ -154,6 +156,40 @@ def test_tiny_clip_sweep_resumes_after_interruption_and_collates(tiny_clip_suite
         layer_rows = list(csv.DictReader(f))
     assert len(layer_rows) == 2 * 2 * tiny_clip_suite.num_layers  # 2 mergers × 2 gates × L
     assert {float(r["s"]) for r in layer_rows if r["variant"] == "larv-tiered"} == {0.5, 1.0, 1.5}
+
+
+def test_inprocess_and_hydra_launchers_agree(tiny_clip_suite, tmp_path):
+    args = ["bench", "--pools", f"tiny_clip:{tiny_clip_suite.root}",
+            "--merger", "ta", "pretrained", "finetuned", "--variant", "base", "tiered",
+            "-o", "fabric.accelerator=cpu", "-o", "seed=0", "--no-collate"]  # fmt: skip
+    hydra, inproc = tmp_path / "hydra", tmp_path / "inprocess"
+    rc = subprocess.run(
+        [sys.executable, "-m", "fusion_bench_larv.reproduce", *args, "--out", str(hydra),
+         "--quiet"],
+        env=_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
+    assert cli.main([*args, "--out", str(inproc), "--launcher", "inprocess"]) == 0
+    cells = _cells([*args, "--out", str(hydra)])
+    assert [str(c.rel_dir) for c in cells] == [
+        "bench/pretrained/base", "bench/finetuned/base", "bench/ta/base", "bench/ta/larv-tiered",
+    ]  # fmt: skip
+    for c in cells:
+        a, b = c.run_dir(hydra), c.run_dir(inproc)
+        # FusionBench's report, every number (accuracy and loss of every task), the same
+        assert json.loads((a / "program_report.json").read_text()) == json.loads(
+            (b / "program_report.json").read_text()
+        ), c.rel_dir
+        ca, cb = (json.loads((d / "cell.json").read_text()) for d in (a, b))
+        assert cb.pop("launch")["launcher"] == "inprocess" and ca == cb
+        if c.variant.larv is not None:  # byte for byte: the same LARV settings, scales, stats
+            assert (a / "larv_layers.json").read_bytes() == (b / "larv_layers.json").read_bytes()
+        else:
+            assert not (b / "larv_layers.json").exists()
+    # both launchers composed their cells from the same generated sweep folder
+    for name in ("reproduce_suite.yaml", "cell/ta__larv-tiered.yaml"):
+        texts = [(d / "_sweeps" / "bench" / name).read_text() for d in (hydra, inproc)]
+        assert texts[0].replace(str(hydra), str(inproc)) == texts[1]
 
 
 def _testbed_missing() -> str | None:

@@ -44,7 +44,7 @@ def test_cli_larv_ties_on_the_testbed(ci_testbed, tmp_path):
 
 @pytest.mark.slow
 def test_demo_prints_a_measured_comparison(ci_testbed, tmp_path, capsys):
-    from fusion_bench_larv import demo
+    from fusion_bench_larv.lab import demo
 
     out = tmp_path / "demo"
     cache = ci_testbed.root.parent
@@ -57,15 +57,23 @@ def test_demo_prints_a_measured_comparison(ci_testbed, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "(cached: nothing was rebuilt)" in printed
-    assert "Task Arithmetic" in printed and "+LARV tiered" in printed
-    results = json.loads((out / "results.json").read_text())
-    runs = {(r["merger"], r["variant"]): r for r in results["runs"]}
-    assert set(runs) == {("ta", "base"), ("ta", "tiered")}
-    for run in runs.values():
-        assert set(run["accuracy"]) == set(TASKS)
-    # the printed table's TA row holds the average this run measured
-    avg = 100 * sum(runs[("ta", "base")]["accuracy"].values()) / len(TASKS)
-    assert f"{avg:.2f}" in printed
-    # and it is the table written to table.md, row for row
-    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2 + 2 and all(row in printed for row in rows)
+    assert "Task Arithmetic" in printed and "+ LARV tiered" in printed
+    # the in-process launcher's cells: the references and TA alone and tiered
+    runs = out / "runs" / "bench"
+    cells = sorted(str(p.parent.relative_to(runs)) for p in runs.glob("*/*/program_report.json"))
+    assert cells == ["finetuned/base", "pretrained/base", "ta/base", "ta/larv-tiered"]
+    reports = {c: json.loads((runs / c / "program_report.json").read_text()) for c in cells}
+    for c in ("ta/base", "ta/larv-tiered"):
+        assert set(reports[c]) == {*TASKS, "average"}
+    # the progress line and the printed table hold the average this run measured
+    avg = 100 * sum(_accuracy(reports["ta/base"], t) for t in TASKS) / len(TASKS)
+    assert f"bench/ta/base: avg {avg:6.2f}" in printed
+    assert f"| {avg:.1f} |" in printed
+    # the per-layer scales of the LARV cell, as written in its larv_layers.json
+    layers = json.loads((runs / "ta" / "larv-tiered" / "larv_layers.json").read_text())
+    assert " ".join(f"{rec['s']:.2f}" for rec in layers["layers"]) in printed
+    # and the printed table is the collated bench.md, row for row
+    table = (out / "artefacts" / "bench.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 1 + 2 + 2 and all(row in printed for row in rows)
+    assert (out / "artefacts" / "fig2_bench.png").is_file()

@@ -140,13 +140,11 @@ class InProcessLauncher:
     # --------------------------------------------------------------------------------------------
     def run(self, cells: Sequence[Cell]) -> list[Cell]:
         """Run every cell not done yet, suite by suite; returns the cells it ran."""
-        from fusion_bench.constants import RuntimeConstants
+        from fusion_bench.utils.instantiate_utils import set_print_function_call
 
         ran: list[Cell] = []
         n, i = len(cells), 0
-        verbose = RuntimeConstants.print_function_call
-        RuntimeConstants.print_function_call = False  # progress lines instead
-        try:
+        with set_print_function_call(False):  # progress lines instead of FusionBench's echo
             for scells in by_suite(cells).values():
                 todo = [c for c in scells if not is_done(c, self.out)]
                 if not todo:
@@ -166,8 +164,6 @@ class InProcessLauncher:
                 finally:
                     session.close()
                     self._base_merges.clear()
-        finally:
-            RuntimeConstants.print_function_call = verbose
         return ran
 
     # --------------------------------------------------------------------------------------------
