@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Thin wrapper: ``python scripts/reproduce.py ARGS`` = ``python -m fusion_bench_larv.reproduce ARGS``
-(one command per paper artefact; see README, "Reproducing the paper")."""
+(one command per paper artefact and for the benchmark; see README, "Reproducing the paper")."""
 
 import sys
 
