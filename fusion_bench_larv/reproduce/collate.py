@@ -315,10 +315,15 @@ def paper_only_rows(t: Table, cols: Sequence[Col], table: str, mergers: Sequence
 
 
 def _notes(t: Table, res: Results, anchor_table: str | None) -> None:
+    oracle = any("†" in line for line in t.lines)
     t.notes.append(
-        "Accuracy (%); (±Δ) = row − the same merger's base row, in percentage points. "
-        "† = the better of the tiered and continuous gates per cell, chosen on test accuracy "
-        "(an oracle choice, as in the paper)."
+        "Accuracy (%); (±Δ) = row − the same merger's base row, in percentage points."
+        + (
+            " † = the better of the tiered and continuous gates per cell, chosen on test "
+            "accuracy (an oracle choice, as in the paper)."
+            if oracle
+            else ""
+        )
     )
     if anchor_table:
         t.notes.append(
