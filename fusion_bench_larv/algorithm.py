@@ -41,9 +41,7 @@ from .validation import (
 )
 from .veneer import LarvResult, apply_scales, compute_larv_scales
 
-# `write_json_atomic` is re-exported for `benchmark.py` (`from .algorithm import ...`) until it
-# imports it from `.io`; new code should use `fusion_bench_larv.io`
-__all__ = ["LARV_KEYS", "LARVAlgorithm", "write_json_atomic"]
+__all__ = ["LARV_KEYS", "LARVAlgorithm"]
 
 log = logging.getLogger(__name__)
 

@@ -198,3 +198,22 @@ def custom_config_root() -> Path | None:
     """The config tree set by :class:`use_config_root`, if any (generated sweeps put it first on
     their search path)."""
     return _override[-1] if _override else None
+
+
+def base_method_config(merger: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Merger ``merger``'s base method config exactly as ``method=larv_<merger>`` composes it
+    (FusionBench's own config with the ``base_method:`` block over it), resolved outside any
+    suite (so Iso-C takes its ViT-B/32 default), as a plain dict for ``hydra.utils.instantiate``.
+    ``overrides``: extra Hydra overrides, e.g. ``method.base_method.iter_num=20``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    larv_config = registry().mergers[merger].larv_config
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(fusion_bench_config_dir()), version_base=None):
+            cfg = compose("fabric_model_fusion", overrides=[f"method={larv_config}", *overrides])
+    finally:
+        GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg.method.base_method, resolve=True)
