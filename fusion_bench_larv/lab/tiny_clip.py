@@ -569,8 +569,7 @@ def build_tiny_clip_suite(
     if len(set(tasks)) != len(tasks) or not tasks:
         raise ValueError(f"tasks must be non-empty and distinct, got {tasks}")
     classnames = {t: list(get_classnames_and_templates(t)[0]) for t in tasks}
-    recipe = _recipe(
-        tasks=list(tasks),
+    params = dict(
         seed=seed,
         finetune_steps=finetune_steps,
         n_train=n_train,
@@ -581,7 +580,8 @@ def build_tiny_clip_suite(
         patch_size=patch_size,
         learning_rate=learning_rate,
         batch_size=batch_size,
-    )
+    )  # what the suite is built from (and hashed by)
+    recipe = _recipe(tasks=list(tasks), **params)
     suite = _suite(root, recipe, {})
     recipe_file, stats_file = root / "recipe.json", root / "stats.json"
 
@@ -602,21 +602,7 @@ def build_tiny_clip_suite(
             return _suite(root, recipe, json.loads(stats_file.read_text()))
 
     with _build_context(num_threads):
-        stats = _build(
-            suite,
-            classnames,
-            seed=seed,
-            finetune_steps=finetune_steps,
-            n_train=n_train,
-            n_test=n_test,
-            vision_layers=vision_layers,
-            hidden_size=hidden_size,
-            image_size=image_size,
-            patch_size=patch_size,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-        )
+        stats = _build(suite, classnames, **params, eval_batch_size=eval_batch_size)
     return _suite(root, recipe, stats)
 
 
