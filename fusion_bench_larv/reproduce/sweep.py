@@ -150,12 +150,21 @@ def fusion_bench_exe() -> str:
     return str(exe) if exe.exists() else "fusion_bench"
 
 
+# ``--jobs N``: how each launcher caps the runs at once (other launchers: set it with ``-o``)
+JOBS_OVERRIDE = {
+    "joblib": "hydra.launcher.n_jobs",
+    "submitit_slurm": "hydra.launcher.array_parallelism",
+    # submitit's local executor starts every job it is given: the sweeper hands out N at a time
+    "submitit_local": "hydra.sweeper.max_batch_size",
+}
+
+
 def launcher_overrides(launcher: str, jobs: int | None) -> list[str]:
     if launcher in ("", "basic"):
         return []
     out = [f"hydra/launcher={launcher}"]
-    if jobs and launcher == "joblib":
-        out.append(f"hydra.launcher.n_jobs={jobs}")
+    if jobs and launcher in JOBS_OVERRIDE:
+        out.append(f"{JOBS_OVERRIDE[launcher]}={jobs}")
     return out
 
 
