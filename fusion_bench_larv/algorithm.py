@@ -27,6 +27,7 @@ from .base_method import (
     build_base_method,
     check_base_method,
     merged_module,
+    merger_label,
     run_base_method,
 )
 from .io import write_json_atomic
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 LARV_KEYS = LarvSettings.keys()
 # keys FusionBench's serialisation mixin understands; they are not LARV settings
 _FUSION_BENCH_META_KEYS = ("_recursive_", "_usage_", "_version_")
+
+
+def _cuda_rng_devices() -> list[int]:
+    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save (none before CUDA starts)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 def _plain(value: Any) -> Any:
@@ -173,11 +179,15 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             if obj is not None:
                 check_finite(obj.state_dict(), f"model `{name}`")
                 checked.add(name)
-        with torch.no_grad():
+        # loading θ_0 draws from torch's global RNG (transformers' from_pretrained does): the
+        # base merger must see the RNG as the program left it, so that a random merger (DARE)
+        # draws the same masks as when it runs alone with the same `seed`
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_rng_devices()):
             pretrained = modelpool.load_pretrained_model()
             if "_pretrained_" not in checked:
                 check_finite(pretrained.state_dict(), "model `_pretrained_`")
                 checked.add("_pretrained_")
+            architecture = type(pretrained).__name__
             # our own copy of θ_0: every base merger overwrites the pretrained model it loads
             theta0 = {k: v.detach().clone() for k, v in pretrained.state_dict().items()}
             del pretrained
@@ -185,6 +195,9 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         # is refused before the (possibly long) base merge
         grouped_layers([k for k, v in theta0.items() if v.is_floating_point()], s.layer_pattern)
 
+        # what the merger returned must be one model of θ_0's architecture (not TALL's dict of
+        # models, not EMR's modulated wrapper): a LarvInputError naming both, before any write
+        merger = merger_label(self.base_method)
         if base_merge is not None:
             if s.placement != "merged":
                 raise LarvConfigError(
@@ -192,13 +205,13 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
                     f"placement {s.placement!r} the base merger must run on the rescaled models"
                 )
             # checked for NaN/Inf with every merge in compute_larv_scales below
-            out = deepcopy(merged_module(base_merge))
+            out = deepcopy(merged_module(base_merge, merger, theta0, architecture))
         else:
             protect = s.placement == "task_vectors" and modelpool.has_instance_models
             # the view checks every model the base merger loads for NaN/Inf (fine-tuned
             # checkpoints)
             out = self._run_base(PoolView(modelpool, copy_instances=protect, checked=checked))
-        merged = merged_module(out)
+        merged = merged_module(out, merger, theta0, architecture)
         result = compute_larv_scales(theta0, merged.state_dict(), s, device=self._device())
         log.info("LARV scales per layer: %s (diagnostics %.1f s)",
                  [round(x, 4) for x in result.scales], result.seconds)  # fmt: skip
@@ -209,7 +222,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         if s.placement == "task_vectors":
             del out, merged
             out = self._run_base(PoolView(modelpool, theta0, result.param_scale, checked=checked))
-            merged = merged_module(out)
+            merged = merged_module(out, merger, theta0, architecture)
         else:
             apply_scales(theta0, merged.state_dict(), result.param_scale)
 

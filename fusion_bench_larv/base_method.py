@@ -1,6 +1,7 @@
 """The wrapped base merger: its config checked when LARV is constructed (a misspelt class or
 argument fails before any model is loaded), built and run the way FusionBench's program builds
-and runs a top-level method, and its output reduced to the merged module."""
+and runs a top-level method, and its output reduced to the merged module (one model of θ_0's
+architecture, or a :class:`LarvInputError` that names the merger and what it returned)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .settings import LarvConfigError
-from .validation import did_you_mean
+from .validation import LarvInputError, check_same_keys_and_shapes, did_you_mean
 
 __all__ = [
     "base_method_report",
@@ -23,6 +24,7 @@ __all__ = [
     "check_base_method",
     "locate_class",
     "merged_module",
+    "merger_label",
     "run_base_method",
 ]
 
@@ -150,15 +152,58 @@ def run_base_method(base: BaseAlgorithm, modelpool: BaseModelPool) -> Any:
         base.on_run_end()
 
 
-def merged_module(out: Any) -> nn.Module:
-    """The merged model in a base merger's output: the output itself, or its ``merged`` entry."""
-    if isinstance(out, nn.Module):
-        return out
+def merger_label(base_method: Any) -> str:
+    """The wrapped merger as messages name it: ``Class (module.Class)``."""
+    if isinstance(base_method, BaseAlgorithm):
+        cls = type(base_method)
+        target = f"{cls.__module__}.{cls.__qualname__}"
+    elif isinstance(base_method, Mapping) and isinstance(base_method.get("_target_"), str):
+        target = base_method["_target_"]
+    else:
+        return "the base method"
+    return f"{target.rpartition('.')[2]} ({target})"
+
+
+def _returned(out: Any) -> str:
+    """What a merger returned, for messages: its type, and a mapping's keys and value types."""
+    cls = type(out)
+    what = f"{cls.__qualname__} ({cls.__module__}.{cls.__qualname__})"
+    if isinstance(out, Mapping):
+        items = list(out.items())
+        shown = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in items[:5])
+        what += f" {{{shown}{', …' if len(items) > 5 else ''}}}"
+    return what
+
+
+def merged_module(
+    out: Any,
+    merger: str = "the base method",
+    theta0: Mapping[str, Any] | None = None,
+    architecture: str = "θ_0's",
+) -> nn.Module:
+    """The merged model in a base merger's output: the output itself, or its ``merged`` entry
+    (TSV-M with ``return_single_task_models``). With ``theta0``, it must also have θ_0's
+    parameter names and shapes. Anything else (a dict of models, a modulated wrapper, another
+    architecture) is a :class:`LarvInputError` naming ``merger`` and what it returned."""
+    module = out
     if isinstance(out, Mapping) and isinstance(out.get("merged"), nn.Module):
-        return out["merged"]  # TSV-M with return_single_task_models
-    raise TypeError(
-        f"the base method returned {type(out).__name__}; LARV needs an nn.Module "
-        "(or a dict with the merged model under 'merged')"
+        module = out["merged"]
+    problem = None
+    if not isinstance(module, nn.Module):
+        problem = "LARV needs an nn.Module (or a dict with the merged model under 'merged')."
+    elif theta0 is not None:
+        try:
+            check_same_keys_and_shapes(theta0, module.state_dict())
+        except LarvInputError as err:
+            problem = str(err)
+    if problem is None:
+        return module
+    raise LarvInputError(
+        f"LARV cannot rescale the output of the base merger {merger}: it returned "
+        f"{_returned(out)}, not one model of the pretrained architecture ({architecture}). "
+        f"{problem} LARV rescales θ_merged − θ_0 of a single merged model; a merger that returns "
+        "several models (TALL masks), a task-modulated wrapper (EMR) or another architecture "
+        "cannot be wrapped: run it without LARV."
     )
 
 

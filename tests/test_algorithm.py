@@ -1,5 +1,6 @@
 """The FusionBench adapter against FusionBench's own mergers (the oracle): unit scales reproduce
-every base method bit for bit, other scales give exactly θ_0 + s_ℓ·(θ_base − θ_0)."""
+every base method bit for bit, other scales give exactly θ_0 + s_ℓ·(θ_base − θ_0); a merger whose
+output is not one model of θ_0's architecture is refused by name before anything is written."""
 
 from __future__ import annotations
 
@@ -11,19 +12,26 @@ import sys
 
 import pytest
 import torch
-from fusion_bench import BaseModelPool
+from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.method import (
+    DareSimpleAverage,
+    DareTaskArithmetic,
+    DareTiesMerging,
+    DOGE_TA_Algorithm,
     ISO_C_Merge,
     ISO_CTS_Merge,
+    MagMaxAlgorithm,
+    ModelStock,
     SimpleAverageAlgorithm,
     TaskArithmeticAlgorithm,
     TaskSingularVectorMerging,
     TiesMergingAlgorithm,
     WUDIMerging,
 )
+from fusion_bench.method.emr_merging import EMRMerging
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvSettings
+from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvInputError, LarvSettings
 from fusion_bench_larv.layers import group_layers
 
 # Each base method as the `larv_*` configs give it (paper hyperparameters; WUDI shortened).
@@ -59,6 +67,42 @@ BASES = {
         "exclude_keys": None,
     },
     "larv_simple_average": {"_target_": "fusion_bench.method.SimpleAverageAlgorithm"},
+    # opt-in mergers, FusionBench's defaults (DARE draws its masks from torch's global RNG: the
+    # test seeds it before each run)
+    "larv_dare_ta": {
+        "_target_": "fusion_bench.method.DareTaskArithmetic",
+        "scaling_factor": 0.3,
+        "sparsity_ratio": 0.5,
+        "only_on_linear_weights": False,
+        "rescale": True,
+    },
+    "larv_dare_ties": {
+        "_target_": "fusion_bench.method.dare.DareTiesMerging",
+        "sparsity_ratio": 0.5,
+        "only_on_linear_weights": False,
+        "rescale": True,
+        "scaling_factor": 0.5,
+        "threshold": 20,
+        "remove_keys": [],
+        "merge_func": "sum",
+    },
+    "larv_dare_simple_average": {
+        "_target_": "fusion_bench.method.DareSimpleAverage",
+        "sparsity_ratio": 0.5,
+        "only_on_linear_weights": False,
+        "rescale": True,
+    },
+    "larv_magmax": {"_target_": "fusion_bench.method.MagMaxAlgorithm", "scaling_factor": 0.5},
+    "larv_model_stock": {
+        "_target_": "fusion_bench.method.model_stock.ModelStock",
+        "model_save_path": None,
+    },
+    "larv_doge_ta": {
+        "_target_": "fusion_bench.method.DOGE_TA_Algorithm",
+        "subspace": 6,
+        "K": 30,
+        "lamda": 0.07,
+    },
 }
 DIRECT = {
     "larv_ta": lambda: TaskArithmeticAlgorithm(scaling_factor=0.3),
@@ -70,6 +114,24 @@ DIRECT = {
     "larv_tsvm": lambda: TaskSingularVectorMerging(alpha=1),
     "larv_wudi": lambda: WUDIMerging(iter_num=5),
     "larv_simple_average": lambda: SimpleAverageAlgorithm(),
+    "larv_dare_ta": lambda: DareTaskArithmetic(
+        scaling_factor=0.3, sparsity_ratio=0.5, only_on_linear_weights=False
+    ),
+    "larv_dare_ties": lambda: DareTiesMerging(
+        sparsity_ratio=0.5,
+        only_on_linear_weights=False,
+        rescale=True,
+        scaling_factor=0.5,
+        threshold=20,
+        remove_keys=[],
+        merge_func="sum",
+    ),  # fmt: skip
+    "larv_dare_simple_average": lambda: DareSimpleAverage(
+        sparsity_ratio=0.5, only_on_linear_weights=False
+    ),
+    "larv_magmax": lambda: MagMaxAlgorithm(scaling_factor=0.5),
+    "larv_model_stock": lambda: ModelStock(),
+    "larv_doge_ta": lambda: DOGE_TA_Algorithm(subspace=6, K=30, lamda=0.07),
 }
 UNIT = {"gate": "schedule", "schedule": "uniform", "schedule_scales": [1.0]}
 
@@ -182,6 +244,41 @@ def test_task_vector_placement_differs_for_ties_and_protects_caller(models):
     for name, sd in before.items():
         for k, v in sd.items():
             assert torch.equal(pool.load_model(name).state_dict()[k], v), (name, k)
+
+
+class _ReturnsModels(BaseAlgorithm):
+    """Returns what TALL-mask merging returns: one model per task, no merged model (FusionBench
+    0.2.33's own TALL-mask merger fails on CLIP models before it returns, so it is mimicked)."""
+
+    def run(self, modelpool):
+        models = {n: modelpool.load_model(n) for n in modelpool.model_names}
+        return {"models": models, "metadata": None}
+
+
+@pytest.mark.parametrize(
+    ("base", "returned"),
+    [
+        (
+            EMRMerging(),
+            "EMRModulatedModel (fusion_bench.method.emr_merging.utils.EMRModulatedModel)",
+        ),
+        (_ReturnsModels(), "dict (builtins.dict) {'models': dict, 'metadata': NoneType}"),
+    ],
+    ids=["emr", "tall_like"],
+)
+def test_output_that_is_not_one_model_is_refused_by_name(models, tmp_path, base, returned):
+    # EMR returns a task-modulated wrapper, TALL masks a dict of per-task models: LARV cannot
+    # rescale either; the error names the merger and what it returned, and nothing is written
+    cls = type(base)
+    merger = f"{cls.__name__} ({cls.__module__}.{cls.__qualname__})"
+    alg = LARVAlgorithm(base_method=base, report_dir=str(tmp_path))
+    with pytest.raises(LarvInputError) as err:
+        alg.run(fresh_pool(models))
+    assert (
+        f"base merger {merger}: it returned {returned}, not one model of the pretrained "
+        "architecture (CLIPVisionModel)" in str(err.value)
+    )
+    assert list(tmp_path.iterdir()) == [] and alg.last_report is None
 
 
 def test_tsvm_dict_output_is_handled(models):

@@ -33,7 +33,35 @@ METHODS = {
     "larv_simple_average": ("SimpleAverageAlgorithm", {}),
     # this package's LOT Merging (not in fusion_bench.method)
     "larv_lot": ("LOTMergingAlgorithm", {"num_exemplars": 32, "regularization": "pinv"}),
+    # opt-in mergers beyond the paper's, with FusionBench's own defaults
+    "larv_dare_ta": ("DareTaskArithmetic", {"scaling_factor": 0.3, "sparsity_ratio": 0.5}),
+    "larv_dare_ties": (
+        "DareTiesMerging",
+        {"scaling_factor": 0.5, "sparsity_ratio": 0.5, "threshold": 20, "merge_func": "sum"},
+    ),
+    "larv_dare_simple_average": ("DareSimpleAverage", {"sparsity_ratio": 0.5}),
+    "larv_magmax": ("MagMaxAlgorithm", {"scaling_factor": 0.5}),
+    # no checkpoint of the un-rescaled base merge (FusionBench's config saves one)
+    "larv_model_stock": ("ModelStock", {"model_save_path": None}),
+    "larv_doge_ta": ("DOGE_TA_Algorithm", {"subspace": 6, "K": 30, "lamda": 0.07}),
 }
+# `fusion_bench --cfg job` per CLI compose case: (overrides, the wrapped merger's `_target_`); the
+# named configs, and the generic route (LARV over any FusionBench method config, one override)
+CLI_CASES = {
+    "larv_ties": (["method=larv_ties"], "fusion_bench.method.TiesMergingAlgorithm"),
+    "larv_dare_ta": (["method=larv_dare_ta"], "fusion_bench.method.DareTaskArithmetic"),
+    "larv_dare_ties": (["method=larv_dare_ties"], "fusion_bench.method.dare.DareTiesMerging"),
+    "larv_dare_simple_average": (
+        ["method=larv_dare_simple_average"], "fusion_bench.method.DareSimpleAverage",
+    ),
+    "larv_magmax": (["method=larv_magmax"], "fusion_bench.method.MagMaxAlgorithm"),
+    "larv_model_stock": (["method=larv_model_stock"], "fusion_bench.method.model_stock.ModelStock"),
+    "larv_doge_ta": (["method=larv_doge_ta"], "fusion_bench.method.DOGE_TA_Algorithm"),
+    "larv+dare_ties": (
+        ["method=larv", "method@method.base_method=dare/ties_merging"],
+        "fusion_bench.method.dare.DareTiesMerging",
+    ),
+}  # fmt: skip
 BACKBONES = {"base-patch32": 1.30, "base-patch16": 1.40, "large-patch14": 1.50}
 TASKPOOL = {
     ("base-patch32", "TA8"): "TA8",
@@ -92,26 +120,38 @@ def test_plain_method_override_uses_paper_defaults(hydra_ctx):
     assert alg.build_base_method().scaling_factor == pytest.approx(1.30)
 
 
-def _fusion_bench_cfg_job(cwd: Path) -> str:
+def _fusion_bench_cfg_job(cwd: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("fusion_bench")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HYDRA_FULL_ERROR="1")
-    proc = subprocess.run(
+    return subprocess.run(
         [
-            str(exe), "--cfg", "job", "method=larv_ties",
+            str(exe), "--cfg", "job", *overrides,
             "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
             "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
         ],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
 
 
+@pytest.mark.parametrize("case", list(CLI_CASES))
 @pytest.mark.parametrize("where", ["repo_root", "elsewhere"])
-def test_cli_composes_with_no_extra_flag(where, tmp_path):
+def test_cli_composes_with_no_extra_flag(where, case, tmp_path):
     # the repo root has a config/ folder, which FusionBench turns into its primary config path
     cwd = REPO if where == "repo_root" else tmp_path
-    out = _fusion_bench_cfg_job(cwd)
+    overrides, target = CLI_CASES[case]
+    proc = _fusion_bench_cfg_job(cwd, overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
     assert "_target_: fusion_bench_larv.LARVAlgorithm" in out
-    assert "_target_: fusion_bench.method.TiesMergingAlgorithm" in out
+    assert f"_target_: {target}" in out
     assert "gate: tiered" in out
+    # Model Stock's own checkpoint of its (un-rescaled) merge, ${path.log_dir}/checkpoint in
+    # FusionBench's config, is off under LARV: the program saves LARV's model
+    assert "/checkpoint" not in out
+
+
+def test_generic_route_asks_for_the_merger(tmp_path):
+    # `method=larv` alone: Hydra names the one override that picks the merger
+    proc = _fusion_bench_cfg_job(tmp_path, ["method=larv"])
+    assert proc.returncode != 0
+    assert "You must specify 'method@method.base_method'" in proc.stdout + proc.stderr
