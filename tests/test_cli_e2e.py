@@ -1,7 +1,9 @@
 """End to end through the real `fusion_bench` CLI (subprocess), offline, on the tiny CLIP suite:
 FusionBench's model pool loads the fine-tuned towers from disk, LARV wraps the base merger, the
 merged model is saved and evaluated by `CLIPVisionModelTaskPool`, and the reports are read back
-and checked against an independent recomputation from the saved models."""
+and checked against an independent recomputation from the saved models. The generic route
+(`method=larv method@method.base_method=<option>`) runs FusionBench's own method configs (Task
+Arithmetic; DARE, bit for bit with unit scales) and refuses EMR by name before writing anything."""
 
 from __future__ import annotations
 
@@ -40,15 +42,29 @@ def base_run(tiny_clip_suite, tmp_path_factory):
     return log_dir, report
 
 
-@pytest.mark.parametrize(("gate", "cwd"), [("tiered", "repo"), ("continuous", "tmp")])
+def _generic(option: str) -> list[str]:
+    """The generic route: LARV over FusionBench's method config ``option``, chosen with one
+    override (config/method/larv.yaml)."""
+    return ["method=larv", f"method@method.base_method={option}"]
+
+
+# the named config, and the generic route over FusionBench's own task_arithmetic.yaml (the same
+# scaling factor, 0.3)
+ROUTES = {"larv_ta": ["method=larv_ta"], "generic": _generic("task_arithmetic")}
+
+
+@pytest.mark.parametrize(
+    ("gate", "cwd", "route"),
+    [("tiered", "repo", "larv_ta"), ("continuous", "tmp", "larv_ta"), ("tiered", "tmp", "generic")],
+)
 def test_larv_ta_cli_run_writes_correct_layer_report(
-    tiny_clip_suite, base_run, tmp_path, gate, cwd
+    tiny_clip_suite, base_run, tmp_path, gate, cwd, route
 ):
     base_dir, base_report = base_run
     log_dir = tmp_path / "larv"
     report = _run(
         tiny_clip_suite,
-        ["method=larv_ta", f"method.gate={gate}"],
+        [*ROUTES[route], f"method.gate={gate}"],
         log_dir,
         REPO if cwd == "repo" else tmp_path,
     )
@@ -90,9 +106,46 @@ def test_larv_ta_cli_run_writes_correct_layer_report(
         torch.testing.assert_close(got[name], t0 + s * (base[name] - t0), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["larv_ties", "larv_tsvm"])
+@pytest.mark.parametrize("method", ["larv_ties", "larv_tsvm", "larv_model_stock", "larv_doge_ta"])
 def test_other_larv_methods_run_through_the_cli(tiny_clip_suite, tmp_path, method):
     report = _run(tiny_clip_suite, [f"method={method}"], tmp_path, tmp_path)
     assert all(0.0 <= report[t]["accuracy"] <= 1.0 for t in tiny_clip_suite.tasks)
     larv = json.loads((tmp_path / "larv_layers.json").read_text())
     assert len(larv["layers"]) == tiny_clip_suite.num_layers
+    # Model Stock's own checkpoint of the un-rescaled merge is off under LARV
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_generic_route_over_dare_reproduces_dare_with_unit_scales(tiny_clip_suite, tmp_path):
+    # DARE drops task-vector entries at random from torch's global RNG; with the same program
+    # seed (run_fusion_bench passes seed=0) LARV's own load of θ_0 must not shift the draws, so
+    # LARV with unit scales saves DARE's model bit for bit
+    base_dir, larv_dir = tmp_path / "dare", tmp_path / "larv"
+    _run(tiny_clip_suite, ["method=dare/ties_merging"], base_dir, tmp_path)
+    unit = ["method.gate=schedule", "method.schedule=uniform"]
+    _run(tiny_clip_suite, [*_generic("dare/ties_merging"), *unit], larv_dir, tmp_path)
+    larv = json.loads((larv_dir / "larv_layers.json").read_text())
+    assert larv["base_method"]["_target_"] == "fusion_bench.method.dare.DareTiesMerging"
+    assert larv["base_method"]["sparsity_ratio"] == 0.5  # FusionBench's own defaults
+    assert {rec["s"] for rec in larv["layers"]} == {1.0}
+    want, got = _state(base_dir / "merged"), _state(larv_dir / "merged")
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_generic_route_refuses_emr_by_name_and_writes_nothing(tiny_clip_suite, tmp_path):
+    # EMR returns a task-modulated wrapper, not one model of the pretrained architecture
+    log_dir = tmp_path / "emr"
+    with pytest.raises(RuntimeError) as err:
+        _run(tiny_clip_suite, _generic("emr_merging/emr_merging"), log_dir, tmp_path)
+    text = " ".join(str(err.value).split())  # rich wraps the traceback's lines
+    assert (
+        "LarvInputError: LARV cannot rescale the output of the base merger EMRMerging "
+        "(fusion_bench.method.emr_merging.EMRMerging): it returned EMRModulatedModel "
+        "(fusion_bench.method.emr_merging.utils.EMRModulatedModel), not one model of the "
+        "pretrained architecture (CLIPVisionModel)" in text
+    )
+    # only Hydra's own files of the run's start: no report, no layer report, no model
+    assert {p.name for p in log_dir.iterdir()} <= {
+        "cli.log", "config.yaml", "hydra.yaml", "overrides.yaml",
+    }  # fmt: skip
