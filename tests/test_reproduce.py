@@ -147,6 +147,18 @@ def test_registry_is_read_from_the_yaml(tmp_path):
     assert "newmerger" not in registry().mergers
 
 
+def test_opt_in_merger_runs_when_named(capsys, tmp_path):
+    # FusionBench's other mergers (DARE, MagMax, Model Stock, DOGE-TA) are opt-in registry lines:
+    # outside the default list (above), in Table 1 when named
+    assert cli.main(["table1", "--merger", "dare_ties", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert (
+        "table1: 9 runs" in (text := capsys.readouterr().out)
+        and "clip-vit-base-patch32_TA8/dare_ties/larv-tiered\n         fusion_bench --config-name "
+        "larv_clip-vit-base-patch32_TA8 method=larv_dare_ties method.gate=tiered\n"
+        in text
+    )
+
+
 def _compose(cells, out: Path) -> dict[str, dict]:
     """Each cell's config as the launchers compose it (``+cell=<name>`` on the sweep folder),
     method node resolved."""
