@@ -172,6 +172,7 @@ def test_install_mode_gives_a_working_plugin(mode, dependencies, tmp_path):
 
     # the CLI, from an unrelated directory
     fusion_bench = Path(sys.executable).parent / "fusion_bench"  # FusionBench's console script
+    assert fusion_bench.is_file(), f"no fusion_bench script next to {sys.executable}"
     info = _run([python, fusion_bench, "--info", "searchpath"], elsewhere).stdout
     rows = [line for line in info.splitlines() if "fusion-bench-larv" in line]
     assert any("fusion_bench_larv_config" in r or str(proj / "config") in r for r in rows), info
