@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="inprocess (this process, one loaded model pool per suite) or a Hydra launcher: "
         "basic (sequential), joblib, submitit_slurm, submitit_local, ...",
     )  # fmt: skip
-    p.add_argument("--jobs", type=int, default=None, help="joblib: parallel jobs (n_jobs)")
+    p.add_argument(
+        "--jobs", type=int, default=None,
+        help="cells at once: joblib's n_jobs, submitit_slurm's array_parallelism, "
+        "submitit_local's sweeper batch size",
+    )  # fmt: skip
     p.add_argument(
         "--reuse-base-merge", nargs="+", action="extend", default=[], metavar="MERGER",
         help="inprocess: compute these mergers' base merge once per suite and rescale it for "
