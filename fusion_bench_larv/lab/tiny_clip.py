@@ -431,14 +431,11 @@ def _dataset_cfg(path: Path, split: str) -> dict:
     return {"_target_": "datasets.load_dataset", "path": str(path), "split": split}
 
 
-def _write_configs(
-    config_dir: Path,
-    pretrained: Path,
-    finetuned: Mapping[str, Path],
-    data: Mapping[str, Path],
-    batch_size: int,
-) -> None:
+def _write_configs(suite: TinyClipSuite, batch_size: int) -> None:
     import yaml
+
+    config_dir, pretrained = suite.config_dir, suite.pretrained_path
+    finetuned, data = suite.finetuned_paths, suite.dataset_paths
 
     header = (
         "# Written by fusion_bench_larv.lab.tiny_clip.build_tiny_clip_suite; do not edit.\n"
@@ -592,13 +589,7 @@ def build_tiny_clip_suite(
             old = {}
         if old.get("hash") == recipe["hash"] and _is_complete(suite):
             # configs hold absolute paths: rewrite them in case the root moved
-            _write_configs(
-                suite.config_dir,
-                suite.pretrained_path,
-                suite.finetuned_paths,
-                suite.dataset_paths,
-                eval_batch_size,
-            )
+            _write_configs(suite, eval_batch_size)
             return _suite(root, recipe, json.loads(stats_file.read_text()))
 
     with _build_context(num_threads):
@@ -728,13 +719,7 @@ def _build(
         }
 
     # 4. FusionBench configs, then the recipe (written last: marks the build complete)
-    _write_configs(
-        suite.config_dir,
-        suite.pretrained_path,
-        suite.finetuned_paths,
-        suite.dataset_paths,
-        eval_batch_size,
-    )
+    _write_configs(suite, eval_batch_size)
     stats["build_seconds"] = time.perf_counter() - t0
     stats_file.write_text(json.dumps(stats, indent=2))
     recipe_file.write_text(json.dumps(recipe, indent=2))

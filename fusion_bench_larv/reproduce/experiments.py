@@ -326,7 +326,9 @@ def flat_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
         if isinstance(v, Mapping):
             out += flat_overrides(v, f"{prefix}{k}.")
         else:
-            out.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, list) else v}")
+            # lists as JSON, None as YAML's null (Hydra reads a bare None as the string "None")
+            shown = json.dumps(v) if isinstance(v, list) else "null" if v is None else v
+            out.append(f"{prefix}{k}={shown}")
     return out
 
 
