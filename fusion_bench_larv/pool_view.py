@@ -95,6 +95,10 @@ class PoolView(BaseModelPool):
         return self._inner.save_model(*args, **kwargs)
 
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
+        if self._added_here(model_name_or_config):
+            # the merger's own intermediate (Singular Value Calibration adds its inner merge as
+            # `_merged_` and loads it back): served as added, neither checked nor rescaled
+            return super().load_model(model_name_or_config, *args, **kwargs)
         model = self._inner.load_model(model_name_or_config, *args, **kwargs)
         is_name = isinstance(model_name_or_config, str)
         if not is_name or model_name_or_config not in self._checked:
@@ -117,3 +121,12 @@ class PoolView(BaseModelPool):
                 else:
                     apply_scales(self._theta0, sd, self._param_scale)
         return model
+
+    def _added_here(self, name: Any) -> bool:
+        """Whether ``name`` was added to this view by the merger during its run (``add_model``),
+        rather than being one of the inner pool's models."""
+        return (
+            isinstance(name, str)
+            and name not in self._inner.all_model_names
+            and isinstance(self._models.get(name), nn.Module)
+        )

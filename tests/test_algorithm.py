@@ -29,12 +29,19 @@ from fusion_bench.method import (
     WUDIMerging,
 )
 from fusion_bench.method.emr_merging import EMRMerging
+from fusion_bench.method.singular_value_calibration.generic import (
+    SingularValueCalibrationWithBaseMethod,
+)
+from fusion_bench.method.singular_value_calibration.task_arithmetic import (
+    SingularValueCalibrationArithmeticTask,
+)
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvInputError, LarvSettings
 from fusion_bench_larv.layers import group_layers
 
 # Each base method as the `larv_*` configs give it (paper hyperparameters; WUDI shortened).
+SVC = "fusion_bench.method.singular_value_calibration"
 BASES = {
     "larv_ta": {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3},
     "larv_ties": {
@@ -103,6 +110,26 @@ BASES = {
         "K": 30,
         "lamda": 0.07,
     },
+    # Singular Value Calibration adds its inner merge to the pool as `_merged_` and loads it back
+    # (the pool view serves it); the generic wrapper through the generic route's config shape
+    "larv_svc_ta": {
+        "_target_": SVC + ".task_arithmetic.SingularValueCalibrationArithmeticTask",
+        "scaling_factor": 0.3,
+        "alpha": 0.1,
+        "accelerator": "cpu",
+    },
+    "larv+svc_ties": {
+        "_target_": SVC + ".generic.SingularValueCalibrationWithBaseMethod",
+        "alpha": 0.1,
+        "accelerator": "cpu",
+        "base_method": {
+            "_target_": "fusion_bench.method.TiesMergingAlgorithm",
+            "scaling_factor": 0.3,
+            "threshold": 20,
+            "remove_keys": [],
+            "merge_func": "sum",
+        },
+    },
 }
 DIRECT = {
     "larv_ta": lambda: TaskArithmeticAlgorithm(scaling_factor=0.3),
@@ -132,6 +159,12 @@ DIRECT = {
     "larv_magmax": lambda: MagMaxAlgorithm(scaling_factor=0.5),
     "larv_model_stock": lambda: ModelStock(),
     "larv_doge_ta": lambda: DOGE_TA_Algorithm(subspace=6, K=30, lamda=0.07),
+    "larv_svc_ta": lambda: SingularValueCalibrationArithmeticTask(
+        scaling_factor=0.3, alpha=0.1, accelerator="cpu"
+    ),
+    "larv+svc_ties": lambda: SingularValueCalibrationWithBaseMethod(
+        alpha=0.1, accelerator="cpu", base_method=BASES["larv+svc_ties"]["base_method"]
+    ),
 }
 UNIT = {"gate": "schedule", "schedule": "uniform", "schedule_scales": [1.0]}
 

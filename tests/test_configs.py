@@ -44,6 +44,10 @@ METHODS = {
     # no checkpoint of the un-rescaled base merge (FusionBench's config saves one)
     "larv_model_stock": ("ModelStock", {"model_save_path": None}),
     "larv_doge_ta": ("DOGE_TA_Algorithm", {"subspace": 6, "K": 30, "lamda": 0.07}),
+    "larv_svc_ta": (
+        "SingularValueCalibrationArithmeticTask",
+        {"scaling_factor": 0.3, "alpha": 0.1},
+    ),
 }
 # `fusion_bench --cfg job` per CLI compose case: (overrides, the wrapped merger's `_target_`); the
 # named configs, and the generic route (LARV over any FusionBench method config, one override)
@@ -57,6 +61,11 @@ CLI_CASES = {
     "larv_magmax": (["method=larv_magmax"], "fusion_bench.method.MagMaxAlgorithm"),
     "larv_model_stock": (["method=larv_model_stock"], "fusion_bench.method.model_stock.ModelStock"),
     "larv_doge_ta": (["method=larv_doge_ta"], "fusion_bench.method.DOGE_TA_Algorithm"),
+    "larv_svc_ta": (
+        ["method=larv_svc_ta"],
+        "fusion_bench.method.singular_value_calibration.task_arithmetic."
+        "SingularValueCalibrationArithmeticTask",
+    ),
     "larv+dare_ties": (
         ["method=larv", "method@method.base_method=dare/ties_merging"],
         "fusion_bench.method.dare.DareTiesMerging",
