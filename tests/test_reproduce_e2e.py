@@ -165,13 +165,17 @@ def test_inprocess_and_hydra_launchers_agree(tiny_clip_suite, tmp_path):
             "--merger", "ta", "pretrained", "finetuned", "--variant", "base", "tiered",
             "-o", "fabric.accelerator=cpu", "-o", "seed=0", "--no-collate"]  # fmt: skip
     hydra, inproc = tmp_path / "hydra", tmp_path / "inprocess"
-    rc = subprocess.run(
-        [sys.executable, "-m", "fusion_bench_larv.reproduce", *args, "--out", str(hydra),
-         "--quiet"],
-        env=_env(), capture_output=True, text=True,
-    )  # fmt: skip
-    assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
-    assert cli.main([*args, "--out", str(inproc), "--launcher", "inprocess"]) == 0
+    # both launchers in a process of their own with the same environment: float reductions (the
+    # loss) depend on the torch thread count, which must not differ between the two
+    for extra in (
+        ["--out", str(hydra), "--quiet"],
+        ["--out", str(inproc), "--launcher", "inprocess"],
+    ):
+        rc = subprocess.run(
+            [sys.executable, "-m", "fusion_bench_larv.reproduce", *args, *extra],
+            env=_env(), capture_output=True, text=True,
+        )  # fmt: skip
+        assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
     cells = _cells([*args, "--out", str(hydra)])
     assert [str(c.rel_dir) for c in cells] == [
         "bench/pretrained/base", "bench/finetuned/base", "bench/ta/base", "bench/ta/larv-tiered",
