@@ -4,6 +4,7 @@ extra flag from the repository root and from an unrelated directory."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -44,7 +45,9 @@ METHODS = {
     # no checkpoint of the un-rescaled base merge (FusionBench's config saves one)
     "larv_model_stock": ("ModelStock", {"model_save_path": None}),
     "larv_doge_ta": ("DOGE_TA_Algorithm", {"subspace": 6, "K": 30, "lamda": 0.07}),
+    # not exported by fusion_bench.method: its dotted path
     "larv_svc_ta": (
+        "fusion_bench.method.singular_value_calibration.task_arithmetic."
         "SingularValueCalibrationArithmeticTask",
         {"scaling_factor": 0.3, "alpha": 0.1},
     ),
@@ -106,7 +109,13 @@ def test_suite_composes_and_instantiates_every_method(hydra_ctx, backbone, tasks
         assert isinstance(alg, LARVAlgorithm)
         assert alg.settings == LarvSettings()  # the paper's defaults: tiered gate, η=1, ρ=.5, ζ=1
         base = alg.build_base_method()
-        expected = getattr(fusion_bench.method, cls_name, None) or getattr(lot_algorithm, cls_name)
+        if "." in cls_name:
+            module, _, attr = cls_name.rpartition(".")
+            expected = getattr(importlib.import_module(module), attr)
+        else:
+            expected = getattr(fusion_bench.method, cls_name, None) or getattr(
+                lot_algorithm, cls_name
+            )
         assert type(base) is expected
         for key, value in hparams.items():
             assert getattr(base, key) == value, (method, key)
