@@ -2,7 +2,13 @@
 model merger, as a FusionBench plugin."""
 
 from .diagnostics import commutator_conflict, effective_rank, rank_contrast, singular_values
-from .gates import composite_score, continuous_gate, depth_schedule, tiered_gate
+from .gates import (
+    composite_score,
+    continuous_gate,
+    depth_schedule,
+    normalize_scores,
+    tiered_gate,
+)
 from .layers import LayerGroupingError, group_layers
 from .settings import LarvConfigError, LarvSettings
 from .validation import LarvInputError, LarvLayerError, LarvWarning
@@ -27,6 +33,7 @@ __all__ = [
     "depth_schedule",
     "effective_rank",
     "group_layers",
+    "normalize_scores",
     "rank_contrast",
     "singular_values",
     "tiered_gate",

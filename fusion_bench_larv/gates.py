@@ -1,5 +1,5 @@
-"""Composite score, gates and depth-only schedules (docs/method.md, "Composite score and gates" and
-"Depth-only schedules"). Plain Python floats in, plain lists out.
+"""Composite score, gates and depth-only schedules (docs/method.md, "Composite score and gates",
+"Median-normalized scores" and "Depth-only schedules"). Plain Python floats in, plain lists out.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ TIER_LEVELS: dict[str, tuple[float, ...]] = {
     "tier6": (0.5, 0.7, 0.9, 1.1, 1.3, 1.5),
     "tier12": tuple(0.5 + i / 11 for i in range(12)),
 }
+# How the continuous gate reads w: `none` (the paper) or `median` (w / median w; not in the paper).
+W_NORMALIZATIONS = ("none", "median")
 SCHEDULES = ("uniform", "linear", "tier2", "tier3", "tier6", "tier12", "custom", "lines")
 # Default `schedule_scales` where a schedule takes them; `lines` defaults to the 0.5 -> 1.5 range.
 SCHEDULE_DEFAULT_SCALES: dict[str, tuple[float, ...]] = {
@@ -89,15 +91,54 @@ def tiered_gate(
     levels: Sequence[float] = DEFAULT_LEVELS,
 ) -> tuple[list[float], tuple[float, float]]:
     """s = levels[0] if w ≤ t1, levels[1] if t1 < w ≤ t2, levels[2] otherwise, with (t1, t2) the
-    (α, β) empirical quantiles of the scores. Returns the scales and (t1, t2)."""
+    (α, β) empirical quantiles of the scores. Returns the scales and (t1, t2).
+
+    It reads only the order of the scores, so it is already scale-free: w → k·w (k > 0) gives the
+    same scales, and :func:`normalize_scores` does not apply to it (docs/method.md,
+    "Median-normalized scores")."""
     t1, t2 = empirical_quantile(w, alpha), empirical_quantile(w, beta)
     lo, mid, hi = levels
     return [lo if x <= t1 else (mid if x <= t2 else hi) for x in w], (t1, t2)
 
 
 def continuous_gate(w: Sequence[float], gamma: float = 3.0) -> list[float]:
-    """s = 1 + 0.5·tanh(γ(w − 1)), in (0.5, 1.5)."""
+    """s = 1 + 0.5·tanh(γ(w − 1)), in (0.5, 1.5). It reads the level of w: for the scale-free
+    variant pass the scores through :func:`normalize_scores` first."""
     return [1.0 + 0.5 * math.tanh(gamma * (x - 1.0)) for x in w]
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of L values: the middle one of the sorted values for odd L, the mean of the two
+    middle ones, (w_(L/2) + w_(L/2+1)) / 2, for even L (as ``numpy.median``)."""
+    if not values:
+        raise ValueError("median of an empty list")
+    s = sorted(values)
+    n, h = len(s), len(s) // 2
+    return float(s[h]) if n % 2 else (s[h - 1] + s[h]) / 2
+
+
+def normalize_scores(w: Sequence[float], how: str = "none") -> tuple[list[float], float | None]:
+    """The scores as the continuous gate reads them, and the normalizer they were divided by
+    (docs/method.md, "Median-normalized scores"; ``median`` is not the paper's rule).
+
+    ``none`` (the paper's rule, default): w̃_ℓ = w_ℓ; the normalizer is None.
+    ``median``: w̃_ℓ = w_ℓ / m with m = median_ℓ(w_ℓ) over the L layers (:func:`median`; for even
+    L the mean of the two middle scores). Scale-free: w → k·w (k > 0) leaves w̃ unchanged, so
+    1 + ½·tanh(γ(w̃_ℓ − 1)) reads only the layer-to-layer profile, and a layer at the median gets
+    s = 1. When m ≤ 0 (scores are ≥ 0, so at least half of them are 0, e.g. an all-zero update) the
+    ratio is undefined: w̃ = w and the normalizer is 1.0.
+    """
+    if how not in W_NORMALIZATIONS:
+        raise ValueError(
+            f"unknown score normalization {how!r}; allowed: {', '.join(W_NORMALIZATIONS)}"
+        )
+    w = [float(x) for x in w]
+    if how == "none":
+        return w, None
+    m = median(w)
+    if not m > 0:
+        return w, 1.0
+    return [x / m for x in w], m
 
 
 def _tiers(num_layers: int, levels: Sequence[float]) -> list[float]:

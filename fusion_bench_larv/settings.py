@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .gates import DEFAULT_LEVELS, SCHEDULES, TIER_LEVELS
+from .gates import DEFAULT_LEVELS, SCHEDULES, TIER_LEVELS, W_NORMALIZATIONS
 from .validation import LarvWarning, did_you_mean, unknown_keys_message
 
 GATES = ("tiered", "continuous", "schedule")
@@ -47,6 +47,7 @@ class LarvSettings:
     beta: float = 2 / 3
     levels: tuple[float, ...] = DEFAULT_LEVELS
     gamma: float = 3.0
+    w_normalize: str = "none"  # continuous gate only: `median` reads w / median(w) (not the paper)
     eta: float = 1.0
     rho: float = 0.5
     zeta: float = 1.0
@@ -104,6 +105,7 @@ class LarvSettings:
         _choice("spectrum_tail", self.spectrum_tail, SPECTRUM_TAILS)
         _choice("outside_blocks", self.outside_blocks, OUTSIDE_POLICIES)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("w_normalize", self.w_normalize, W_NORMALIZATIONS)
         self.alpha, self.beta = _number("alpha", self.alpha), _number("beta", self.beta)
         if not 0 < self.alpha < 1:
             raise _bad("alpha", self.alpha, "a quantile in (0, 1)")
@@ -174,6 +176,16 @@ class LarvSettings:
                 unused.append(f"`schedule_scales` = {list(self.schedule_scales)}")
             if unused:
                 unused[-1] += f" (used only with `gate: schedule`; gate is {self.gate!r})"
+        if self.gate != "continuous" and self.w_normalize != "none":
+            why = (
+                "the tiered gate reads only the order of w: it is scale-free already"
+                if self.gate == "tiered"
+                else "a depth-only schedule ignores w"
+            )
+            unused.append(
+                f"`w_normalize` = {self.w_normalize!r} (used only with `gate: continuous`; "
+                f"gate is {self.gate!r}: {why})"
+            )
         if self.spectrum != "randomized" and self.spectrum_tail != "none":
             unused.append(
                 f"`spectrum_tail` = {self.spectrum_tail!r} (an exact spectrum has no tail; "

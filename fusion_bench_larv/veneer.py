@@ -20,7 +20,15 @@ from .diagnostics import (
     skip_theta0_sketches,
     theta0_statistics,
 )
-from .gates import composite_score, continuous_gate, depth_prior, depth_schedule, tiered_gate
+from .gates import (
+    composite_score,
+    continuous_gate,
+    depth_prior,
+    depth_schedule,
+    median,
+    normalize_scores,
+    tiered_gate,
+)
 from .layers import LayerGroups
 from .settings import LarvSettings
 from .stats_cache import Theta0Stats, content_key, load_stats, save_stats
@@ -51,6 +59,9 @@ class LarvResult:
     layer_pattern: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    # what each w was divided by before the continuous gate (`w_normalize: median`: the median of
+    # w over the layers); None when the gate read w as it is
+    w_normalizer: float | None = None
 
     @property
     def scales(self) -> list[float]:
@@ -61,6 +72,7 @@ class LarvResult:
             "layer_pattern": self.layer_pattern,
             "num_layers": len(self.layers),
             "thresholds": list(self.thresholds) if self.thresholds is not None else None,
+            "w_normalizer": self.w_normalizer,
             "layers": [vars(rec) for rec in self.layers],
             "outside_blocks": self.outside,
             "diagnostics_seconds": self.seconds,
@@ -250,21 +262,32 @@ def _zero_everywhere(theta0: StateDict, delta: _LazyDelta, e_layers: list[float]
     return all(bool(is_zero_update(_sq_norm(delta[k]), _sq_norm(theta0[k]))) for k in delta)
 
 
-def gate_scores(
+def _gate(
     e: list[float], c: list[float], settings: LarvSettings
-) -> tuple[list[float], list[float], tuple | None]:
-    """Composite score w and scale s per layer for the configured gate."""
+) -> tuple[list[float], list[float], tuple | None, float | None]:
+    """:func:`gate_scores` plus the normalizer the continuous gate divided w by (None: none)."""
     w = composite_score(
         e, c, settings.eta, settings.rho, settings.zeta,
         settings.use_info, settings.use_depth_prior, settings.use_conflict,
     )  # fmt: skip
-    thresholds = None
+    thresholds = normalizer = None
     if settings.gate == "tiered":
         s, thresholds = tiered_gate(w, settings.alpha, settings.beta, settings.levels)
     elif settings.gate == "continuous":
-        s = continuous_gate(w, settings.gamma)
+        w_gate, normalizer = normalize_scores(w, settings.w_normalize)
+        s = continuous_gate(w_gate, settings.gamma)
     else:
         s = depth_schedule(settings.schedule, len(w), settings.schedule_scales)
+    return w, s, thresholds, normalizer
+
+
+def gate_scores(
+    e: list[float], c: list[float], settings: LarvSettings
+) -> tuple[list[float], list[float], tuple | None]:
+    """Composite score w and scale s per layer for the configured gate (with ``gate:
+    continuous``, w divided by its median first under ``w_normalize: median``; w itself is
+    returned as computed), and the tiered gate's thresholds (else None)."""
+    w, s, thresholds, _ = _gate(e, c, settings)
     return w, s, thresholds
 
 
@@ -299,7 +322,12 @@ def compute_larv_scales(
     warnings = []
     if _zero_everywhere(theta0, delta, e):
         warnings.append("the merged update θ_merged − θ_0 is zero everywhere; e = 0 in every layer")
-    w, s, thresholds = gate_scores(e, c, settings)
+    w, s, thresholds, normalizer = _gate(e, c, settings)
+    if normalizer is not None and not median(w) > 0:
+        warnings.append(
+            f"`w_normalize: {settings.w_normalize}`: the median of w over the layers is "
+            f"{median(w)!r}, not > 0; the continuous gate read w as it is (normalizer 1.0)"
+        )
     r = depth_prior(groups.num_layers)
 
     param_scale: dict[str, float] = {}
@@ -334,7 +362,7 @@ def compute_larv_scales(
         outside.append({"name": name, "layer": li + 1, "position": groups.outside_position[name],
                         "scale": param_scale[name]})  # fmt: skip
     return LarvResult(layers, outside, param_scale, thresholds, groups.pattern,
-                      time.perf_counter() - start, warnings)  # fmt: skip
+                      time.perf_counter() - start, warnings, normalizer)  # fmt: skip
 
 
 @torch.no_grad()

@@ -38,7 +38,9 @@ from fusion_bench.method.singular_value_calibration.task_arithmetic import (
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvInputError, LarvSettings
+from fusion_bench_larv.gates import continuous_gate, median, normalize_scores
 from fusion_bench_larv.layers import group_layers
+from fusion_bench_larv.validation import LarvWarning
 
 # Each base method as the `larv_*` configs give it (paper hyperparameters; WUDI shortened).
 SVC = "fusion_bench.method.singular_value_calibration"
@@ -242,6 +244,52 @@ def test_scaled_merge_is_theta0_plus_scaled_update(models, name, gate):
         torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
     post = [o for o in report["outside_blocks"] if "post_layernorm" in o["name"]]
     assert post and all(o["layer"] == 6 for o in post)
+
+
+@pytest.mark.parametrize("name", ["larv_ta", "larv_iso_c"])
+def test_median_normalized_continuous_gate_reaches_the_merge_and_the_report(models, name, tmp_path):
+    # `w_normalize: median` (not the paper's rule): the written report's scales are the pure
+    # functions' output on its own w, its `w_normalizer` is the median, and the merge uses them
+    theta0 = state(models[0])
+    base = state(DIRECT[name]().run(fresh_pool(models)))
+    alg = LARVAlgorithm(
+        base_method=BASES[name], gate="continuous", w_normalize="median", report_dir=str(tmp_path)
+    )
+    got = state(alg.run(fresh_pool(models)))
+    data = json.loads((tmp_path / "larv_layers.json").read_text())
+    assert data == alg.last_report and data["settings"]["w_normalize"] == "median"
+    w = [rec["w"] for rec in data["layers"]]
+    scales = [rec["s"] for rec in data["layers"]]
+    # L = 6: the median is the mean of the 3rd and 4th smallest scores
+    assert data["w_normalizer"] == median(w) == (sorted(w)[2] + sorted(w)[3]) / 2
+    assert normalize_scores(w, "median")[1] == data["w_normalizer"]
+    assert scales == continuous_gate(normalize_scores(w, "median")[0], 3.0)
+    assert scales == continuous_gate([x / data["w_normalizer"] for x in w], 3.0)
+    assert min(scales) < 1.0 < max(scales)  # the profile about the median, not the level
+    groups = group_layers([k for k, v in theta0.items() if v.is_floating_point()])
+    for li, members in enumerate(groups.members):
+        for k in members:
+            want = theta0[k] + scales[li] * (base[k] - theta0[k])
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+    # the paper's rule (default) on the same merge: the same w, the gate on w itself
+    paper = LARVAlgorithm(base_method=BASES[name], gate="continuous")
+    paper.run(fresh_pool(models))
+    assert paper.last_report["settings"]["w_normalize"] == "none"
+    assert paper.last_report["w_normalizer"] is None
+    assert [rec["w"] for rec in paper.last_report["layers"]] == w
+    assert [rec["s"] for rec in paper.last_report["layers"]] == continuous_gate(w, 3.0)
+    assert [rec["s"] for rec in paper.last_report["layers"]] != scales
+
+
+def test_median_normalization_under_the_tiered_gate_warns_and_changes_nothing(models):
+    with pytest.warns(LarvWarning, match="`w_normalize`"):
+        alg = LARVAlgorithm(base_method=BASES["larv_ta"], gate="tiered", w_normalize="median")
+    alg.run(fresh_pool(models))
+    plain = LARVAlgorithm(base_method=BASES["larv_ta"], gate="tiered")
+    plain.run(fresh_pool(models))
+    assert alg.last_report["w_normalizer"] is None
+    assert alg.last_report["layers"] == plain.last_report["layers"]
+    assert alg.last_report["thresholds"] == plain.last_report["thresholds"]
 
 
 def test_task_vector_placement_equals_merged_placement_for_task_arithmetic(models):

@@ -14,6 +14,8 @@ from fusion_bench_larv.gates import (
     depth_prior,
     depth_schedule,
     empirical_quantile,
+    median,
+    normalize_scores,
     softplus,
     standardize,
     tiered_gate,
@@ -284,6 +286,87 @@ def test_continuous_gate_at_one_is_one_for_any_gamma():
         assert continuous_gate([1.0], gamma) == [1.0]
     # default γ = 3
     assert continuous_gate([0.0])[0] == pytest.approx(1 - 0.5 * math.tanh(3.0))
+
+
+# -- median-normalized scores (`w_normalize: median`; not the paper's rule) ----------------------
+def test_median_of_odd_and_even_numbers_of_layers():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    # even L: the mean of the two middle scores of the sorted list, as numpy.median
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert median([5.0, 1.0]) == 3.0 and median([7.0]) == 7.0
+    with pytest.raises(ValueError):
+        median([])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=30))
+def test_median_is_numpys(values):
+    import numpy as np
+
+    assert median(values) == pytest.approx(float(np.median(values)), rel=1e-12, abs=1e-9)
+
+
+def test_median_normalized_continuous_gate_by_hand():
+    # w = (1, 2, 4): m = 2, w / m = (0.5, 1, 2); γ = 3:
+    # s = 1 + ½·tanh(−1.5), 1, 1 + ½·tanh(3)
+    w_tilde, m = normalize_scores([1.0, 2.0, 4.0], "median")
+    assert m == 2.0 and w_tilde == [0.5, 1.0, 2.0]
+    s = continuous_gate(w_tilde, 3.0)
+    assert s == pytest.approx([0.5474258732, 1.0, 1.4975273768], abs=1e-10)
+    # the paper's rule on the same scores: 1 + ½·tanh(0), ½·tanh(3), ½·tanh(9)
+    assert continuous_gate([1.0, 2.0, 4.0], 3.0) == pytest.approx(
+        [1.0, 1.4975273768, 1.4999999848], abs=1e-10
+    )
+
+
+def test_median_normalized_gate_with_an_even_number_of_layers_by_hand():
+    # L = 4: m = (2 + 3) / 2 = 2.5, w / m = (1.6, 0.4, 1.2, 0.8): s = 1 ± ½·tanh(1.8), 1 ± ½·tanh(0.6)
+    w_tilde, m = normalize_scores([4.0, 1.0, 3.0, 2.0], "median")
+    assert m == 2.5 and w_tilde == pytest.approx([1.6, 0.4, 1.2, 0.8], rel=1e-15)
+    s = continuous_gate(w_tilde)
+    assert s == pytest.approx([1.4734030064, 0.5265969936, 1.2685247835, 0.7314752165], abs=1e-10)
+    # no layer sits at the median: the scales are symmetric about 1 around it
+    assert s[0] + s[1] == pytest.approx(2.0) and s[2] + s[3] == pytest.approx(2.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(1e-3, 1e3), min_size=2, max_size=24),
+    st.floats(1e-3, 1e3),
+    st.floats(0.1, 10.0),
+)
+def test_median_normalized_gate_is_scale_free(w, k, gamma):
+    scaled = [k * x for x in w]
+    s, m = normalize_scores(w, "median")
+    s_k, m_k = normalize_scores(scaled, "median")
+    assert m_k == pytest.approx(k * m, rel=1e-12)
+    assert continuous_gate(s_k, gamma) == pytest.approx(continuous_gate(s, gamma), abs=1e-9)
+
+
+def test_the_papers_rule_is_not_scale_free_and_the_tiered_gate_is():
+    w = [0.2, 0.5, 0.9, 1.4, 3.0]
+    for k in (0.5, 2.0, 10.0):
+        scaled = [k * x for x in w]
+        # default (`none`): the level of w moves every scale
+        assert normalize_scores(scaled) == (scaled, None)
+        paper, paper_k = continuous_gate(w), continuous_gate(scaled)
+        assert paper_k != pytest.approx(paper, abs=1e-3)
+        # median: unchanged
+        med = continuous_gate(normalize_scores(w, "median")[0])
+        assert continuous_gate(normalize_scores(scaled, "median")[0]) == pytest.approx(med)
+        # the tiered gate reads the order only: scale-free already (thresholds scale with w)
+        (t, (t1, t2)), (t_k, (t1_k, t2_k)) = tiered_gate(w), tiered_gate(scaled)
+        assert t_k == t and (t1_k, t2_k) == pytest.approx((k * t1, k * t2))
+    # the median layer gets s = 1 exactly
+    assert continuous_gate(normalize_scores(w, "median")[0])[2] == 1.0
+
+
+def test_median_normalization_when_the_median_is_not_positive():
+    # scores are ≥ 0; with m = 0 the ratio is undefined: the scores are read as they are
+    assert normalize_scores([0.0, 0.0, 0.0, 1.0], "median") == ([0.0, 0.0, 0.0, 1.0], 1.0)
+    assert normalize_scores([0.0, 0.0], "median") == ([0.0, 0.0], 1.0)
+    with pytest.raises(ValueError, match="median"):
+        normalize_scores([1.0], "mean")
 
 
 # -- depth schedules ----------------------------------------------------------------------------

@@ -316,6 +316,8 @@ def test_construction_error_leaves_the_output_directory_alone(tmp_path):
         (dict(schedule_scales=[1.2]), "`schedule_scales` = [1.2]"),
         (dict(schedule="linear", gate="continuous"), "`schedule` = 'linear'"),
         (dict(spectrum_tail="uniform"), "`spectrum_tail` = 'uniform'"),
+        (dict(w_normalize="median"), "`w_normalize` = 'median'"),
+        (dict(w_normalize="median", gate="schedule"), "`w_normalize` = 'median'"),
     ],
 )
 def test_keys_without_effect_warn_and_name_the_key(kwargs, named):
@@ -331,9 +333,41 @@ def test_keys_without_effect_warn_and_name_the_key(kwargs, named):
         dict(gate="schedule", schedule="uniform", schedule_scales=[1.2]),
         dict(gate="schedule", schedule="linear"),
         dict(spectrum="randomized", spectrum_tail="uniform"),
+        dict(gate="continuous", w_normalize="median"),
+        dict(gate="continuous", w_normalize="none"),
     ],
 )
 def test_keys_in_use_do_not_warn(kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LarvSettings(**kwargs)
+
+
+# -- w_normalize: the continuous gate on w / median(w) (not the paper's rule) -------------------
+def test_w_normalize_default_is_the_papers_rule_and_median_is_accepted():
+    assert LarvSettings().w_normalize == "none"
+    s = LarvSettings(gate="continuous", w_normalize="median")
+    assert s.to_dict()["w_normalize"] == "median"
+    assert LarvSettings.from_mapping(s.to_dict()) == s
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("mean", "'mean'"), ("Median", "'Median'"), (None, "None"), (True, "True"), (1.0, "1.0")],
+)
+def test_bad_w_normalize_names_key_value_and_choices(value, shown):
+    with pytest.raises(LarvConfigError) as err:
+        LarvSettings(gate="continuous", w_normalize=value)
+    msg = str(err.value)
+    assert "`w_normalize`" in msg and shown in msg and "one of none, median" in msg, msg
+
+
+def test_misspelt_w_normalize_gets_a_suggestion():
+    with pytest.raises(LarvConfigError, match="did you mean `median`"):
+        LarvSettings(gate="continuous", w_normalize="medain")
+
+
+def test_w_normalize_under_the_tiered_gate_says_why_it_has_no_effect():
+    with pytest.warns(LarvWarning, match="tiered gate reads only the order of w") as rec:
+        LarvSettings(gate="tiered", w_normalize="median")
+    assert "used only with `gate: continuous`" in str(rec[0].message)

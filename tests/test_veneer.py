@@ -123,6 +123,32 @@ def test_zero_update_gives_e_zero_and_a_warning():
     assert any("zero everywhere" in w for w in res.warnings)
 
 
+def test_median_normalized_gate_in_the_report_and_its_zero_median_fallback():
+    theta0 = make_state()
+    merged = perturb(theta0)
+    res = compute_larv_scales(
+        theta0, merged, LarvSettings(gate="continuous", w_normalize="median"), progress=False
+    )
+    d = res.to_dict()
+    w = [rec["w"] for rec in d["layers"]]
+    assert d["w_normalizer"] == res.w_normalizer == float(np.median(w))
+    assert res.scales == gate_scores(
+        [r.e for r in res.layers], [r.c for r in res.layers],
+        LarvSettings(gate="continuous", w_normalize="median"),
+    )[1]  # fmt: skip
+    assert res.warnings == []
+    assert compute_larv_scales(theta0, merged, LarvSettings(), progress=False).w_normalizer is None
+    # an all-zero update: w ≡ 0, the median is 0 and the ratio undefined; the gate reads w as it
+    # is (normalizer 1.0) and the report says so
+    zero = compute_larv_scales(
+        theta0, {k: v.clone() for k, v in theta0.items()},
+        LarvSettings(gate="continuous", w_normalize="median"), progress=False,
+    )  # fmt: skip
+    assert zero.w_normalizer == 1.0
+    assert zero.scales == pytest.approx([1 - 0.5 * np.tanh(3.0)] * 6)
+    assert any("median of w" in m and "normalizer 1.0" in m for m in zero.warnings)
+
+
 def test_key_and_shape_mismatch_raise():
     theta0 = make_state()
     merged = perturb(theta0)
