@@ -346,17 +346,18 @@ def test_pool_mapping_keeps_folders_and_replaces_pools(tmp_path):
 
 def test_benchmark_grid_is_one_experiment(capsys, tmp_path):
     # the old `python -m fusion_bench_larv.benchmark --mergers ta ties iso_c` grid, as one
-    # experiment of the pipeline: 3 mergers × 6 variants + the pretrained and fine-tuned rows
+    # experiment of the pipeline: 3 mergers × 7 variants (the 6 of the old grid and the continuous
+    # gate on median-normalized scores) + the pretrained and fine-tuned rows
     args = ["bench", "--pools", "testbed:full", "--launcher", "inprocess", "--out", str(tmp_path),
             "--merger", "ta", "ties", "iso_c", "pretrained", "finetuned"]  # fmt: skip
     groups, cells = cli.select(cli.build_parser().parse_args(args))
-    assert len(cells) == 3 * 6 + 2
+    assert len(cells) == 3 * 7 + 2
     assert [c.variant.short for c in cells if c.merger == "ties"] == [
-        "base", "tiered", "continuous", "linear", "tier3", "lines",
+        "base", "tiered", "continuous", "continuous-median", "linear", "tier3", "lines",
     ]  # fmt: skip
     assert cli.main(["--dry-run", *args]) == 0
     text = capsys.readouterr().out
-    assert "bench: 20 runs (0 done, 20 to run)" in text
+    assert "bench: 23 runs (0 done, 23 to run)" in text
     assert (
         "fusion_bench modelpool=LarvTestbed/full taskpool=LarvTestbed/full method=ties_merging "
         "method.scaling_factor=0.3 method.threshold=20 method.merge_func=sum" in text
@@ -366,3 +367,52 @@ def test_benchmark_grid_is_one_experiment(capsys, tmp_path):
     # short variant names select by slug suffix
     sel = X.filter_cells(X.EXPERIMENTS["bench"].cells(), variants=["linear", "larv-tiered"])
     assert {c.variant.slug for c in sel} == {"sched-linear", "larv-tiered"}
+
+
+def test_median_normalized_continuous_variant_is_its_own_row():
+    # `w_normalize: median` (not the paper's rule) is a bench variant of its own, with its own
+    # folder, LARV keys and a table label that says what it is
+    v = X.CONTINUOUS_MEDIAN
+    assert v in X.EXPERIMENTS["bench"].variants
+    assert (v.slug, v.short) == ("larv-continuous-median", "continuous-median")
+    assert v.larv == {"gate": "continuous", "w_normalize": "median"}
+    # the variant filter: the exact short name picks it alone, `continuous` does not pick it
+    cells = X.EXPERIMENTS["bench"].cells()
+    assert {c.variant.slug for c in X.filter_cells(cells, variants=["continuous-median"])} == {
+        v.slug
+    }
+    assert {c.variant.slug for c in X.filter_cells(cells, variants=["continuous"])} == {
+        "larv-continuous"
+    }
+
+
+def test_median_normalized_continuous_row_in_the_bench_table(tmp_path):
+    # the bench table (collate.per_task_table, as `collate` calls it) from hand-written cell
+    # reports: the variant gets a row of its own, labelled by the variant's own label
+    from fusion_bench_larv.reproduce import collate
+
+    cells = X.filter_cells(
+        X.EXPERIMENTS["bench"].cells(),
+        mergers=["ta"],
+        variants=["base", "continuous", "continuous-median"],
+    )
+    acc = {
+        "base": (0.80, 0.60),
+        "larv-continuous": (0.70, 0.70),
+        "larv-continuous-median": (0.90, 0.80),
+    }
+    for c in cells:
+        c.run_dir(tmp_path).mkdir(parents=True)
+        a, b = acc[c.variant.slug]
+        report = {"t1": {"accuracy": a}, "t2": {"accuracy": b}}
+        (c.run_dir(tmp_path) / "program_report.json").write_text(json.dumps(report))
+    res = collate.Results(cells, tmp_path)
+    order = [v.slug for v in X.BENCH_VARIANTS]
+    table = collate.per_task_table("bench", "bench", cells, res, None, order).markdown()
+    rows = [line for line in table.splitlines() if line.startswith("| Task Arithmetic")]
+    assert rows == [
+        "| Task Arithmetic | 80.0 | 60.0 | 70.0 |",
+        "| Task Arithmetic + LARV continuous | 70.0 (-10.0) | 70.0 (+10.0) | 70.0 (+0.0) |",
+        "| Task Arithmetic + LARV continuous on w / median w (not in the paper) | 90.0 (+10.0) "
+        "| 80.0 (+20.0) | 85.0 (+15.0) |",
+    ]

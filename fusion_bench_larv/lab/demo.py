@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 scales = " ".join(
                     f"{rec['s']:.2f}" for rec in json.loads(path.read_text())["layers"]
                 )
-                print(f"scales {merger:<8}{variant.slug:<17}{scales}")
+                print(f"scales {merger:<8}{variant.slug:<23}{scales}")
     print(
         f"\n[demo] done in {time.time() - t0:.0f}s. Table: {table}; per-layer plot (e, c, s by "
         f"depth): {args.out / 'artefacts' / 'fig2_bench.png'}; every cell's reports: "

@@ -196,6 +196,13 @@ BASE = Variant("base", "base", None)
 TIERED = Variant("larv-tiered", "+LARV tiered", {"gate": "tiered"})
 CONTINUOUS = Variant("larv-continuous", "+LARV continuous", {"gate": "continuous"})
 LARV = (TIERED, CONTINUOUS)
+#: the continuous gate on w / median(w) (`w_normalize: median`; docs/method.md, "Median-normalized
+#: scores"): scale-free, not the paper's rule
+CONTINUOUS_MEDIAN = Variant(
+    "larv-continuous-median",
+    "+LARV continuous on w / median w (not in the paper)",
+    {"gate": "continuous", "w_normalize": "median"},
+)
 MAIN_VARIANTS = (BASE, TIERED, CONTINUOUS)
 
 #: Table 3 rows (r, e, c); (1, 1, 1) is the full composite score
@@ -254,8 +261,15 @@ FIG4_LEVELS = (0.5, 1.0, 1.5)
 FIG4_GRID = tuple(itertools.product(FIG4_LEVELS, repeat=3))
 
 
-#: the benchmark's variants: alone, LARV's two gates, the depth-only schedules linear, tier3, LiNeS
-BENCH_VARIANTS = (BASE, TIERED, CONTINUOUS, *(schedule(s) for s in ("linear", "tier3", "lines")))
+#: the benchmark's variants: alone, LARV's two gates, the continuous gate on median-normalized
+#: scores, the depth-only schedules linear, tier3, LiNeS
+BENCH_VARIANTS = (
+    BASE,
+    TIERED,
+    CONTINUOUS,
+    CONTINUOUS_MEDIAN,
+    *(schedule(s) for s in ("linear", "tier3", "lines")),
+)
 
 
 def table6_variants() -> tuple[Variant, ...]:
@@ -494,15 +508,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "bench",
-            "Benchmark: every merger alone, with LARV (tiered, continuous) and with the depth-only "
-            "schedules linear, tier3 and LiNeS, on one model pool / task pool pair",
+            "Benchmark: every merger alone, with LARV (tiered, continuous, continuous on w / median "
+            "w) and with the depth-only schedules linear, tier3 and LiNeS, on one model pool / "
+            "task pool pair",
             (BENCH,),
             DEFAULT,
             BENCH_VARIANTS,
             references=("pretrained", "finetuned"),
             artefacts=("bench.md", "bench.csv", "fig2_bench.png", "bench_layers.csv"),
-            grid="{M} mergers × {base, tiered, continuous, linear, tier3, LiNeS} + pretrained and "
-            "fine-tuned references, on the pools of --pools (default testbed:full)",
+            grid="{M} mergers × {base, tiered, continuous, continuous-median, linear, tier3, LiNeS} "
+            "+ pretrained and fine-tuned references, on the pools of --pools (default testbed:full)",
             gpu_hours="testbed full on 2 CPU cores: ≈ 1 min per cell (WUDI's merge ≈ 40 min)",
             disk="the testbed build (python scripts/build_testbed.py --recipe full)",
             paper=False,
