@@ -10,6 +10,12 @@ the figures to trust). Peak memory on CPU is the process's peak resident set (Li
 reset through ``/proc/self/clear_refs`` before each phase) minus the resident set at the start of
 the phase: what the phase added, all allocators included. On CUDA it is
 ``torch.cuda.max_memory_allocated`` over the phase minus the allocated memory at its start.
+
+With ``--device cuda`` the pool (θ_0 and the task models) lives on the GPU too (``--pool-device``
+says otherwise), so TA and TIES merge there; Iso-C, Iso-CTS, TSV-M and WUDI compute on
+FusionBench's Fabric device, which is the GPU whenever one is visible. The task vectors are drawn
+on the CPU (the same numbers on every device) and moved. ``benchmarks/gpu_check.sh`` runs the
+whole GPU grid in one command.
 """
 
 from __future__ import annotations
@@ -58,6 +64,13 @@ CONFIGS = {  # HF CLIP ViT vision towers (openai/clip-vit-*)
                  num_attention_heads=4, patch_size=32, image_size=64),  # smoke test only
 }  # fmt: skip
 NAMES = {"b32": "ViT-B/32", "b16": "ViT-B/16", "l14": "ViT-L/14", "tiny": "tiny"}
+# data-free mergers of config/larv/mergers.yaml that the benchmark runs (each with its larv_<name>
+# config's hyperparameters); the paper's five first
+MERGERS = ["ta", "ties", "iso_c", "iso_cts", "tsvm", "wudi", "simple_average"]
+LABELS = {"ta": "TA", "ties": "TIES", "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "tsvm": "TSV-M",
+          "wudi": "WUDI", "simple_average": "Simple Avg"}  # fmt: skip
+# Hydra overrides of a merger's base config (``--wudi-iter-num``), set once in main()
+BASE_OVERRIDES: dict[str, tuple[str, ...]] = {}
 
 
 # -- measurement helpers ---------------------------------------------------------------------------
@@ -102,8 +115,10 @@ class Phase:
         self.seconds = time.perf_counter() - self.t0
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated() - self.mem0
+            self.retained = torch.cuda.memory_allocated() - self.mem0
         else:
             self.peak = _status("VmHWM") - self.mem0
+            self.retained = _status("VmRSS") - self.mem0
         return False
 
 
@@ -156,7 +171,7 @@ def task_vector(theta0: dict, task: int, num_layers: int) -> dict:
         rel = 0.005 + 0.015 * depth
         target = rel * float(v.norm()) if float(v.norm()) > 0 else rel * v.numel() ** 0.5 * 1e-2
         if v.ndim >= 2:
-            mat = v.reshape(v.shape[0], -1)
+            mat = v.reshape(v.shape[0], -1)  # only its shape is read: τ is drawn on the CPU
             m, n = mat.shape
             r = min(round(4 * 2 ** (4 * depth)), m, n)
             low = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
@@ -172,11 +187,11 @@ def task_vector(theta0: dict, task: int, num_layers: int) -> dict:
 _POOLS: dict = {}  # kind -> (models, theta0): grown task by task, shared across K
 
 
-def make_pool(kind: str, num_tasks: int):
-    """An in-memory pool with ``num_tasks`` fine-tuned towers; a larger K extends the smaller
-    one (tasks 0..K−1 are the same task vectors whatever K)."""
+def make_pool(kind: str, num_tasks: int, device: torch.device | str = "cpu"):
+    """An in-memory pool with ``num_tasks`` fine-tuned towers on ``device``; a larger K extends
+    the smaller one (tasks 0..K−1 are the same task vectors whatever K, drawn on the CPU)."""
     if kind not in _POOLS:
-        pretrained = build_tower(kind)
+        pretrained = build_tower(kind).to(device)
         _POOLS.clear()
         _POOLS[kind] = ({"_pretrained_": pretrained},
                         {k: v.clone() for k, v in pretrained.state_dict().items()})  # fmt: skip
@@ -187,7 +202,7 @@ def make_pool(kind: str, num_tasks: int):
         restore(m, theta0)
         sd = m.state_dict()
         for k, d in task_vector(theta0, t, layers).items():
-            sd[k].add_(d)
+            sd[k].add_(d.to(sd[k].device))
         models[f"task_{t}"] = m
     return {
         k: models[k] for k in ["_pretrained_"] + [f"task_{t}" for t in range(num_tasks)]
@@ -201,7 +216,7 @@ def ta_merged_state(kind: str, num_tasks: int, theta0: dict, scaling: float = 0.
     merged = {k: v.clone() for k, v in theta0.items()}
     for t in range(num_tasks):
         for k, d in task_vector(theta0, t, layers).items():
-            merged[k].add_(d, alpha=scaling)
+            merged[k].add_(d.to(merged[k].device), alpha=scaling)
     return merged
 
 
@@ -224,7 +239,8 @@ def base_merger(name: str):
 def _base_config(name: str) -> dict:
     from ..reproduce.registry import base_method_config
 
-    return base_method_config(name)  # composed once, outside the timed loops
+    # composed once, outside the timed loops
+    return base_method_config(name, BASE_OVERRIDES.get(name, ()))
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -249,23 +265,96 @@ def with_larv(models, theta_ref, pool, mname, settings, device, stats):
     apply), from a restored pretrained model; returns LARV's timed steps and the θ_0 copy's
     seconds."""
     restore(models["_pretrained_"], theta_ref)
+    _sync(device)
     t0 = time.perf_counter()
     theta0 = {k: v.detach().clone() for k, v in models["_pretrained_"].state_dict().items()}
+    _sync(device)
     clone_s = time.perf_counter() - t0
     merged = base_merger(mname).run(pool)
     steps, _ = larv_steps(theta0, merged.state_dict(), settings, device, stats)
     return steps, clone_s
 
 
-def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log, shared):
-    """Base merger alone vs base merger + LARV on an in-memory pool (models already loaded)."""
+def single_pass(models, theta_ref, pool, mname, settings, device, shared):
+    """One base-merger run serves every figure of an expensive merger (Iso-C, Iso-CTS, TSV-M,
+    WUDI: SVDs or an optimisation per matrix): the base merger is timed alone, then LARV (exact
+    spectra, θ_0 copy included) on its output, then LARV with randomized spectra on a copy of that
+    output. Peak base+LARV is composed from the two phases: max(peak of the base merger, what
+    its output holds + LARV's own peak on top of it)."""
+    cold = "stats" not in shared
+    stats = shared.setdefault("stats", Theta0Stats.empty(settings))
+    rset = replace(settings, spectrum="randomized", spectrum_tail="uniform")
+    rstats = shared.setdefault("stats_randomized", Theta0Stats.empty(rset))
+    restore(models["_pretrained_"], theta_ref)
+    with Phase(device) as base:
+        merged = base_merger(mname).run(pool)
+    merged_sd = merged.state_dict()
+    unscaled = {k: v.clone() for k, v in merged_sd.items()}
+
+    def larv(target, s, st):
+        _sync(device)
+        t0 = time.perf_counter()
+        theta0 = {k: v.detach().clone() for k, v in models["_pretrained_"].state_dict().items()}
+        _sync(device)
+        clone_s = time.perf_counter() - t0
+        steps, _ = larv_steps(theta0, target, s, device, st)
+        return steps, clone_s
+
+    with Phase(device) as ph:
+        steps, clone_s = larv(merged_sd, settings, stats)
+    del merged, merged_sd
+    if not len(rstats):  # warm-up, untimed: θ_0's randomized statistics
+        larv({k: v.clone() for k, v in unscaled.items()}, rset, rstats)
+    rsteps, rclone_s = larv(unscaled, rset, rstats)
+    extra = sum(steps.values()) + clone_s
+    return {
+        "protocol": "single pass (one base-merger run)",
+        "base_seconds": base.seconds,
+        "base_seconds_all": [base.seconds],
+        "larv_extra_seconds_cold": extra if cold else None,
+        "larv_extra_seconds_warm": None if cold else extra,
+        "larv_extra_seconds_all": [extra],
+        "larv_steps_seconds": steps,
+        "theta0_copy_seconds": clone_s,
+        "larv_extra_seconds_randomized_warm": sum(rsteps.values()) + rclone_s,
+        "peak_bytes_base": base.peak,
+        "peak_bytes_with_larv": max(base.peak, base.retained + ph.peak),
+    }
+
+
+def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log, shared,
+                        pool_device=None, out=None, checkpoint=None, single=()):  # fmt: skip
+    """Base merger alone vs base merger + LARV on an in-memory pool (models already loaded).
+    ``out`` is filled in place and ``checkpoint()`` called after each merger, so a run stopped
+    part-way (a time limit) still leaves the mergers it finished."""
     from fusion_bench import BaseModelPool
 
-    models, theta_ref = make_pool(kind, num_tasks)
+    models, theta_ref = make_pool(kind, num_tasks, device if pool_device is None else pool_device)
     pool = BaseModelPool(models)
-    out = {"num_tasks": num_tasks, "mergers": {}}
+    out = {} if out is None else out
+    out.update(num_tasks=num_tasks, mergers={})
+    out["model_fp32_bytes"] = sum(v.numel() * v.element_size() for v in theta_ref.values())
     for mname in mergers:
         _base_config(mname)  # compose the config before anything is timed
+        if mname in single:
+            x = single_pass(models, theta_ref, pool, mname, settings, device, shared)
+            base, cold, warm = (
+                x["base_seconds"],
+                x["larv_extra_seconds_cold"],
+                x["larv_extra_seconds_warm"],
+            )
+            x["ratio_cold"] = None if cold is None else cold / base
+            x["ratio_warm"] = None if warm is None else warm / base
+            x["ratio_randomized_warm"] = x["larv_extra_seconds_randomized_warm"] / base
+            x["base_overrides"] = list(BASE_OVERRIDES.get(mname, ()))
+            out["mergers"][mname] = x
+            log(f"  {NAMES[kind]} K={num_tasks} {mname} (single pass): base {base:.2f}s, LARV extra "
+                f"{cold or warm:.2f}s ({'cold' if cold else 'warm'}), randomized "
+                f"{x['larv_extra_seconds_randomized_warm']:.2f}s, peak +{x['peak_bytes_base'] / 2**20:.0f}"
+                f" / +{x['peak_bytes_with_larv'] / 2**20:.0f} MiB")  # fmt: skip
+            if checkpoint is not None:
+                checkpoint()
+            continue
         reps = repeats if mname == "ta" else 1
         base_t, base_mem, larv_t, larv_cold_t, total_mem, clone_t = [], [], [], [], [], []
         for r in range(reps):
@@ -317,9 +406,10 @@ def bench_base_and_larv(kind, num_tasks, mergers, device, repeats, settings, log
             "ratio_randomized_warm": statistics.median(rand_t) / base,
             "peak_bytes_base": max(base_mem),
             "peak_bytes_with_larv": max(total_mem),
+            "base_overrides": list(BASE_OVERRIDES.get(mname, ())),
         }
-    model_bytes = sum(v.numel() * v.element_size() for v in theta_ref.values())
-    out["model_fp32_bytes"] = model_bytes
+        if checkpoint is not None:
+            checkpoint()
     restore(models["_pretrained_"], theta_ref)
     del models, pool
     _trim()
@@ -477,6 +567,15 @@ def pct(x):
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def merger_label(name: str, x: dict) -> str:
+    """A table's merger cell: its label, plus any override of its base config (reduced WUDI)."""
+    label = LABELS.get(name, name)
+    over = [o.rsplit(".", 1)[-1] for o in x.get("base_overrides", [])]
+    if x.get("protocol", "").startswith("single pass"):
+        over.append("single pass")
+    return f"{label} ({', '.join(over)})" if over else label
+
+
 def markdown(res: dict) -> str:
     lines = [f"# LARV cost benchmark ({res['device']})", "",
              f"Command: `{res['command']}`", "",
@@ -491,13 +590,14 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind, r in res["models"].items():
         for run in r.get("pool_runs", []):
-            for m, x in run["mergers"].items():
+            for m, x in run.get("mergers", {}).items():
                 add = x["peak_bytes_with_larv"] - x["peak_bytes_base"]
                 warm = "–" if x["larv_extra_seconds_warm"] is None else (
                     f"{x['larv_extra_seconds_warm']:.2f}")  # fmt: skip
                 rw = "–" if x["ratio_warm"] is None else f"{100 * x['ratio_warm']:.0f}%"
                 lines.append(
-                    f"| {NAMES[kind]} | {run['num_tasks']} | {m.upper()} | {x['base_seconds']:.2f} "
+                    f"| {NAMES[kind]} | {run['num_tasks']} | {merger_label(m, x)} "
+                    f"| {x['base_seconds']:.2f} "
                     f"| {fmt(x['larv_extra_seconds_cold'])} | {warm} "
                     f"| {pct(x['ratio_cold'])} | {rw} "
                     f"| {fmt(x.get('larv_extra_seconds_randomized_warm'))} "
@@ -546,13 +646,28 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_label(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H200)``: the device first, then the card's name."""
+    if device.type != "cuda":
+        return str(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["b32", "b16", "l14"], choices=list(CONFIGS))
     ap.add_argument("--tasks", nargs="+", type=int, default=[8, 14, 20])
-    ap.add_argument("--mergers", nargs="+", default=["ta", "ties"], choices=["ta", "ties"])
-    ap.add_argument("--ties-max-tasks", type=int, default=8, help="TIES only up to this K")
+    ap.add_argument("--mergers", nargs="+", default=["ta", "ties"], choices=MERGERS)
+    ap.add_argument("--ties-max-tasks", type=int, default=8,
+                    help="mergers other than TA only up to this K")  # fmt: skip
+    ap.add_argument("--wudi-iter-num", type=int, default=None,
+                    help="WUDI's iter_num (its config: 400); a reduced one is reported as such")  # fmt: skip
+    ap.add_argument("--single-pass", nargs="*", default=[], choices=MERGERS, metavar="MERGER",
+                    help="mergers measured from one base-merger run (see single_pass)")  # fmt: skip
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where LARV's diagnostics run")
+    ap.add_argument("--pool-device", default=None,
+                    help="where the pool's models live and TA/TIES merge (default: --device)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-fraction", type=float, default=0.75,
                     help="skip pools needing more than this fraction of MemAvailable")  # fmt: skip
@@ -565,6 +680,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
+    pool_device = torch.device(args.pool_device or args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    BASE_OVERRIDES.clear()
+    if args.wudi_iter_num is not None:
+        BASE_OVERRIDES["wudi"] = (f"method.base_method.iter_num={args.wudi_iter_num}",)
+    _base_config.cache_clear()
     settings = LarvSettings()
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or f"{args.device}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -576,8 +698,12 @@ def main(argv=None):
         "command": "python -m fusion_bench_larv.lab.bench_cost " + " ".join(argv or sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": f"{platform.machine()} {os.cpu_count()} logical CPUs",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_label(device),
+        "pool_device": str(pool_device),
         "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "base_overrides": {k: list(v) for k, v in BASE_OVERRIDES.items()},
         "threads": torch.get_num_threads(),
         "loadavg_start": os.getloadavg(),
         "settings": settings.to_dict(),
@@ -591,9 +717,11 @@ def main(argv=None):
         ),
         "models": {},
     }
-    avail = _status("MemAvailable") if os.path.exists("/proc/meminfo") else None
-    with open("/proc/meminfo") as f:
-        avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable"))
+    if pool_device.type == "cuda":
+        avail = torch.cuda.mem_get_info(pool_device)[0]  # free memory on the card
+    else:
+        with open("/proc/meminfo") as f:
+            avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable"))
     for kind in args.models:
         log(f"{NAMES[kind]}")
         r = res["models"].setdefault(kind, {})
@@ -615,13 +743,16 @@ def main(argv=None):
                     del th0, mg
                 continue
             mergers = [m for m in args.mergers if m == "ta" or k <= args.ties_max_tasks]
-            run = bench_base_and_larv(kind, k, mergers, device, args.repeats, settings, log, shared)
+            run: dict = {}
             r.setdefault("pool_runs", []).append(run)
+            bench_base_and_larv(kind, k, mergers, device, args.repeats, settings, log, shared,
+                                pool_device, run, lambda: dump(res, args.out, tag),
+                                args.single_pass)  # fmt: skip
             if "floor" not in r:
                 r["floor"] = bench_floor(kind, device, args.repeats, log)
             dump(res, args.out, tag)
         if kind in args.spectra_models and "spectra" not in r:
-            pretrained = build_tower(kind)
+            pretrained = build_tower(kind).to(pool_device)
             th0 = {k: v.clone() for k, v in pretrained.state_dict().items()}
             mg = ta_merged_state(kind, min(args.tasks), th0)
             r["spectra"] = bench_spectra(kind, th0, mg, device, args.repeats, log,
@@ -638,10 +769,15 @@ def main(argv=None):
 def dump(res: dict, out: str, tag: str) -> dict:
     """Write the JSON and markdown so far (a partial run still leaves its figures)."""
     res["loadavg_end"] = os.getloadavg()
-    with open(os.path.join(out, f"cost-{tag}.json"), "w") as f:
-        json.dump(res, f, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
-    with open(os.path.join(out, f"cost-{tag}.md"), "w") as f:
-        f.write(markdown(res))
+    for ext, text in (
+        ("json", json.dumps(res, indent=2,
+                            default=lambda o: list(o) if isinstance(o, tuple) else str(o))),
+        ("md", markdown(res)),
+    ):  # fmt: skip
+        path = os.path.join(out, f"cost-{tag}.{ext}")
+        with open(path + ".tmp", "w") as f:  # a run killed mid-write keeps the previous file
+            f.write(text)
+        os.replace(path + ".tmp", path)
     return res
 
 
