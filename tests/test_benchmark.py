@@ -12,6 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
+from fusion_bench_larv import per_sample
 from fusion_bench_larv.reproduce import __main__ as cli
 from fusion_bench_larv.reproduce import collate
 from fusion_bench_larv.reproduce.inprocess import InProcessLauncher
@@ -74,16 +75,27 @@ def test_benchmark_grid_in_process_on_tiny_clip(tiny_clip_suite, tmp_path):
         ).acc
     # the table: per task, average, (±Δ) against the base merger, relative to the fine-tuned
     table = (tmp_path / "artefacts" / "bench.md").read_text()
-    delta = tiered.average - base.average
     rel = 100 * tiered.average / ft.average
-    task_deltas = " | ".join(
-        f"{tiered.acc[t]:.1f} ({tiered.acc[t] - base.acc[t]:+.1f})" for t in tasks
-    )
+
+    def shown(x, t=None):
+        # Δ against the base cell with its paired 95% interval (* when it excludes 0)
+        ci = res.interval("bench", "ta", "larv-tiered", [t] if t else None)
+        b = base.acc[t] if t else base.average
+        star = "*" if ci.significant else ""
+        return f"{x:.1f} ({x - b:+.1f} [{ci.lo:+.1f}, {ci.hi:+.1f}]){star}"
+
+    task_deltas = " | ".join(shown(tiered.acc[t], t) for t in tasks)
     want = (
-        f"| Task Arithmetic + LARV tiered | {task_deltas} | "
-        f"{tiered.average:.1f} ({delta:+.1f}) | {rel:.1f}% |"
+        f"| Task Arithmetic + LARV tiered | {task_deltas} | {shown(tiered.average)} | {rel:.1f}% |"
     )
     assert want in table
+    # the per-sample files the intervals read: FusionBench's CLIP task pool, recording
+    for rel_dir in ("bench/ta/base", "bench/ta/larv-tiered"):
+        (evaluation,) = per_sample.read(tmp_path / "runs" / rel_dir / per_sample.FILE)
+        for t in tasks:
+            assert evaluation[t].mean() == pytest.approx(_report(tmp_path, rel_dir)[t]["accuracy"])
+    with Image.open(tmp_path / "artefacts" / "forest_bench.png") as img:
+        assert img.width > 500
     assert f"| Fine-tuned (upper bound) | {' | '.join(f'{ft.acc[t]:.1f}' for t in tasks)}" in table
     assert "| 100.0% |" in table and "| Pretrained (θ₀) |" in table
     assert "| Task Arithmetic + LiNeS (ours, not in the paper) |" in table

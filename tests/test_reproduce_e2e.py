@@ -139,7 +139,8 @@ def test_tiny_clip_sweep_resumes_after_interruption_and_collates(tiny_clip_suite
             for t in tasks:
                 want = 100 * (report[t]["accuracy"] - base[t]["accuracy"])
                 assert float(mine[t]["delta"]) == pytest.approx(want, abs=1e-3)
-                assert f"({want:+.1f})" in md
+                assert f"({want:+.1f} [" in md  # Δ with its paired 95% interval
+                assert mine[t]["lo"] and float(mine[t]["lo"]) <= float(mine[t]["hi"])
             layers = json.loads((c.run_dir(out) / "larv_layers.json").read_text())
             assert layers["settings"]["gate"] == c.variant.larv["gate"]
             assert len(layers["layers"]) == tiny_clip_suite.num_layers
@@ -286,6 +287,7 @@ def test_testbed_sweep_with_the_joblib_launcher(tmp_path_factory):
         tasks = [t for t in r if t not in ("model_info", "average")]
         avg[v] = 100 * sum(r[t]["accuracy"] for t in tasks) / len(tasks)
     delta = avg["sched-custom_0p5_1p0_1p5"] - avg["base"]
-    assert f"| (0.5, 1.0, 1.5) | {avg['sched-custom_0p5_1p0_1p5']:.1f} ({delta:+.1f}) |" in table
+    assert f"| (0.5, 1.0, 1.5) | {avg['sched-custom_0p5_1p0_1p5']:.1f} ({delta:+.1f} [" in table
+    assert (runs / "base" / "per_sample.json").is_file()  # written by the task pool, CLI launcher
     assert "| (1.0, 1.0, 1.0) base |" in table and "↳ *paper* | 71.9 |" in table
     _read_png(out / "artefacts" / "fig4_tiered_grid.png")

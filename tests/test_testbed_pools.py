@@ -4,9 +4,11 @@ on the ``ci`` recipe (same code paths as the quick/full runs, tiny sizes)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from fusion_bench_larv import per_sample
 from fusion_bench_larv.lab.tiny_clip import run_fusion_bench
 
 TASKS = ("mnist", "fashion_mnist", "animal_mnist", "sklearn_digits", "opencv_digits")
@@ -77,3 +79,15 @@ def test_demo_prints_a_measured_comparison(ci_testbed, tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 1 + 2 + 2 and all(row in printed for row in rows)
     assert (out / "artefacts" / "fig2_bench.png").is_file()
+    # per-sample correctness beside each merged cell's report: its mean is the reported accuracy
+    for c in ("ta/base", "ta/larv-tiered"):
+        (evaluation,) = per_sample.read(runs / c / per_sample.FILE)
+        assert set(evaluation) == set(TASKS)
+        for task in TASKS:
+            assert evaluation[task].mean() == _accuracy(reports[c], task)
+    # the Δ of the LARV row carries its paired 95% interval (average and every task)
+    tiered_row = next(row for row in rows if "+ LARV tiered" in row)
+    assert tiered_row.count(" [") == len(TASKS) + 1
+    assert re.search(r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)\*? \|", tiered_row)
+    assert "paired bootstrap 95% interval" in table
+    assert (out / "artefacts" / "forest_bench.png").stat().st_size > 0

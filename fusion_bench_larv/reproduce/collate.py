@@ -6,7 +6,10 @@ One result type (:class:`Run`: a cell's per-task accuracy in %, read from Fusion
 (:class:`Table`, :func:`per_task_table` and friends), one Figure 2 (:func:`plots.fig2`).
 
 Tables follow the paper's layouts: accuracy (%) with "(±Δ)" = variant − base merger in
-percentage points. Where the paper prints a number, a "↳ paper" row under ours shows it
+percentage points, and, where both cells recorded per-sample correctness (``per_sample.json``),
+"(±Δ [lo, hi])" with the paired bootstrap 95% interval over test images
+(:mod:`.intervals`; the average resamples within each task) and "*" after it when the interval
+excludes 0. Without per-sample files (older runs) a Δ has no interval, and the notes say so. Where the paper prints a number, a "↳ paper" row under ours shows it
 (``paper_anchors.json``, transcribed from the paper, approximate; base values the paper only
 implies are marked "derived"). The paper reports the better of the tiered and continuous gates
 per cell, a choice made on test accuracy: our "max†" rows make the same oracle choice and say so.
@@ -23,7 +26,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .. import per_sample as per_sample_mod
 from ..io import atomic_path, write_text_atomic
+from . import intervals as iv
 from .experiments import (
     ABLATION_ROWS,
     BENCH_VARIANTS,
@@ -58,6 +63,10 @@ class Run:
     cell: Cell
     acc: dict[str, float]  # task -> %
     layers: dict | None = None
+    #: task -> per-sample correctness (test-set order), from ``per_sample.json``; only tasks
+    #: whose count agrees with the report's accuracy
+    per_sample: dict[str, Any] | None = None
+    digests: dict[str, str | None] | None = None  # task -> SHA-256 of its test labels
 
     @property
     def average(self) -> float:
@@ -92,14 +101,45 @@ def load_run(cell: Cell, out: Path) -> Run | None:
     }
     if not acc:
         return None
-    return Run(cell, acc, read_json(run_dir / LAYERS))
+    run = Run(cell, acc, read_json(run_dir / LAYERS))
+    if ref is None or not ref.own_task:
+        run.per_sample, run.digests = _per_sample(run_dir, acc)
+    return run
+
+
+def _per_sample(run_dir: Path, acc: Mapping[str, float]) -> tuple[dict | None, dict | None]:
+    """The cell's per-sample correctness when its file holds exactly one evaluation; a task is
+    kept only when its count is the one the report's accuracy implies (|correct/n − acc| < ½/n),
+    so a stale or foreign file never stands in for the report."""
+    path = run_dir / per_sample_mod.FILE
+    evaluations = per_sample_mod.read(path)
+    if not evaluations or len(evaluations) != 1:
+        return None, None
+    digests = (per_sample_mod.read_digests(path) or [{}])[0]
+    kept = {}
+    for task, c in evaluations[0].items():
+        if task in acc and c.size and abs(c.mean() - acc[task] / 100.0) < 0.5 / c.size:
+            kept[task] = c
+    return (kept or None), digests
 
 
 class Results:
-    def __init__(self, cells: Sequence[Cell], out: Path):
+    """Every cell's run, and the paired intervals of their Δ (B = ``resamples`` bootstrap
+    resamples, ``seed``; :mod:`.intervals`)."""
+
+    def __init__(
+        self,
+        cells: Sequence[Cell],
+        out: Path,
+        resamples: int = iv.DEFAULT_RESAMPLES,
+        seed: int = iv.DEFAULT_SEED,
+    ):
         self.out = Path(out)
         self.cells = list(cells)
+        self.resamples, self.seed = resamples, seed
         self.runs: dict[tuple[str, str, str], Run] = {}
+        self._intervals: dict[tuple, iv.Interval | None] = {}
+        self.no_interval: set[tuple[str, str, str]] = set()  # Δ shown without one
         for c in cells:
             r = load_run(c, out)
             if r is not None:
@@ -121,6 +161,42 @@ class Results:
     @property
     def missing(self) -> int:
         return len(self.cells) - len(self.runs)
+
+    def interval(
+        self, suite: str, merger: str, variant: str, tasks: Sequence[str] | None = None
+    ) -> iv.Interval | None:
+        """Δ (variant − the merger's base cell) and its 95% interval, in percentage points, over
+        ``tasks`` (one task: :func:`.intervals.paired_bootstrap`; several: the average,
+        :func:`.intervals.average_bootstrap`; None: every task of the variant's run). None when
+        a cell or a task's per-sample correctness is missing or the two do not pair (other test
+        images): never an interval from anything else."""
+        run, base = self.get(suite, merger, variant), self.get(suite, merger, "base")
+        if run is None or base is None or variant == "base":
+            return None
+        tasks = tuple(tasks) if tasks is not None else tuple(run.acc)
+        key = (suite, merger, run.cell.variant.slug, tasks)
+        if key not in self._intervals:
+            self._intervals[key] = self._compute(run, base, tasks)
+        return self._intervals[key]
+
+    def _compute(self, run: Run, base: Run, tasks: Sequence[str]) -> iv.Interval | None:
+        pairs = []
+        for t in tasks:
+            a = (run.per_sample or {}).get(t)
+            b = (base.per_sample or {}).get(t)
+            if a is None or b is None or a.shape != b.shape:
+                return None
+            da, db = (run.digests or {}).get(t), (base.digests or {}).get(t)
+            if da is not None and db is not None and da != db:
+                return None
+            pairs.append((a, b))
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            r = iv.paired_bootstrap(*pairs[0], resamples=self.resamples, seed=self.seed)
+        else:
+            r = iv.average_bootstrap(pairs, resamples=self.resamples, seed=self.seed)
+        return iv.Interval(100 * r.delta, 100 * r.lo, 100 * r.hi)
 
 
 @cache
@@ -151,10 +227,41 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
-def with_delta(x: float | None, base: float | None) -> str:
+def with_delta(x: float | None, base: float | None, ci: iv.Interval | None = None) -> str:
+    """``x``, ``x (±Δ)`` or, with an interval, ``x (±Δ [lo, hi])``, then ``*`` when the
+    interval excludes 0."""
     if x is None:
         return "—"
-    return f"{x:.1f}" if base is None else f"{x:.1f} ({x - base:+.1f})"
+    if base is None:
+        return f"{x:.1f}"
+    if ci is None:
+        return f"{x:.1f} ({x - base:+.1f})"
+    return f"{x:.1f} ({x - base:+.1f} [{ci.lo:+.1f}, {ci.hi:+.1f}])" + (
+        "*" if ci.significant else ""
+    )
+
+
+def delta_cell(
+    res: Results, suite: str, merger: str, variant: str, col: Col, delta: bool = True
+) -> tuple[str, dict[str, Any]]:
+    """One table cell (``variant`` against the merger's base cell in ``col``) and its CSV
+    fields: ours, base, delta, lo, hi, significant."""
+    run = res.get(suite, merger, variant)
+    base = res.get(suite, merger, "base") if variant != "base" else None
+    x = col.value(run) if run else None
+    b = col.value(base) if base else None
+    ci = None
+    if delta and col.delta and x is not None and b is not None:
+        ci = res.interval(suite, merger, variant, col.tasks(run))
+        if ci is None:
+            res.no_interval.add((suite, merger, variant))
+    shown = with_delta(x, b if delta and col.delta else None, ci)
+    fields = {
+        "ours": x, "base": b, "delta": None if x is None or b is None else x - b,
+        "lo": ci.lo if ci else None, "hi": ci.hi if ci else None,
+        "significant": ci.significant if ci else None,
+    }  # fmt: skip
+    return shown + (col.suffix if x is not None else ""), fields
 
 
 @dataclass
@@ -186,8 +293,8 @@ class Table:
         md, csv_path = folder / f"{self.name}.md", folder / f"{self.name}.csv"
         write_text_atomic(md, self.markdown())
         keys = [
-            "suite", "row", "merger", "variant", "column", "ours", "base", "delta",
-            "paper", "paper_delta", "paper_derived",
+            "suite", "row", "merger", "variant", "column", "ours", "base", "delta", "lo", "hi",
+            "significant", "paper", "paper_delta", "paper_derived",
         ]  # fmt: skip
         write_csv(csv_path, keys, [{k: _csv(r.get(k)) for k in keys} for r in self.records])
         return [md, csv_path]
@@ -231,10 +338,17 @@ class Col:
     key: str  # anchor task key / CSV column
     delta: bool = True  # show (±Δ) against the base row
     suffix: str = ""
+    #: the tasks behind the value (its Δ's interval resamples them); None: every task of the run
+    task_list: Sequence[str] | None = None
+
+    def tasks(self, run: Run | None) -> list[str]:
+        if self.task_list is not None:
+            return list(self.task_list)
+        return list(run.acc) if run is not None else []
 
 
 def task_col(suite: str, task: str) -> Col:
-    return Col(task, suite, lambda r, t=task: r.acc.get(t), task)
+    return Col(task, suite, lambda r, t=task: r.acc.get(t), task, task_list=(task,))
 
 
 def avg_col(suite: str, label: str = "Avg.", tasks: Sequence[str] | None = None) -> Col:
@@ -243,7 +357,7 @@ def avg_col(suite: str, label: str = "Avg.", tasks: Sequence[str] | None = None)
         return sum(vals) / len(vals) if vals else None
 
     key = "average" if tasks is None else label
-    return Col(label, suite, f, key)
+    return Col(label, suite, f, key, task_list=tuple(tasks) if tasks is not None else None)
 
 
 def relative_col(suite: str, res: Results, label: str = "Avg. / fine-tuned") -> Col:
@@ -275,12 +389,8 @@ def rows_block(
         for v in variants:
             cells, paper_cells, any_paper = [], [], False
             for col in cols:
-                run = res.get(col.suite, m, v)
-                base = res.get(col.suite, m, "base") if v != "base" else None
-                x = col.value(run) if run else None
-                b = col.value(base) if base else None
-                shown = with_delta(x, b if v != "base" and col.delta else None)
-                cells.append(shown + (col.suffix if x is not None else ""))
+                shown, fields = delta_cell(res, col.suite, m, v, col)
+                cells.append(shown)
                 a = anc.get((col.suite, m, anchor_variant.get(v, v), col.key))
                 if a is not None:
                     any_paper = True
@@ -292,14 +402,20 @@ def rows_block(
                     paper_cells.append("")
                 t.record(
                     suite=col.suite, row=merger_label(m) + labels.get(v, f" {v}"), merger=m,
-                    variant=v, column=col.key, ours=x, base=b,
-                    delta=None if x is None or b is None or v == "base" else x - b,
+                    variant=v, column=col.key, **_fields(fields, v),
                     paper=a["value"] if a else None, paper_delta=a.get("delta") if a else None,
                     paper_derived=bool(a and a.get("derived")),
                 )  # fmt: skip
             t.row(merger_label(m) + labels.get(v, f" {v}"), cells)
             if any_paper:
                 t.row("↳ *paper*", paper_cells)
+
+
+def _fields(fields: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """CSV fields of a cell; a base row has no Δ."""
+    if variant == "base":
+        return {**fields, "delta": None, "lo": None, "hi": None, "significant": None}
+    return dict(fields)
 
 
 def paper_only_rows(t: Table, cols: Sequence[Col], table: str, mergers: Sequence[str]) -> None:
@@ -325,6 +441,7 @@ def _notes(t: Table, res: Results, anchor_table: str | None) -> None:
             else ""
         )
     )
+    _interval_notes(t, res)
     if anchor_table:
         t.notes.append(
             "↳ *paper* rows: the paper's numbers (paper_anchors.json), approximate; "
@@ -337,6 +454,32 @@ def _notes(t: Table, res: Results, anchor_table: str | None) -> None:
         t.notes.append(
             f"Pools mapped to {', '.join(mapped)}: our numbers come from those models; the "
             "paper's rows still refer to the paper's CLIP / Flan-T5 models."
+        )
+
+
+def _interval_notes(t: Table, res: Results) -> None:
+    """What the intervals are, and which Δ have none (no per-sample files: older runs)."""
+    shown = any(r.get("lo") is not None for r in t.records)
+    if shown:
+        t.notes.append(
+            "[lo, hi] = paired bootstrap 95% interval of Δ over the test images: both cells' "
+            "per-sample correctness (per_sample.json), the same images resampled with "
+            f"replacement for both, B = {res.resamples} resamples, seed {res.seed}, percentile "
+            "interval; for an average, each task's images are resampled independently and the "
+            "per-task Δ averaged with equal task weights. * = the interval excludes 0."
+            + (" The max† rows' intervals ignore that the gate was chosen on the same test "
+               "images." if any("†" in line for line in t.lines) else "")
+        )  # fmt: skip
+    missing = sorted({f"{s}/{m}/{v}" for s, m, v in res.no_interval if any(
+        r.get("suite") == s and r.get("merger") == m and r.get("variant") == v
+        and r.get("delta") is not None for r in t.records)})  # fmt: skip
+    if missing:
+        t.notes.append(
+            f"No interval for {len(missing)} row(s) ({', '.join(missing[:6])}"
+            + (", …" if len(missing) > 6 else "")
+            + "): their cell or its base cell has no per-sample file (per_sample.json; runs "
+            "from before it was recorded, or a task pool that does not record it), or the two "
+            "do not cover the same test images; their Δ is shown alone."
         )
 
 
@@ -393,11 +536,7 @@ def per_task_table(
     t.header()
     order = list(order or MAIN_ORDER)
     order += [c.variant.slug for c in cells if c.variant.slug not in order]
-    labels = {
-        c.variant.slug: " + " + c.variant.label.removeprefix("+")
-        for c in cells
-        if c.variant.slug not in VARIANT_ROWS
-    }
+    labels = _labels(cells)
     for s in suites:
         scells = [c for c in cells if c.suite.key == s.key]
         tasks = res.tasks(s.key) or tasks0
@@ -417,6 +556,28 @@ def per_task_table(
             "average (each fine-tuned model on its own task: the upper bound)."
         )
     return t
+
+
+def suites_side_by_side(
+    t: Table, cells: Sequence[Cell], res: Results, order: Sequence[str]
+) -> None:
+    """Append to ``t`` the average of every merger × variant row, one column per suite, side by
+    side (same renderer, :func:`rows_block`; its CSV records are already in ``t``, per suite)."""
+    suites = _suites(cells)
+    cols = [avg_col(s.key, s.label) for s in suites]
+    side = Table(t.name, t.title, [c.label for c in cols])
+    side.header()
+    rows_block(side, res, cols, _mergers(cells), _variants(cells, order), None, _labels(cells))
+    t.lines += ["", "**Average per suite, side by side**", "", *side.lines]
+
+
+def _labels(cells: Sequence[Cell]) -> dict[str, str]:
+    """Row labels of the variants outside :data:`VARIANT_ROWS`."""
+    return {
+        c.variant.slug: " + " + c.variant.label.removeprefix("+")
+        for c in cells
+        if c.variant.slug not in VARIANT_ROWS
+    }
 
 
 def summary_table(name: str, title: str, cells: Sequence[Cell], res: Results) -> Table:
@@ -445,12 +606,10 @@ def table3(cells: Sequence[Cell], res: Results) -> Table:
     def row(label: str, variant: str) -> None:
         out = []
         for m in mergers:
-            run, base = res.get(suite, m, variant), res.get(suite, m, "base")
-            x = cols[m].value(run) if run else None
-            b = cols[m].value(base) if base else None
-            out.append(with_delta(x, b if variant != "base" else None))
+            shown, fields = delta_cell(res, suite, m, variant, cols[m])
+            out.append(shown)
             t.record(suite=suite, row=label, merger=m, variant=variant, column="average",
-                     ours=x, base=b, delta=None if x is None or b is None else x - b)  # fmt: skip
+                     **_fields(fields, variant))  # fmt: skip
         t.row(label, out)
 
     if "base" in have:
@@ -494,15 +653,12 @@ def table5(cells: Sequence[Cell], res: Results) -> Table:
             continue
         out, paper = [], []
         for m, col in cols:
-            run, base = res.get(col.suite, m, v), res.get(col.suite, m, "base")
-            x = col.value(run) if run else None
-            b = col.value(base) if base else None
-            out.append(with_delta(x, b if v != "base" else None))
+            shown, fields = delta_cell(res, col.suite, m, v, col)
+            out.append(shown)
             a = anc.get((col.suite, m, ANCHOR_VARIANT.get(v, v), "average"))
             paper.append(f"{a['value']:.1f}" if a else "")
-            t.record(suite=col.suite, row=label, merger=m, variant=v, column="average", ours=x,
-                     base=b, delta=None if x is None or b is None or v == "base" else x - b,
-                     paper=a["value"] if a else None)  # fmt: skip
+            t.record(suite=col.suite, row=label, merger=m, variant=v, column="average",
+                     **_fields(fields, v), paper=a["value"] if a else None)  # fmt: skip
         t.row(label, out)
         if any(paper):
             t.row("↳ *paper*", paper)
@@ -529,15 +685,12 @@ def table6(cells: Sequence[Cell], res: Results) -> Table:
             group = g
         out, paper = [], []
         for m in mergers:
-            run, base = res.get(suite, m, v.slug), res.get(suite, m, "base")
-            x = avg_col(suite).value(run) if run else None
-            b = avg_col(suite).value(base) if base else None
-            out.append(with_delta(x, b if v.slug != "base" else None))
+            shown, fields = delta_cell(res, suite, m, v.slug, avg_col(suite))
+            out.append(shown)
             a = anc.get((suite, m, v.slug, "average"))
             paper.append(f"{a['value']:.1f}" if a else "")
-            t.record(suite=suite, row=str(s), merger=m, variant=v.slug, column="average", ours=x,
-                     base=b, delta=None if x is None or b is None else x - b,
-                     paper=a["value"] if a else None)  # fmt: skip
+            t.record(suite=suite, row=str(s), merger=m, variant=v.slug, column="average",
+                     **_fields(fields, v.slug), paper=a["value"] if a else None)  # fmt: skip
         t.row(v.label if v.slug != "base" else "(1.0, 1.0, 1.0) base", out)
         if any(paper):
             t.row("↳ *paper*", paper)
@@ -632,9 +785,14 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
             written.append(layer_csv(cells, res, folder / "fig2.csv"))
         elif name == "bench":
             order = [v.slug for v in BENCH_VARIANTS]
-            written += per_task_table(
+            t = per_task_table(
                 "bench", EXPERIMENTS[name].title, cells, res, None, order, relative=True
-            ).write(folder)
+            )
+            if len(_suites(cells)) > 1:
+                suites_side_by_side(t, cells, res, order)
+            written += t.write(folder)
+            p = plots.forest(cells, res, folder / "forest_bench.png", order)
+            written += [p] if p else []
             written += plots.fig2(cells, res, folder)
             written.append(layer_csv(cells, res, folder / "bench_layers.csv"))
         elif name == "fig3":

@@ -57,6 +57,12 @@ CORRUPTION_LABELS = {
     "jpeg_compression": "JPEG",
 }
 GENERALIZATION_SEEN = ("sun397", "stanford-cars", "resisc45", "dtd", "svhn", "gtsrb")
+#: FusionBench's CLIP task pool plus per-sample correctness (same evaluation, same report): every
+#: CLIP suite's cells record ``per_sample.json``, which the tables' paired intervals read (the
+#: ``larv_clip-*`` suite configs name it themselves; the suites on FusionBench's configs get it here)
+RECORDING_CLIP_TASKPOOL = {
+    "taskpool": {"_target_": "fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool"}
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ def corruption_suite(corruption: str) -> Suite:
         backbone="ViT-B/32",
         pool=PoolSpec(
             parent="clip-vit-base-patch32_robustness_corrupted",
-            values={"corruption": corruption},
+            values={"corruption": corruption, **RECORDING_CLIP_TASKPOOL},
             label=f"clip-vit-base-patch32_robustness_corrupted corruption={corruption}",
         ),
         column=CORRUPTION_LABELS[corruption],
@@ -139,6 +145,7 @@ GENERALIZATION = Suite(
     pool=PoolSpec(
         modelpool="CLIPVisionModelPool/clip-vit-base-patch32_generalization_exp1",
         taskpool="CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+        values=RECORDING_CLIP_TASKPOOL,
         label="modelpool=…_generalization_exp1 taskpool=…_TA8",
     ),
     seen_tasks=GENERALIZATION_SEEN,
@@ -515,7 +522,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             DEFAULT,
             BENCH_VARIANTS,
             references=("pretrained", "finetuned"),
-            artefacts=("bench.md", "bench.csv", "fig2_bench.png", "bench_layers.csv"),
+            artefacts=(
+                "bench.md",
+                "bench.csv",
+                "forest_bench.png",
+                "fig2_bench.png",
+                "bench_layers.csv",
+            ),
             grid="{M} mergers × {base, tiered, continuous, continuous-median, linear, tier3, LiNeS} "
             "+ pretrained and fine-tuned references, on the pools of --pools (default testbed:full)",
             gpu_hours="testbed full on 2 CPU cores: ≈ 1 min per cell (WUDI's merge ≈ 40 min)",
@@ -610,6 +623,7 @@ def parse_pool(spec: str) -> PoolSpec:
         return PoolSpec(
             modelpool=MODELPOOL_CONFIG,
             taskpool=TASKPOOL_CONFIG,
+            values=RECORDING_CLIP_TASKPOOL,
             searchpath=(str(root / "config"),),
             label=spec,
         )

@@ -6,7 +6,8 @@ Each cell's config is composed from the same generated sweep folder the multirun
 resolved as the ``fusion_bench`` CLI resolves it; the method is instantiated, run and evaluated as
 FusionBench's ``FabricModelFusionProgram.run`` does (seed, ``on_run_start`` / ``run`` /
 ``on_run_end``, ``evaluate_merged_model``), and the cell's folder gets the same files
-(``program_report.json``, ``larv_layers.json``, ``cell.json``). A cell whose report exists is
+(``program_report.json``, ``larv_layers.json``, ``cell.json``; ``per_sample.json`` from a
+recording task pool, :mod:`fusion_bench_larv.per_sample`). A cell whose report exists is
 skipped (resume). Only the pools are shared: a suite's cells must compose identical model pool,
 task pool and fabric configs (they do; the launcher checks).
 
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import per_sample
 from ..io import write_json_atomic
 from .experiments import BASE, Cell, by_suite
 from .sweep import CELL, PRIMARY, is_done, read_json, write_sweep
@@ -217,9 +219,13 @@ class InProcessLauncher:
         merged = self.merge(session, cell, cfg, base_merge)
         if self._reuses(cell) and cell.variant.larv is None:
             self._base_merges = {cell.merger: merged}  # its LARV cells rescale copies of it
+        per_sample.take(session.taskpool)  # nothing left over from an earlier cell
         report = self._save_and_evaluate(session, cfg, merged)
         seconds = time.time() - t
         run_dir = cell.run_dir(self.out)
+        evaluations = per_sample.take(session.taskpool)
+        if evaluations:  # a recording task pool: per_sample.json beside the report, as the CLI
+            per_sample.write(run_dir / per_sample.FILE, evaluations)
         meta = read_json(run_dir / CELL) or {}
         meta["launch"] = {
             "launcher": "inprocess",

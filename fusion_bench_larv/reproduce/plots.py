@@ -5,6 +5,8 @@
 - Figure 5: Δ (LARV − base) heatmaps, data sets × corruptions, one panel per merger and gate.
 - Figure 4: Δ (schedule − base) heatmaps over (s_middle, s_deep), one panel per s_shallow and
   merger.
+- Forest plot (the benchmark's ``forest_bench.png``): Δ average accuracy (variant − base merger)
+  with its paired bootstrap 95% interval, one row per merger × variant, one marker per suite.
 """
 
 from __future__ import annotations
@@ -227,3 +229,70 @@ def fig4(cells: Sequence[Cell], res, path: Path) -> Path | None:
     fig.colorbar(im, ax=axes, shrink=0.8, label="Δ accuracy (pp) vs base")
     fig.suptitle(f"Figure 4 — depth-only tiered scales, Δ vs base ({suites[0].label})")
     return _save(fig, path, dpi=110)
+
+
+def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) -> Path | None:
+    """Forest plot: one row per merger × variant (not the base), the Δ of the average accuracy
+    against the merger's base cell (pp) as a point with its paired bootstrap 95% interval
+    (``res.interval``) as a horizontal bar, a vertical line at 0; one marker and colour per
+    suite, the suites of a row side by side (slightly offset). A Δ whose cells have no
+    per-sample files is drawn hollow, without a bar (no interval is made up)."""
+    plt = _plt()
+
+    suites = _suites(cells)
+    mergers = _mergers(cells)
+    labels = {c.variant.slug: c.variant.label.removeprefix("+") for c in cells}
+    have = {c.variant.slug for c in cells}
+    variants = [v for v in [*order, *labels] if v != "base" and v in have]
+    variants = list(dict.fromkeys(variants))
+    rows = [
+        (m, v)
+        for m in mergers
+        for v in variants
+        if any(res.get(s.key, m, v) and res.get(s.key, m, "base") for s in suites)
+    ]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.32 * len(rows)), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    k = len(suites)
+    step = 0.5 / max(k, 1)
+    hollow = False
+    for si, s in enumerate(suites):
+        off = (si - (k - 1) / 2) * step
+        color, marker = colors[si % len(colors)], markers[si % len(markers)]
+        xs, ys, lo, hi, hx, hy = [], [], [], [], [], []
+        for ri, (m, v) in enumerate(rows):
+            run, base = res.get(s.key, m, v), res.get(s.key, m, "base")
+            if run is None or base is None:
+                continue
+            ci = res.interval(s.key, m, v)
+            if ci is None:
+                hx.append(run.average - base.average)
+                hy.append(ri + off)
+                continue
+            xs.append(ci.delta)
+            ys.append(ri + off)
+            lo.append(ci.delta - ci.lo)
+            hi.append(ci.hi - ci.delta)
+        if xs:
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt=marker, color=color, ecolor=color,
+                        capsize=2.5, markersize=5, linewidth=1.2, label=s.label)  # fmt: skip
+        if hx:
+            hollow = True
+            ax.plot(hx, hy, marker, markerfacecolor="none", color=color,
+                    label=None if xs else s.label)  # fmt: skip
+    ax.axvline(0.0, color="0.3", linewidth=1.0, linestyle="--")
+    ax.set_yticks(range(len(rows)), [f"{merger_label(m)} + {labels[v]}" for m, v in rows],
+                  fontsize=8)  # fmt: skip
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("Δ average accuracy vs the base merger (pp), paired bootstrap 95% interval")
+    ax.grid(axis="x", alpha=0.3)
+    title = f"Δ with 95% intervals over test images (B = {res.resamples}, seed {res.seed})"
+    if hollow:
+        title += "\nhollow: no per-sample file, no interval"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="suite",
+              frameon=False)  # fmt: skip
+    return _save(fig, path)

@@ -22,6 +22,7 @@ from fusion_bench.taskpool import BaseTaskPool
 from torch import nn
 from torch.utils.data import Dataset
 
+from ... import per_sample as per_sample_mod
 from .backbone import load_backbone
 from .build import Testbed, _split, build_testbed, load_testbed, preprocess
 from .sources import load_source, source_fingerprint
@@ -140,7 +141,10 @@ class TestbedModelPool(BaseModelPool):
 
 class TestbedTaskPool(BaseTaskPool):
     """Evaluates a backbone on every task's test set with that task's frozen linear head.
-    Report format as FusionBench's CLIP task pool: ``{task: {accuracy, loss}, average: {...}}``."""
+    Report format as FusionBench's CLIP task pool: ``{task: {accuracy, loss}, average: {...}}``.
+    Each evaluation's per-sample correctness (one bool per test image, test-set order) is kept
+    in ``per_sample_evaluations`` and, under FusionBench's program, written to
+    ``per_sample.json`` beside the program's report (:mod:`fusion_bench_larv.per_sample`)."""
 
     __test__ = False
 
@@ -171,20 +175,24 @@ class TestbedTaskPool(BaseTaskPool):
         device = self._device()
         model = model.to(device).eval()
         report: dict[str, Any] = {}
+        per_sample: dict[str, Any] = {}
         for task in self.tasks:
             clf = self.testbed.classifier(task, backbone=model).to(device)
             x, y = self.testbed.pixel_values(task)
-            correct, loss_sum = 0, 0.0
+            hits, loss_sum = [], 0.0
             for start in range(0, len(y), self.batch_size):
                 xb = x[start : start + self.batch_size].to(device)
                 yb = y[start : start + self.batch_size].to(device)
                 logits = clf(xb)
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
-                correct += int((logits.argmax(-1) == yb).sum())
-            report[task] = {"accuracy": correct / len(y), "loss": loss_sum / len(y)}
+                hits.append((logits.argmax(-1) == yb).cpu())
+            hit = torch.cat(hits).numpy()
+            report[task] = {"accuracy": int(hit.sum()) / len(y), "loss": loss_sum / len(y)}
+            per_sample[task] = per_sample_mod.encode_task(hit, y.cpu().numpy())
         report["average"] = {
             "accuracy": sum(report[t]["accuracy"] for t in self.tasks) / len(self.tasks),
             "loss": sum(report[t]["loss"] for t in self.tasks) / len(self.tasks),
         }
         model.to("cpu")
+        per_sample_mod.record(self, per_sample)
         return report
