@@ -107,9 +107,9 @@ def paired_bootstrap(
     level: float = DEFAULT_LEVEL,
 ) -> Interval:
     """Δ = acc(a) − acc(b) and its paired bootstrap percentile interval: B resamples of the n
-    test images with replacement (the same images for both models), Δ* per resample, the
-    ⌊B(1 − level)/2⌋-th smallest and largest Δ* (see :func:`_bootstrap_deltas`,
-    :func:`_percentile`). Seeded: ``numpy.random.default_rng(seed)``."""
+    test images with replacement (the same images for both models), Δ* per resample, the sorted
+    Δ* at 0-based positions k and B − 1 − k, k = ⌊B(1 − level)/2⌋ (see
+    :func:`_bootstrap_deltas`, :func:`_percentile`). Seeded: ``numpy.random.default_rng(seed)``."""
     _check_resamples(resamples)
     a, b = _pair(a, b)
     deltas = _bootstrap_deltas(a, b, resamples, np.random.default_rng(seed))
