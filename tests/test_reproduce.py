@@ -416,3 +416,22 @@ def test_median_normalized_continuous_row_in_the_bench_table(tmp_path):
         "| Task Arithmetic + LARV continuous on w / median w (not in the paper) | 90.0 (+10.0) "
         "| 80.0 (+20.0) | 85.0 (+15.0) |",
     ]
+
+
+def test_several_pools_make_one_bench_suite_each():
+    cells = X.EXPERIMENTS["bench"].cells()
+    specs = [X.parse_pool("testbed:full"), X.parse_pool("testbed:full_seed1")]
+    mapped = X.map_pools(cells, specs)
+    assert len(mapped) == 2 * len(cells)
+    keys = {c.suite.key for c in mapped}
+    assert keys == {"bench-testbed-full", "bench-testbed-full_seed1"}
+    assert {c.suite.pool.modelpool for c in mapped} == {
+        "LarvTestbed/full",
+        "LarvTestbed/full_seed1",
+    }
+    assert X.map_pools(cells, specs[:1]) == X.map_pools(cells, specs[0])  # one: key "bench"
+    with pytest.raises(ValueError, match="benchmark's suite only"):
+        X.map_pools(X.EXPERIMENTS["table1"].cells(), specs)
+    with pytest.raises(ValueError, match="twice"):
+        X.map_pools(cells, [specs[0], specs[0]])
+    assert X.pool_slug("testbed:/a/b/mine-1f2e/") == "testbed-mine-1f2e"

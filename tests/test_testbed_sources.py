@@ -198,20 +198,41 @@ def test_registered_sources_build_a_testbed_and_run_the_benchmark(registered, tm
     assert images.shape == (30, 12, 12, 3) and len(labels) == 30  # the official split, all of it
     assert len(testbed.test_set("user_grey")[1]) == 30  # a seeded share of 100 images
 
+    # a second build seed: two pools side by side in one benchmark folder
+    seed1 = B.build_testbed(
+        recipe.replace(seed=1), tmp_path / "cache", progress=False, num_threads=1
+    )
+    assert seed1.root != testbed.root
+
     from fusion_bench_larv.reproduce import __main__ as cli
+    from fusion_bench_larv.reproduce.experiments import pool_slug
 
     out = tmp_path / "out"
-    argv = ["bench", "--pools", f"testbed:{testbed.root}", "--launcher", "inprocess",
-            "--merger", "ta", "pretrained", "--variant", "base", "tiered", "--out", str(out),
-            "-o", "fabric.accelerator=cpu", "--quiet"]  # fmt: skip
+    specs = [f"testbed:{testbed.root}", f"testbed:{seed1.root}"]
+    argv = ["bench", "--pools", *specs, "--launcher", "inprocess",
+            "--merger", "ta", "pretrained", "finetuned", "--variant", "base", "tiered",
+            "--out", str(out), "-o", "fabric.accelerator=cpu", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
-    runs = out / "runs" / "bench"
-    for cell in ("ta/base", "ta/larv-tiered", "pretrained/base"):
-        report = json.loads((runs / cell / "program_report.json").read_text())
-        assert set(registered) <= set(report)
-    pre = json.loads((runs / "pretrained/base/program_report.json").read_text())
-    assert pre["user_colour"]["accuracy"] == pytest.approx(
-        testbed.report["tasks"]["user_colour"]["pretrained_probe_acc"]
-    )
+    suites = [f"bench-{pool_slug(s)}" for s in specs]
+    for suite, tb in zip(suites, (testbed, seed1), strict=True):
+        runs = out / "runs" / suite
+        for cell in ("ta/base", "ta/larv-tiered", "pretrained/base", "finetuned/base"):
+            report = json.loads((runs / cell / "program_report.json").read_text())
+            assert set(registered) <= set(report)
+        pre = json.loads((runs / "pretrained/base/program_report.json").read_text())
+        assert pre["user_colour"]["accuracy"] == pytest.approx(
+            tb.report["tasks"]["user_colour"]["pretrained_probe_acc"]
+        )
+        card = json.loads((out / "artefacts" / f"regime_{suite}.json").read_text())
+        ta = json.loads((runs / "ta/base/program_report.json").read_text())
+        assert card["num_tasks"] == 2
+        assert card["pretrained_head_average"] == pytest.approx(
+            100 * sum(pre[t]["accuracy"] for t in registered) / 2
+        )
+        assert card["base_averages"]["ta"] == pytest.approx(
+            100 * sum(ta[t]["accuracy"] for t in registered) / 2
+        )
+        assert "wudi" in card["missing_mergers"] and not card["all_met"]
     table = (out / "artefacts" / "bench.md").read_text()
-    assert "user_colour" in table or "user colour" in table.lower()
+    assert "user_colour" in table and table.count("Regime card") == 2
+    assert (out / "artefacts" / "forest_bench.png").stat().st_size > 0

@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these variants, by slug or short name (base, larv-tiered or "
                    "tiered, sched-linear or linear, ...)")  # fmt: skip
     p.add_argument(
-        "--pools", default=None, metavar="SPEC",
+        "--pools", nargs="+", default=None, metavar="SPEC",
         help="run every cell on other pools (folders keep the paper's names): "
         "tiny_clip:ROOT | testbed:RECIPE[:CACHE_DIR] | testbed:FOLDER | "
-        "pools:MODELPOOL,TASKPOOL[,CONFIG_DIR]",
+        "pools:MODELPOOL,TASKPOOL[,CONFIG_DIR]; several (bench only, e.g. two build seeds): "
+        "one suite per pools, bench-<pools>, side by side",
     )  # fmt: skip
     p.add_argument("--collate-only", action="store_true", help="only write tables and figures")
     p.add_argument("--no-collate", action="store_true", help="only run")
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def select(args) -> tuple[dict[str, list[Cell]], list[Cell]]:
     include = [m for m in args.merger if "*" not in m and "?" not in m]
     groups = expand(args.experiments, include_mergers=include)
-    pool = parse_pool(args.pools) if args.pools else None
+    pool = [parse_pool(spec) for spec in args.pools] if args.pools else None
     out: dict[str, list[Cell]] = {}
     for name, cells in groups.items():
         cells = filter_cells(cells, args.suite, args.merger, args.variant)

@@ -746,6 +746,53 @@ def layer_csv(cells: Sequence[Cell], res: Results, path: Path) -> Path:
     return write_csv(path, keys, rows)
 
 
+def regime_cards(t: Table, cells: Sequence[Cell], res: Results, folder: Path) -> list[Path]:
+    """Per suite with both reference rows and at least one base merger: the regime card
+    (:func:`.regime.regime_card`, base mergers only) as ``regime_<suite>.json`` and a line in
+    the table's notes."""
+    from .regime import regime_card, targets
+
+    written = []
+    for suite in _suites(cells):
+        pre, ft = res.get(suite.key, "pretrained", "base"), res.get(suite.key, FINETUNED, "base")
+        bases = {
+            m: r.acc
+            for m in targets()["data_free_mergers"]
+            if (r := res.get(suite.key, m, "base")) is not None
+        }
+        if pre is None or ft is None or not bases:
+            continue
+        card = {"suite": suite.key, "pools": suite.label, **regime_card(pre.acc, ft.acc, bases)}
+        path = folder / f"regime_{suite.key}.json"
+        write_text_atomic(path, json.dumps(card, indent=2) + "\n")
+        written.append(path)
+
+        def mark(ok):
+            return "n/a" if ok is None else ("met" if ok else "MISSED")
+
+        g, m = card["targets"], card["meets"]
+        ta = card["ta_normalized_accuracy"]
+        spread = card["base_spread_pp"]
+        t.notes.append(
+            f"Regime card ({suite.label}; base mergers only, `{path.name}`): {card['num_tasks']} "
+            f"tasks; fine-tuned {card['finetuned_average']:.1f} vs pretrained+head "
+            f"{card['pretrained_head_average']:.1f} ({card['finetune_gain_pp']:+.1f} pp, target "
+            f">= {g['min_finetune_gain_pp']:g}: {mark(m['finetune_gain'])}); Task Arithmetic keeps "
+            + ("—" if ta is None else f"{100 * ta:.1f} %")
+            + f" of fine-tuned (target <= {100 * g['max_ta_normalized']:g} %: "
+            f"{mark(m['ta_normalized'])}); data-free base mergers span "
+            + ("—" if spread is None else f"{spread:.1f} pp")
+            + f" (target >= {g['min_base_spread_pp']:g}: {mark(m['base_spread'])})"
+            + (
+                f"; missing: {', '.join(card['missing_mergers'])}"
+                if card["missing_mergers"]
+                else ""
+            )
+            + "."
+        )
+    return written
+
+
 # ------------------------------------------------------------------------------------------------
 def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
     """Write every artefact of the experiments in ``groups`` into ``<out>/artefacts``."""
@@ -790,6 +837,7 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
             )
             if len(_suites(cells)) > 1:
                 suites_side_by_side(t, cells, res, order)
+            written += regime_cards(t, cells, res, folder)
             written += t.write(folder)
             p = plots.forest(cells, res, folder / "forest_bench.png", order)
             written += [p] if p else []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -590,10 +591,41 @@ def filter_cells(
     ]
 
 
-def map_pools(cells: Sequence[Cell], pool: PoolSpec | None) -> list[Cell]:
-    """Point every cell at another pool (tests, or your own pools); folders keep their names."""
+def pool_slug(label: str) -> str:
+    """A folder-safe name for a pool spec: ``testbed:full_seed1`` -> ``testbed-full_seed1``; a
+    spec naming a folder keeps only the folder's name (``testbed:/a/b/mine-1f2e`` ->
+    ``testbed-mine-1f2e``)."""
+    kind, _, rest = label.partition(":")
+    if rest.startswith(("/", "~", ".")):
+        rest = Path(rest.rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9_]+", "-", f"{kind}-{rest}" if rest else kind).strip("-") or "pools"
+
+
+def map_pools(cells: Sequence[Cell], pool: PoolSpec | Sequence[PoolSpec] | None) -> list[Cell]:
+    """Point every cell at another pool (tests, or your own pools); folders keep their names.
+
+    Several pools (e.g. two build seeds of the testbed) repeat each cell of a generic suite (the
+    benchmark's) once per pool, as suites ``<key>-<pool slug>`` side by side in one output
+    folder; the paper's suites take one pool."""
     if pool is None:
         return list(cells)
+    if not isinstance(pool, PoolSpec):
+        pools = list(pool)
+        if len(pools) == 1:
+            return map_pools(cells, pools[0])
+        fixed = sorted({c.suite.key for c in cells if not c.suite.generic})
+        if fixed:
+            raise ValueError(
+                f"several --pools apply to the benchmark's suite only, not to {', '.join(fixed)}"
+            )
+        slugs = [pool_slug(p.label) for p in pools]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"--pools names the same pools twice: {[p.label for p in pools]}")
+        out: list[Cell] = []
+        for p, slug in zip(pools, slugs, strict=True):
+            for c in map_pools(cells, p):
+                out.append(replace(c, suite=replace(c.suite, key=f"{c.suite.key}-{slug}")))
+        return out
     suites: dict[str, Suite] = {}
     out = []
     for c in cells:
@@ -614,7 +646,8 @@ def map_pools(cells: Sequence[Cell], pool: PoolSpec | None) -> list[Cell]:
 
 
 def parse_pool(spec: str) -> PoolSpec:
-    """``tiny_clip:ROOT`` | ``testbed:RECIPE[:CACHE_DIR]`` | ``pools:MODELPOOL,TASKPOOL[,CONFIG_DIR]``."""
+    """``tiny_clip:ROOT`` | ``testbed:RECIPE[:CACHE_DIR]`` | ``testbed:FOLDER`` (a built testbed)
+    | ``pools:MODELPOOL,TASKPOOL[,CONFIG_DIR]``."""
     kind, _, rest = spec.partition(":")
     if kind == "tiny_clip":
         root = Path(rest).expanduser().resolve()
@@ -628,6 +661,16 @@ def parse_pool(spec: str) -> PoolSpec:
             label=spec,
         )
     if kind == "testbed":
+        if rest and Path(rest).expanduser().is_dir():
+            # a built testbed folder (e.g. over a registered source): self-contained for
+            # merging and evaluation; the recipe-named configs only supply the pool classes
+            folder = str(Path(rest).expanduser().resolve())
+            return PoolSpec(
+                modelpool="LarvTestbed/ci",
+                taskpool="LarvTestbed/ci",
+                values={"modelpool": {"testbed_dir": folder}, "taskpool": {"testbed_dir": folder}},
+                label=spec,
+            )
         recipe, _, cache = rest.partition(":")
         recipe = recipe or "ci"
         values: dict[str, Any] = {}
@@ -647,5 +690,6 @@ def parse_pool(spec: str) -> PoolSpec:
         sp = (str(Path(parts[2]).expanduser().resolve()),) if len(parts) == 3 else ()
         return PoolSpec(modelpool=parts[0], taskpool=parts[1], searchpath=sp, label=spec)
     raise ValueError(
-        f"unknown pool spec {spec!r} (tiny_clip:ROOT, testbed:RECIPE[:CACHE], pools:…)"
+        f"unknown pool spec {spec!r} (tiny_clip:ROOT, testbed:RECIPE[:CACHE], testbed:FOLDER, "
+        "pools:…)"
     )
