@@ -91,3 +91,16 @@ def test_demo_prints_a_measured_comparison(ci_testbed, tmp_path, capsys):
     assert re.search(r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)\*? \|", tiered_row)
     assert "paired bootstrap 95% interval" in table
     assert (out / "artefacts" / "forest_bench.png").stat().st_size > 0
+    # one verdict line for TA, from the collated average Δ and its interval
+    import csv
+
+    with open(out / "artefacts" / "bench.csv", newline="") as fh:
+        (avg_row,) = [
+            r for r in csv.DictReader(fh)
+            if r["merger"] == "ta" and r["variant"] == "larv-tiered" and r["column"] == "average"
+        ]  # fmt: skip
+    lo, hi = float(avg_row["lo"]), float(avg_row["hi"])
+    word = "better" if lo > 0 else "worse" if hi < 0 else "no significant difference"
+    line = next(ln for ln in printed.splitlines() if ln.startswith("verdict Task Arithmetic"))
+    assert f"tiered {float(avg_row['delta']):+.2f} pp [{lo:+.2f}, {hi:+.2f}]: {word}" in line
+    assert "forest_bench.png" in printed

