@@ -435,3 +435,10 @@ def test_several_pools_make_one_bench_suite_each():
     with pytest.raises(ValueError, match="twice"):
         X.map_pools(cells, [specs[0], specs[0]])
     assert X.pool_slug("testbed:/a/b/mine-1f2e/") == "testbed-mine-1f2e"
+
+
+def test_suite_filter_applies_to_the_mapped_suites():
+    args = ["bench", "--pools", "testbed:full", "testbed:full_seed1", "--merger", "ta",
+            "--variant", "base", "--suite", "bench-testbed-full_seed1"]  # fmt: skip
+    _, cells = cli.select(cli.build_parser().parse_args(args))
+    assert [str(c.rel_dir) for c in cells] == ["bench-testbed-full_seed1/ta/base"]

@@ -116,8 +116,8 @@ def select(args) -> tuple[dict[str, list[Cell]], list[Cell]]:
     pool = [parse_pool(spec) for spec in args.pools] if args.pools else None
     out: dict[str, list[Cell]] = {}
     for name, cells in groups.items():
-        cells = filter_cells(cells, args.suite, args.merger, args.variant)
-        out[name] = map_pools(cells, pool)
+        # suites are filtered after mapping: several --pools name their suites bench-<pools>
+        out[name] = filter_cells(map_pools(cells, pool), args.suite, args.merger, args.variant)
     return out, unique_cells(out)
 
 
