@@ -72,6 +72,7 @@ def check_base_method(base_method: Any) -> None:
             "'scaling_factor': 0.3})"
         )
     if isinstance(base_method, BaseAlgorithm):
+        _not_larv(type(base_method), type(base_method).__name__)
         return
     if not isinstance(base_method, Mapping):
         raise LarvConfigError(
@@ -94,7 +95,20 @@ def check_base_method(base_method: Any) -> None:
             f"LARV config `base_method._target_` = {target!r} is not allowed: {cls.__name__} is "
             "not a FusionBench BaseAlgorithm (a model merging method)"
         )
+    _not_larv(cls, target)
     _check_arguments(cls, [str(k) for k in base_method.keys() if str(k) not in HYDRA_KEYS])
+
+
+def _not_larv(cls: type, name: str) -> None:
+    """LARV over LARV would rescale an already rescaled update with diagnostics of that update:
+    no defined method (docs/method.md), so it is refused rather than run."""
+    from .algorithm import LARVAlgorithm
+
+    if issubclass(cls, LARVAlgorithm):
+        raise LarvConfigError(
+            f"LARV config `base_method` = {name} is itself LARV: wrap a FusionBench merger "
+            "(e.g. method@method.base_method=ties_merging), not another larv_* method"
+        )
 
 
 def _check_arguments(cls: type, given: list[str]) -> None:

@@ -407,6 +407,17 @@ def test_base_method_must_have_target():
         LARVAlgorithm(base_method={"scaling_factor": 0.3})
 
 
+def test_larv_inside_larv_is_refused():
+    inner = {
+        "_target_": "fusion_bench_larv.algorithm.LARVAlgorithm",
+        "base_method": BASES["larv_ta"],
+    }
+    with pytest.raises(LarvConfigError, match="is itself LARV"):
+        LARVAlgorithm(base_method=inner)
+    with pytest.raises(LarvConfigError, match="is itself LARV"):
+        LARVAlgorithm(base_method=LARVAlgorithm(base_method=BASES["larv_ta"]))
+
+
 @pytest.mark.parametrize("gate", ["tiered", "continuous"])
 def test_reused_base_merge_equals_running_the_base_merger(models, gate):
     # a sweep over gates may compute the base merge once: rescaling a copy of it must give the
