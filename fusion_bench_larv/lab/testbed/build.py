@@ -185,7 +185,8 @@ RECIPES: dict[str, Recipe] = {
     "full_seed1": Recipe(name="full_seed1", seed=1, **_REGIME),
     # the README demo, same tasks and heads, smaller: 600 train / 500 test images, 60 steps x 32;
     # a five times larger learning rate for a fifth of the steps (Adam moves each weight by
-    # about lr per step, so lr x steps, the task vectors' size, stays that of "full")
+    # about lr per step). Measured, this overshoots: Task Arithmetic keeps 52 % of fine-tuned
+    # here against 77 % on "full" (README, "The real-weights testbed")
     "quick": Recipe(
         name="quick",
         n_train=600,
