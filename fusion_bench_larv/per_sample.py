@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,31 +88,35 @@ def write(path: str | os.PathLike, evaluations: Sequence[Mapping[str, Mapping[st
     return Path(path)
 
 
-def read(path: str | os.PathLike) -> list[dict[str, np.ndarray]] | None:
-    """Every evaluation of a per-sample file as ``{task: bool vector}`` (labels' digests under
-    :func:`read_digests`); None when the file is missing, unreadable or of another format."""
-    import json
-
+def load(
+    path: str | os.PathLike,
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, str | None]]] | None:
+    """Every evaluation of a per-sample file, parsed once: ``({task: bool vector}, ...)`` and the
+    labels' digests ``({task: digest or None}, ...)``; None when the file is missing, unreadable
+    or of another format."""
     try:
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != FORMAT or doc.get("version") != VERSION:
             return None
-        return [{t: decode_task(e) for t, e in ev["tasks"].items()} for ev in doc["evaluations"]]
+        evaluations = [ev["tasks"] for ev in doc["evaluations"]]
+        return (
+            [{t: decode_task(e) for t, e in ev.items()} for ev in evaluations],
+            [{t: e.get("labels_sha256") for t, e in ev.items()} for ev in evaluations],
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def read(path: str | os.PathLike) -> list[dict[str, np.ndarray]] | None:
+    """Every evaluation of a per-sample file as ``{task: bool vector}`` (:func:`load`)."""
+    loaded = load(path)
+    return None if loaded is None else loaded[0]
 
 
 def read_digests(path: str | os.PathLike) -> list[dict[str, str | None]] | None:
-    """The labels' digests of every evaluation (None per task without one)."""
-    import json
-
-    try:
-        doc = json.loads(Path(path).read_text())
-        return [
-            {t: e.get("labels_sha256") for t, e in ev["tasks"].items()} for ev in doc["evaluations"]
-        ]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    """The labels' digests of every evaluation (None per task without one; :func:`load`)."""
+    loaded = load(path)
+    return None if loaded is None else loaded[1]
 
 
 # ------------------------------------------------------------------------------------------------

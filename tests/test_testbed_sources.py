@@ -31,7 +31,7 @@ def test_prototype_head_hand_case():
     feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     labels = np.array([0, 0, 1, 1])
     recipe = B.Recipe(head="prototype", head_scale=10.0)
-    head, stats = B._prototype_head(feats, labels, 2, recipe, seed=0)
+    head, stats = B._prototype_head(feats, labels, 2, recipe)
     r = 10.0 / math.sqrt(2.0)
     assert torch.allclose(head.weight, torch.tensor([[r, -r], [-r, r]]))
     assert torch.equal(head.bias, torch.zeros(2))

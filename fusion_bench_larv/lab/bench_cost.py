@@ -265,14 +265,19 @@ def with_larv(models, theta_ref, pool, mname, settings, device, stats):
     apply), from a restored pretrained model; returns LARV's timed steps and the θ_0 copy's
     seconds."""
     restore(models["_pretrained_"], theta_ref)
+    theta0, clone_s = clone_theta0(models, device)
+    merged = base_merger(mname).run(pool)
+    steps, _ = larv_steps(theta0, merged.state_dict(), settings, device, stats)
+    return steps, clone_s
+
+
+def clone_theta0(models, device) -> tuple[dict, float]:
+    """LARV's own copy of θ_0 (as LARVAlgorithm.run makes it) and the seconds it took."""
     _sync(device)
     t0 = time.perf_counter()
     theta0 = {k: v.detach().clone() for k, v in models["_pretrained_"].state_dict().items()}
     _sync(device)
-    clone_s = time.perf_counter() - t0
-    merged = base_merger(mname).run(pool)
-    steps, _ = larv_steps(theta0, merged.state_dict(), settings, device, stats)
-    return steps, clone_s
+    return theta0, time.perf_counter() - t0
 
 
 def single_pass(models, theta_ref, pool, mname, settings, device, shared):
@@ -292,11 +297,7 @@ def single_pass(models, theta_ref, pool, mname, settings, device, shared):
     unscaled = {k: v.clone() for k, v in merged_sd.items()}
 
     def larv(target, s, st):
-        _sync(device)
-        t0 = time.perf_counter()
-        theta0 = {k: v.detach().clone() for k, v in models["_pretrained_"].state_dict().items()}
-        _sync(device)
-        clone_s = time.perf_counter() - t0
+        theta0, clone_s = clone_theta0(models, device)
         steps, _ = larv_steps(theta0, target, s, device, st)
         return steps, clone_s
 

@@ -111,11 +111,10 @@ def _per_sample(run_dir: Path, acc: Mapping[str, float]) -> tuple[dict | None, d
     """The cell's per-sample correctness when its file holds exactly one evaluation; a task is
     kept only when its count is the one the report's accuracy implies (|correct/n − acc| < ½/n),
     so a stale or foreign file never stands in for the report."""
-    path = run_dir / per_sample_mod.FILE
-    evaluations = per_sample_mod.read(path)
-    if not evaluations or len(evaluations) != 1:
+    loaded = per_sample_mod.load(run_dir / per_sample_mod.FILE)
+    if loaded is None or len(loaded[0]) != 1:
         return None, None
-    digests = (per_sample_mod.read_digests(path) or [{}])[0]
+    evaluations, (digests,) = loaded
     kept = {}
     for task, c in evaluations[0].items():
         if task in acc and c.size and abs(c.mean() - acc[task] / 100.0) < 0.5 / c.size:
@@ -242,20 +241,20 @@ def with_delta(x: float | None, base: float | None, ci: iv.Interval | None = Non
 
 
 def delta_cell(
-    res: Results, suite: str, merger: str, variant: str, col: Col, delta: bool = True
+    res: Results, suite: str, merger: str, variant: str, col: Col
 ) -> tuple[str, dict[str, Any]]:
     """One table cell (``variant`` against the merger's base cell in ``col``) and its CSV
-    fields: ours, base, delta, lo, hi, significant."""
+    fields: ours, base, delta, lo, hi, significant (a base row has no base, so no Δ)."""
     run = res.get(suite, merger, variant)
     base = res.get(suite, merger, "base") if variant != "base" else None
     x = col.value(run) if run else None
     b = col.value(base) if base else None
     ci = None
-    if delta and col.delta and x is not None and b is not None:
+    if col.delta and x is not None and b is not None:
         ci = res.interval(suite, merger, variant, col.tasks(run))
         if ci is None:
             res.no_interval.add((suite, merger, variant))
-    shown = with_delta(x, b if delta and col.delta else None, ci)
+    shown = with_delta(x, b if col.delta else None, ci)
     fields = {
         "ours": x, "base": b, "delta": None if x is None or b is None else x - b,
         "lo": ci.lo if ci else None, "hi": ci.hi if ci else None,
@@ -402,20 +401,13 @@ def rows_block(
                     paper_cells.append("")
                 t.record(
                     suite=col.suite, row=merger_label(m) + labels.get(v, f" {v}"), merger=m,
-                    variant=v, column=col.key, **_fields(fields, v),
+                    variant=v, column=col.key, **fields,
                     paper=a["value"] if a else None, paper_delta=a.get("delta") if a else None,
                     paper_derived=bool(a and a.get("derived")),
                 )  # fmt: skip
             t.row(merger_label(m) + labels.get(v, f" {v}"), cells)
             if any_paper:
                 t.row("↳ *paper*", paper_cells)
-
-
-def _fields(fields: Mapping[str, Any], variant: str) -> dict[str, Any]:
-    """CSV fields of a cell; a base row has no Δ."""
-    if variant == "base":
-        return {**fields, "delta": None, "lo": None, "hi": None, "significant": None}
-    return dict(fields)
 
 
 def paper_only_rows(t: Table, cols: Sequence[Col], table: str, mergers: Sequence[str]) -> None:
@@ -609,7 +601,7 @@ def table3(cells: Sequence[Cell], res: Results) -> Table:
             shown, fields = delta_cell(res, suite, m, variant, cols[m])
             out.append(shown)
             t.record(suite=suite, row=label, merger=m, variant=variant, column="average",
-                     **_fields(fields, variant))  # fmt: skip
+                     **fields)  # fmt: skip
         t.row(label, out)
 
     if "base" in have:
@@ -658,7 +650,7 @@ def table5(cells: Sequence[Cell], res: Results) -> Table:
             a = anc.get((col.suite, m, ANCHOR_VARIANT.get(v, v), "average"))
             paper.append(f"{a['value']:.1f}" if a else "")
             t.record(suite=col.suite, row=label, merger=m, variant=v, column="average",
-                     **_fields(fields, v), paper=a["value"] if a else None)  # fmt: skip
+                     **fields, paper=a["value"] if a else None)  # fmt: skip
         t.row(label, out)
         if any(paper):
             t.row("↳ *paper*", paper)
@@ -690,7 +682,7 @@ def table6(cells: Sequence[Cell], res: Results) -> Table:
             a = anc.get((suite, m, v.slug, "average"))
             paper.append(f"{a['value']:.1f}" if a else "")
             t.record(suite=suite, row=str(s), merger=m, variant=v.slug, column="average",
-                     **_fields(fields, v.slug), paper=a["value"] if a else None)  # fmt: skip
+                     **fields, paper=a["value"] if a else None)  # fmt: skip
         t.row(v.label if v.slug != "base" else "(1.0, 1.0, 1.0) base", out)
         if any(paper):
             t.row("↳ *paper*", paper)

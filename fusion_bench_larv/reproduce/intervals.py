@@ -48,10 +48,14 @@ def _pair(a: Sequence[bool], b: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]
     return a.astype(bool), b.astype(bool)
 
 
+def _counts(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int]:
+    """(n₁₀, n₀₁, n) of two checked bool vectors."""
+    return int(np.sum(a & ~b)), int(np.sum(~a & b)), int(a.size)
+
+
 def discordant(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, int]:
     """(n₁₀, n₀₁, n) of two paired correctness vectors."""
-    a, b = _pair(a, b)
-    return int(np.sum(a & ~b)), int(np.sum(~a & b)), int(a.size)
+    return _counts(*_pair(a, b))
 
 
 def _orientation(a: np.ndarray, b: np.ndarray, n10: int, n01: int) -> float:
@@ -70,7 +74,7 @@ def _bootstrap_deltas(a: np.ndarray, b: np.ndarray, resamples: int, rng) -> np.n
     The two discordant categories are drawn in an order that does not depend on which vector
     is a (fewer first, see :func:`_orientation`), so swapping a and b gives exactly −Δ* from
     the same stream."""
-    n10, n01, n = int(np.sum(a & ~b)), int(np.sum(~a & b)), a.size
+    n10, n01, n = _counts(a, b)
     if n10 + n01 == 0:
         return np.zeros(resamples)
     small, large = sorted((n10, n01))
@@ -91,7 +95,8 @@ def _percentile(deltas: np.ndarray, level: float) -> tuple[float, float]:
 
 def _delta(a: np.ndarray, b: np.ndarray) -> float:
     """Δ = (n₁₀ − n₀₁) / n."""
-    return (int(np.sum(a & ~b)) - int(np.sum(~a & b))) / a.size
+    n10, n01, n = _counts(a, b)
+    return (n10 - n01) / n
 
 
 def _check_resamples(resamples: int) -> None:

@@ -476,7 +476,7 @@ def _train_probe(
 
 
 def _prototype_head(
-    features: torch.Tensor, labels: np.ndarray, num_classes: int, recipe: Recipe, seed: int
+    features: torch.Tensor, labels: np.ndarray, num_classes: int, recipe: Recipe
 ) -> tuple[nn.Linear, dict]:
     """A class-prototype head, made from pretrained features without any training:
 
@@ -642,7 +642,7 @@ def _build_task(root: Path, task: str, recipe: Recipe, pretrained, device, progr
     if recipe.head == "prototype":
         shots = _shots(train_y, data.num_classes, recipe.head_shots, seed)
         feats = _features(pretrained, train_x[shots], recipe, device, progress, f"{task}: head")
-        head, probe_stats = _prototype_head(feats, train_y[shots], data.num_classes, recipe, seed)
+        head, probe_stats = _prototype_head(feats, train_y[shots], data.num_classes, recipe)
     else:
         feats = _features(pretrained, train_x, recipe, device, progress, f"{task}: probe")
         head, probe_stats = _train_probe(feats, train_y, data.num_classes, recipe, seed)
