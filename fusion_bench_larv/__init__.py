@@ -1,49 +1,47 @@
 """fusion-bench-larv: LARV, a data-free layer-wise adaptive rescaling veneer for any task-vector
-model merger, as a FusionBench plugin."""
+model merger, as a FusionBench plugin.
 
-from .diagnostics import commutator_conflict, effective_rank, rank_contrast, singular_values
-from .gates import (
-    composite_score,
-    continuous_gate,
-    depth_schedule,
-    normalize_scores,
-    tiered_gate,
-)
-from .layers import LayerGroupingError, group_layers
-from .settings import LarvConfigError, LarvSettings
-from .validation import LarvInputError, LarvLayerError, LarvWarning
-from .veneer import LarvResult, apply_scales, compute_larv_scales
+Every public name is imported on first use (PEP 562), so that the Hydra search-path plugin, which
+imports :mod:`fusion_bench_larv.config_paths` on every Hydra run, loads neither torch nor
+FusionBench."""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LARVAlgorithm",
-    "LarvConfigError",
-    "LarvInputError",
-    "LarvLayerError",
-    "LarvResult",
-    "LarvSettings",
-    "LarvWarning",
-    "LayerGroupingError",
-    "apply_scales",
-    "commutator_conflict",
-    "composite_score",
-    "compute_larv_scales",
-    "continuous_gate",
-    "depth_schedule",
-    "effective_rank",
-    "group_layers",
-    "normalize_scores",
-    "rank_contrast",
-    "singular_values",
-    "tiered_gate",
-]
+_HOME = {
+    "LARVAlgorithm": "algorithm",
+    "LarvConfigError": "settings",
+    "LarvInputError": "validation",
+    "LarvLayerError": "validation",
+    "LarvResult": "veneer",
+    "LarvSettings": "settings",
+    "LarvWarning": "validation",
+    "LayerGroupingError": "layers",
+    "apply_scales": "veneer",
+    "commutator_conflict": "diagnostics",
+    "composite_score": "gates",
+    "compute_larv_scales": "veneer",
+    "continuous_gate": "gates",
+    "depth_schedule": "gates",
+    "effective_rank": "diagnostics",
+    "group_layers": "layers",
+    "normalize_scores": "gates",
+    "rank_contrast": "diagnostics",
+    "singular_values": "diagnostics",
+    "tiered_gate": "gates",
+}
+
+__all__ = sorted(_HOME)
 
 
-def __getattr__(name):
-    # the FusionBench adapter is imported lazily: the math above works without FusionBench
-    if name == "LARVAlgorithm":
-        from .algorithm import LARVAlgorithm
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        return LARVAlgorithm
-    raise AttributeError(name)
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

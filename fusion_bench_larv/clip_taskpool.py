@@ -22,6 +22,22 @@ from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
 from . import per_sample as per_sample_mod
 
+#: a model carrying this attribute (task names) is evaluated on those tasks only. The lab's
+#: fine-tuned reference sets it, so that each fine-tuned model is read on its own task alone.
+EVAL_TASKS = "larv_eval_tasks"
+
+
+def evaluation_tasks(model: Any, tasks: list[str]) -> list[str]:
+    """The tasks a task pool evaluates ``model`` on: ``tasks``, or those among them that the
+    model's ``larv_eval_tasks`` attribute names (an unknown name is an error)."""
+    wanted = getattr(model, EVAL_TASKS, None)
+    if wanted is None:
+        return list(tasks)
+    unknown = [t for t in wanted if t not in tasks]
+    if unknown:
+        raise ValueError(f"{EVAL_TASKS} names tasks this task pool lacks: {unknown} (has {tasks})")
+    return [t for t in tasks if t in wanted]
+
 
 class _Notes:
     """Targets and predictions of one task's evaluation, batch by batch."""
@@ -89,6 +105,17 @@ class RecordingCLIPVisionModelTaskPool(CLIPVisionModelTaskPool):
 
     def evaluate(self, model, name=None, **kwargs):
         self._current_per_sample: dict[str, Any] = {}
-        report = super().evaluate(model, name=name, **kwargs)
+        if getattr(model, EVAL_TASKS, None) is None:
+            report = super().evaluate(model, name=name, **kwargs)
+        else:
+            if not self._is_setup:
+                self.setup()
+            every = self.test_dataloaders
+            tasks = evaluation_tasks(model, list(every))
+            self.test_dataloaders = {t: every[t] for t in tasks}
+            try:
+                report = super().evaluate(model, name=name, **kwargs)
+            finally:
+                self.test_dataloaders = every
         per_sample_mod.record(self, self._current_per_sample)
         return report

@@ -1,6 +1,6 @@
 """Per-sample correctness of a task pool's evaluations: one bool per test image, in test-set order,
 per task, so that two runs on the same test images can be compared image by image (paired
-intervals, :mod:`fusion_bench_larv.reproduce.intervals`).
+intervals, :mod:`fusion_bench_larv.intervals`).
 
 A recording task pool (:class:`~fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool`,
 the testbed's ``TestbedTaskPool``) appends one evaluation per ``evaluate`` call to

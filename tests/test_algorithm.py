@@ -486,7 +486,7 @@ def test_written_setting_is_what_the_run_uses(models):
 def test_importing_the_adapter_does_not_import_the_lab():
     code = (
         "import sys, fusion_bench_larv.algorithm\n"
-        "print(sorted(m for m in sys.modules if m.startswith('fusion_bench_larv.lab')))"
+        "print(sorted(m for m in sys.modules if m.startswith('larv_lab')))"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -50,15 +51,12 @@ MODES = {
     "regular": (["{proj}"], "{site}/fusion_bench_larv_config"),
     "wheel": (["{wheel}"], "{site}/fusion_bench_larv_config"),
 }  # fmt: skip
-PROBE = f"""
+PROBE = """
 import importlib.util, json, pkgutil
 import hydra_plugins
-from hydra_plugins.{PLUGIN}.{PLUGIN} import larv_config_path
-path = larv_config_path()
-if path.startswith("pkg://"):
-    path = importlib.util.find_spec(path[6:]).submodule_search_locations[0]
-print(json.dumps({{"scanned": [m.name for m in pkgutil.iter_modules(hydra_plugins.__path__)],
-                  "config": path.removeprefix("file://")}}))
+from fusion_bench_larv.config_paths import larv_config_dir
+print(json.dumps({"scanned": [m.name for m in pkgutil.iter_modules(hydra_plugins.__path__)],
+                  "config": str(larv_config_dir())}))
 """
 
 
@@ -181,3 +179,25 @@ def test_install_mode_gives_a_working_plugin(mode, dependencies, tmp_path):
     assert cfg["method"]["_target_"] == "fusion_bench_larv.LARVAlgorithm"
     assert cfg["method"]["base_method"]["_target_"] == "fusion_bench.method.TaskArithmeticAlgorithm"
     assert "clip-vit-base-patch32" in str(cfg["modelpool"])
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_plugin_and_nothing_of_the_lab(tmp_path):
+    """The root project's wheel: the plugin, its config tree and its search-path plugin; no lab,
+    harness or testbed module and no lab config. Its build prints no setuptools warning."""
+    proj = _project_copy(tmp_path / "project")
+    dist = tmp_path / "dist"
+    proc = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-index",
+                 "--no-build-isolation", "-w", dist, proj], tmp_path)  # fmt: skip
+    (whl,) = dist.glob("fusion_bench_larv-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"fusion_bench_larv", "fusion_bench_larv_config", "hydra_plugins",
+                    whl.name.split("-py")[0] + ".dist-info"}, tops  # fmt: skip
+    lab_words = ("larv_lab", "reproduce", "testbed", "tiny_clip", "demo", "bench_cost",
+                 "paper_anchors", "LarvTestbed", "mergers.yaml", "regime.yaml")  # fmt: skip
+    assert not [n for n in names if any(w in n for w in lab_words)]
+    assert "fusion_bench_larv_config/method/larv_ta.yaml" in names
+    assert "hydra_plugins/fusion_bench_larv_searchpath/fusion_bench_larv_searchpath.py" in names
+    log = proc.stdout + proc.stderr
+    assert "SetuptoolsDeprecationWarning" not in log and "absent from the `packages`" not in log

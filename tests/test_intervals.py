@@ -1,4 +1,4 @@
-"""Paired intervals over test images (fusion_bench_larv.reproduce.intervals) on hand-made cases,
+"""Paired intervals over test images (fusion_bench_larv.intervals) on hand-made cases,
 and the per-sample file format they read (fusion_bench_larv.per_sample)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fusion_bench_larv import per_sample
-from fusion_bench_larv.reproduce import intervals as iv
+from larv_lab.reproduce import intervals as iv
 
 
 def _vectors(n: int, seed: int, p_a: float = 0.8, p_b: float = 0.7):

@@ -1,0 +1,15 @@
+"""Hydra search-path plugin of the lab: makes the testbed's pools (``modelpool=LarvTestbed/full``,
+``taskpool=LarvTestbed/full``, ...) visible to the ``fusion_bench`` CLI once the lab is
+installed. Appended after the plugin's and FusionBench's trees, so neither is shadowed."""
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+from fusion_bench_larv.config_paths import package_dir
+
+
+class LarvLabSearchPathPlugin(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        lab = package_dir("larv_lab")
+        if lab is not None:
+            search_path.append(provider="fusion-bench-larv-lab", path=f"file://{lab / 'config'}")

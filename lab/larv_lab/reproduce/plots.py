@@ -1,0 +1,299 @@
+"""The figures from the collated runs (PNG, matplotlib's Agg backend).
+
+- Figure 2: e, c, s against depth, one line per merger (the paper's and the benchmark's).
+- Figure 3: accuracy per corruption (and averaged), base vs LARV, one panel per merger.
+- Figure 5: Δ (LARV − base) heatmaps, data sets × corruptions, one panel per merger and gate.
+- Figure 4: Δ (schedule − base) heatmaps over (s_middle, s_deep), one panel per s_shallow and
+  merger.
+- Forest plot (the benchmark's ``forest_bench.png``): Δ average accuracy (variant − base merger)
+  with its paired bootstrap 95% interval, one row per merger × variant, one marker per suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fusion_bench_larv.io import atomic_path
+
+from .experiments import CONTINUOUS, FIG4_LEVELS, TIERED, Cell, custom
+from .registry import registry
+
+
+def merger_label(m: str) -> str:
+    return registry().label(m)
+
+
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    """Write the figure atomically (a PNG appears whole or not at all) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    _plt().close(fig)
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _suites(cells):
+    seen = {}
+    for c in cells:
+        seen.setdefault(c.suite.key, c.suite)
+    return list(seen.values())
+
+
+def _mergers(cells):
+    out = []
+    for c in cells:
+        if not c.is_reference and c.merger not in out:
+            out.append(c.merger)
+    return out
+
+
+def fig2(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
+    """Figure 2, one PNG per suite (``fig2_<suite>.png``): e and c (from the tiered run's
+    diagnostics, else the continuous run's) and s (tiered solid, continuous dashed) against
+    depth, one colour per merger, the suite in the title."""
+    plt = _plt()
+    written = []
+    for s in _suites(cells):
+        lines = []  # (merger label, {gate: per-layer records})
+        for m in _mergers([c for c in cells if c.suite.key == s.key]):
+            gates = {}
+            for v in (TIERED, CONTINUOUS):
+                run = res.get(s.key, m, v.slug)
+                if run is not None and run.layers:
+                    gates[v.slug] = run.layers["layers"]
+            if gates:
+                lines.append((merger_label(m), gates))
+        if not lines:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (label, gates) in enumerate(lines):
+            color = colors[i % len(colors)]
+            diag = gates.get(TIERED.slug) or gates[CONTINUOUS.slug]
+            depth = [rec["index"] for rec in diag]
+            axes[0].plot(depth, [rec["e"] for rec in diag], "o-", color=color, label=label)
+            axes[1].plot(depth, [rec["c"] for rec in diag], "o-", color=color, label=label)
+            for slug, style, gate in ((TIERED.slug, "-", "tiered"),
+                                      (CONTINUOUS.slug, "--", "continuous")):  # fmt: skip
+                if slug in gates:
+                    layers = gates[slug]
+                    axes[2].plot([rec["index"] for rec in layers], [rec["s"] for rec in layers],
+                                 style, marker=".", color=color, label=f"{label} ({gate})")  # fmt: skip
+        titles = ("effective-rank contrast $e_\\ell$", "commutator conflict $c_\\ell$",
+                  "scale $s_\\ell$ (tiered —, continuous - -)")  # fmt: skip
+        for ax, title in zip(axes, titles, strict=True):
+            ax.set_title(title)
+            ax.set_xlabel("layer ℓ (depth)")
+            ax.grid(alpha=0.3)
+        # one legend for the colours (mergers), outside the panels: the scale panel holds two
+        # lines per merger and an inside legend would hide them
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+        fig.suptitle(f"Figure 2 — per-layer diagnostics and scales ({s.label})")
+        fig.tight_layout(rect=(0, 0, 0.87, 1))
+        written.append(_save(fig, folder / f"fig2_{s.key}.png"))
+    return written
+
+
+def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
+    plt = _plt()
+    import numpy as np
+
+    suites = _suites(cells)
+    mergers = _mergers(cells)
+    if not suites or not mergers:
+        return []
+    labels = [s.column or s.key for s in suites] + ["Avg."]
+    variants = [
+        ("base", "base"),
+        (TIERED.slug, "LARV tiered"),
+        (CONTINUOUS.slug, "LARV continuous"),
+    ]
+    written = []
+
+    # Figure 3: grouped bars per corruption, one panel per merger
+    fig, axes = plt.subplots(1, len(mergers), figsize=(4.2 * len(mergers), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], mergers, strict=True):
+        x = np.arange(len(labels))
+        for i, (v, vlabel) in enumerate(variants):
+            vals = []
+            for s in suites:
+                run = res.get(s.key, m, v)
+                vals.append(run.average if run else np.nan)
+            vals.append(np.nanmean(vals) if not np.all(np.isnan(vals)) else np.nan)
+            ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=vlabel)
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(merger_label(m))
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Figure 3 — accuracy under corruptions (mean over the data sets)")
+    fig.tight_layout()
+    written.append(_save(fig, folder / "fig3_corruptions.png"))
+
+    # Figure 5: Δ heatmaps, data sets (+ Avg.) × corruptions (+ Avg.)
+    tasks: list[str] = []
+    for s in suites:
+        for t in res.tasks(s.key):
+            if t not in tasks:
+                tasks.append(t)
+    gates = [(TIERED.slug, "tiered"), (CONTINUOUS.slug, "continuous")]
+    fig, axes = plt.subplots(
+        len(gates), len(mergers), figsize=(3.8 * len(mergers), 3.2 * len(gates)), squeeze=False
+    )
+    for gi, (gv, gname) in enumerate(gates):
+        for mi, m in enumerate(mergers):
+            grid = np.full((len(tasks) + 1, len(suites) + 1), np.nan)
+            for j, s in enumerate(suites):
+                run, base = res.get(s.key, m, gv), res.get(s.key, m, "base")
+                if run is None or base is None:
+                    continue
+                for i, t in enumerate(tasks):
+                    if t in run.acc and t in base.acc:
+                        grid[i, j] = run.acc[t] - base.acc[t]
+                grid[-1, j] = run.average - base.average
+            with np.errstate(all="ignore"):
+                grid[:, -1] = [
+                    np.nanmean(r) if not np.all(np.isnan(r)) else np.nan for r in grid[:, :-1]
+                ]
+            ax = axes[gi][mi]
+            lim = max(1e-6, float(np.nanmax(np.abs(grid))) if not np.all(np.isnan(grid)) else 1.0)
+            im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+            for (i, j), val in np.ndenumerate(grid):
+                if not np.isnan(val):
+                    ax.text(j, i, f"{val:+.1f}", ha="center", va="center", fontsize=6)
+            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(tasks) + 1), [*tasks, "Avg."], fontsize=7)
+            ax.set_title(f"{merger_label(m)} ({gname})", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle("Figure 5 — Δ accuracy (LARV − base, pp) per data set and corruption")
+    fig.tight_layout()
+    written.append(_save(fig, folder / "fig5_corruption_delta.png"))
+    return written
+
+
+def fig4(cells: Sequence[Cell], res, path: Path) -> Path | None:
+    """Δ average accuracy (custom (s_s, s_m, s_d) − base) over the {0.5, 1, 1.5}³ grid."""
+    plt = _plt()
+    import numpy as np
+
+    suites = _suites(cells)
+    mergers = _mergers(cells)
+    if not suites or not mergers:
+        return None
+    suite = suites[0].key
+    lv = FIG4_LEVELS
+    fig, axes = plt.subplots(
+        len(mergers),
+        len(lv),
+        figsize=(3.6 * len(lv) + 1, 3.2 * len(mergers) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    grids = {}
+    for m in mergers:
+        base = res.get(suite, m, "base")
+        for si, ss in enumerate(lv):
+            g = np.full((len(lv), len(lv)), np.nan)
+            for mi, sm in enumerate(lv):
+                for di, sd in enumerate(lv):
+                    run = res.get(suite, m, custom((ss, sm, sd)).slug)
+                    if run is not None and base is not None:
+                        g[mi, di] = run.average - base.average
+            grids[m, si] = g
+    finite = [np.nanmax(np.abs(g)) for g in grids.values() if not np.all(np.isnan(g))]
+    lim = max(finite) if finite else 1.0
+    lim = lim if lim > 0 else 1.0
+    for r, m in enumerate(mergers):
+        for si, ss in enumerate(lv):
+            ax = axes[r][si]
+            g = grids[m, si]
+            im = ax.imshow(g, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+            for (i, j), val in np.ndenumerate(g):
+                if not np.isnan(val):
+                    ax.text(j, i, f"{val:+.1f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(lv)), [f"{x:g}" for x in lv])
+            ax.set_yticks(range(len(lv)), [f"{x:g}" for x in lv])
+            ax.set_xlabel("s_deep")
+            ax.set_ylabel("s_middle")
+            ax.set_title(f"{merger_label(m)}, s_shallow = {ss:g}", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="Δ accuracy (pp) vs base")
+    fig.suptitle(f"Figure 4 — depth-only tiered scales, Δ vs base ({suites[0].label})")
+    return _save(fig, path, dpi=110)
+
+
+def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) -> Path | None:
+    """Forest plot: one row per merger × variant (not the base), the Δ of the average accuracy
+    against the merger's base cell (pp) as a point with its paired bootstrap 95% interval
+    (``res.interval``) as a horizontal bar, a vertical line at 0; one marker and colour per
+    suite, the suites of a row side by side (slightly offset). A Δ whose cells have no
+    per-sample files is drawn hollow, without a bar (no interval is made up)."""
+    plt = _plt()
+
+    suites = _suites(cells)
+    mergers = _mergers(cells)
+    labels = {c.variant.slug: c.variant.label.removeprefix("+") for c in cells}
+    have = {c.variant.slug for c in cells}
+    variants = [v for v in [*order, *labels] if v != "base" and v in have]
+    variants = list(dict.fromkeys(variants))
+    rows = [
+        (m, v)
+        for m in mergers
+        for v in variants
+        if any(res.get(s.key, m, v) and res.get(s.key, m, "base") for s in suites)
+    ]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.32 * len(rows)), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    k = len(suites)
+    step = 0.5 / max(k, 1)
+    hollow = False
+    for si, s in enumerate(suites):
+        off = (si - (k - 1) / 2) * step
+        color, marker = colors[si % len(colors)], markers[si % len(markers)]
+        xs, ys, lo, hi, hx, hy = [], [], [], [], [], []
+        for ri, (m, v) in enumerate(rows):
+            run, base = res.get(s.key, m, v), res.get(s.key, m, "base")
+            if run is None or base is None:
+                continue
+            ci = res.interval(s.key, m, v)
+            if ci is None:
+                hx.append(run.average - base.average)
+                hy.append(ri + off)
+                continue
+            xs.append(ci.delta)
+            ys.append(ri + off)
+            lo.append(ci.delta - ci.lo)
+            hi.append(ci.hi - ci.delta)
+        if xs:
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt=marker, color=color, ecolor=color,
+                        capsize=2.5, markersize=5, linewidth=1.2, label=s.label)  # fmt: skip
+        if hx:
+            hollow = True
+            ax.plot(hx, hy, marker, markerfacecolor="none", color=color,
+                    label=None if xs else s.label)  # fmt: skip
+    ax.axvline(0.0, color="0.3", linewidth=1.0, linestyle="--")
+    ax.set_yticks(range(len(rows)), [f"{merger_label(m)} + {labels[v]}" for m, v in rows],
+                  fontsize=8)  # fmt: skip
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("Δ average accuracy vs the base merger (pp), paired bootstrap 95% interval")
+    ax.grid(axis="x", alpha=0.3)
+    title = f"Δ with 95% intervals over test images (B = {res.resamples}, seed {res.seed})"
+    if hollow:
+        title += "\nhollow: no per-sample file, no interval"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="suite",
+              frameon=False)  # fmt: skip
+    return _save(fig, path)

@@ -1,0 +1,201 @@
+"""FusionBench model pool and task pool for the real-weights testbed, so that
+
+    fusion_bench method=larv_ties modelpool=LarvTestbed/quick taskpool=LarvTestbed/quick
+
+merges the fine-tuned DINOv2 backbones and evaluates every task with its own frozen head.
+(FusionBench's own DINOv2 pool needs Python ≥ 3.12 and a classification model with one shared
+head; here each task keeps its head and only the backbone is merged, as with CLIP's zero-shot
+heads.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from fusion_bench import BaseModelPool
+from fusion_bench.taskpool import BaseTaskPool
+from torch import nn
+from torch.utils.data import Dataset
+
+from fusion_bench_larv import per_sample as per_sample_mod
+from fusion_bench_larv.clip_taskpool import evaluation_tasks
+
+from .backbone import load_backbone
+from .build import Testbed, _split, build_testbed, load_testbed, preprocess
+from .sources import load_source, source_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def open_testbed(
+    recipe: str = "quick",
+    cache_dir: str | None = None,
+    testbed_dir: str | None = None,
+    build_if_missing: bool = False,
+) -> Testbed:
+    """A built testbed, from an explicit folder or by recipe name (built on demand if asked)."""
+    if testbed_dir is not None:
+        return load_testbed(Path(testbed_dir))
+    try:
+        return load_testbed(recipe, cache_dir)
+    except FileNotFoundError:
+        if not build_if_missing:
+            raise
+        return build_testbed(recipe, cache_dir)
+
+
+class TestbedTrainSet(Dataset):
+    """A task's training images exactly as the testbed's build drew them (``build._split`` with
+    the testbed's recipe: same seed, same images, same order), pre-processed as the task pool
+    pre-processes test images (:func:`~.build.preprocess` at the recipe's resolution). Items:
+    ``(pixel_values float32 (3, R, R), label)``. Only data-using methods (LOT Merging) read it;
+    nothing here changes the testbed or its cache key.
+
+    Needs the testbed's sources installed, unchanged since the build (checked against the
+    fingerprints in ``testbed.json``: another file would give another split)."""
+
+    __test__ = False
+
+    def __init__(self, testbed: Testbed, task: str):
+        if task not in testbed.tasks:
+            raise ValueError(f"task {task!r} is not in testbed {testbed.root}")
+        meta = json.loads((testbed.root / "testbed.json").read_text())
+        built_with = meta.get("fingerprints", {}).get("sources", {}).get(task)
+        if built_with is not None and list(built_with) != source_fingerprint(task):
+            raise RuntimeError(
+                f"the installed source of {task!r} differs from the one testbed {testbed.root} "
+                "was built from: its training split cannot be re-derived"
+            )
+        train_x, train_y, _, _ = _split(load_source(task), testbed.recipe)
+        self.task = task
+        self.images, self.labels = train_x, train_y
+        self.resolution = testbed.resolution
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        # per image: resizing is per sample, so this equals pre-processing the whole batch
+        return preprocess(self.images[idx : idx + 1], self.resolution)[0], int(self.labels[idx])
+
+
+def load_testbed_train_set(testbed_dir: str, task: str) -> TestbedTrainSet:
+    """:class:`TestbedTrainSet` of a built testbed folder (the pool's ``train_datasets`` entries
+    instantiate this)."""
+    return TestbedTrainSet(load_testbed(Path(testbed_dir)), task)
+
+
+class TestbedModelPool(BaseModelPool):
+    """``_pretrained_`` and one fine-tuned ``Dinov2Model`` per task, loaded fresh from disk on
+    every ``load_model`` (so base mergers never share a module). ``load_train_dataset(task)``:
+    the task's training split, re-derived as the build drew it (:class:`TestbedTrainSet`)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        recipe: str = "quick",
+        cache_dir: str | None = None,
+        testbed_dir: str | None = None,
+        tasks: Sequence[str] | None = None,
+        build_if_missing: bool = False,
+        **kwargs: Any,
+    ):
+        self.testbed = open_testbed(recipe, cache_dir, testbed_dir, build_if_missing)
+        tasks = list(tasks) if tasks is not None else list(self.testbed.tasks)
+        unknown = [t for t in tasks if t not in self.testbed.finetuned_dirs]
+        if unknown:
+            raise ValueError(
+                f"tasks {unknown} are not in testbed {self.testbed.root} ({list(self.testbed.tasks)})"
+            )
+        models = {"_pretrained_": str(self.testbed.pretrained_dir)}
+        models.update({t: str(self.testbed.finetuned_dirs[t]) for t in tasks})
+        if kwargs.get("train_datasets") is None:
+            kwargs["train_datasets"] = {
+                t: {
+                    "_target_": f"{__name__}.load_testbed_train_set",
+                    "testbed_dir": str(self.testbed.root),
+                    "task": t,
+                }
+                for t in tasks
+            }
+        super().__init__(models=models, **kwargs)
+
+    def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
+        if isinstance(model_name_or_config, str) and model_name_or_config in self._models:
+            return load_backbone(self._models[model_name_or_config])
+        return super().load_model(model_name_or_config, *args, **kwargs)
+
+    def load_train_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
+        cfg = self._train_datasets[dataset_name]
+        if isinstance(cfg, Mapping) and cfg.get("_target_") == f"{__name__}.load_testbed_train_set":
+            return load_testbed_train_set(cfg["testbed_dir"], cfg["task"])
+        return super().load_train_dataset(dataset_name, *args, **kwargs)
+
+    def save_model(self, model: nn.Module, path: str, *args, **kwargs) -> None:
+        model.save_pretrained(path)
+
+
+class TestbedTaskPool(BaseTaskPool):
+    """Evaluates a backbone on every task's test set with that task's frozen linear head.
+    Report format as FusionBench's CLIP task pool: ``{task: {accuracy, loss}, average: {...}}``.
+    Each evaluation's per-sample correctness (one bool per test image, test-set order) is kept
+    in ``per_sample_evaluations`` and, under FusionBench's program, written to
+    ``per_sample.json`` beside the program's report (:mod:`fusion_bench_larv.per_sample`)."""
+
+    __test__ = False
+
+    def __init__(
+        self,
+        recipe: str = "quick",
+        cache_dir: str | None = None,
+        testbed_dir: str | None = None,
+        tasks: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        device: str | None = None,
+        build_if_missing: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.testbed = open_testbed(recipe, cache_dir, testbed_dir, build_if_missing)
+        self.tasks = list(tasks) if tasks is not None else list(self.testbed.tasks)
+        self.batch_size = batch_size or self.testbed.recipe.eval_batch_size
+        self.device = device
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        device = self._device()
+        model = model.to(device).eval()
+        report: dict[str, Any] = {}
+        per_sample: dict[str, Any] = {}
+        tasks = evaluation_tasks(model, self.tasks)
+        for task in tasks:
+            clf = self.testbed.classifier(task, backbone=model).to(device)
+            x, y = self.testbed.pixel_values(task)
+            hits, loss_sum = [], 0.0
+            for start in range(0, len(y), self.batch_size):
+                xb = x[start : start + self.batch_size].to(device)
+                yb = y[start : start + self.batch_size].to(device)
+                logits = clf(xb)
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+                hits.append((logits.argmax(-1) == yb).cpu())
+            hit = torch.cat(hits).numpy()
+            report[task] = {"accuracy": int(hit.sum()) / len(y), "loss": loss_sum / len(y)}
+            per_sample[task] = per_sample_mod.encode_task(hit, y.cpu().numpy())
+        report["average"] = {
+            "accuracy": sum(report[t]["accuracy"] for t in tasks) / len(tasks),
+            "loss": sum(report[t]["loss"] for t in tasks) / len(tasks),
+        }
+        model.to("cpu")
+        per_sample_mod.record(self, per_sample)
+        return report

@@ -1,0 +1,127 @@
+"""Tables and the forest plot with paired intervals, from hand-written cell folders (reports and
+per-sample files; no model runs): every Δ shows its interval, significant ones are marked, the
+CSV has delta / lo / hi / significant, old runs without per-sample files fall back to the plain
+Δ (and the notes say so), and a bench over two suites shows them side by side."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+
+import numpy as np
+
+from fusion_bench_larv import per_sample
+from larv_lab.reproduce import collate
+from larv_lab.reproduce import experiments as X
+from larv_lab.reproduce import intervals as iv
+
+N = {"t1": 400, "t2": 250}
+
+
+def _write(cell, out, correct: dict[str, np.ndarray], with_per_sample: bool = True) -> None:
+    d = cell.run_dir(out)
+    d.mkdir(parents=True, exist_ok=True)
+    report = {t: {"accuracy": float(c.mean()), "loss": 0.0} for t, c in correct.items()}
+    (d / "program_report.json").write_text(json.dumps(report))
+    if with_per_sample:
+        labels = {t: np.arange(n) % 10 for t, n in N.items()}
+        entries = {t: per_sample.encode_task(c, labels[t]) for t, c in correct.items()}
+        per_sample.write(d / per_sample.FILE, [entries])
+
+
+def _cells(suite=None):
+    cells = X.filter_cells(
+        X.EXPERIMENTS["bench"].cells(), mergers=["ta"], variants=["base", "tiered", "linear"]
+    )
+    return [replace(c, suite=suite) for c in cells] if suite else cells
+
+
+def _grid(out, cells, seed=0, per_sample_for=("base", "larv-tiered", "sched-linear")):
+    rng = np.random.default_rng(seed)
+    base = {t: rng.random(n) < 0.7 for t, n in N.items()}
+    # tiered: clearly better (flips 15% of the wrong answers to right); linear: same as base but
+    # for two images per task, one each way (Δ = 0, interval around 0)
+    tiered = {t: c | (rng.random(c.size) < 0.5) for t, c in base.items()}
+    linear = {}
+    for t, c in base.items():
+        c = c.copy()
+        i, j = np.flatnonzero(c)[0], np.flatnonzero(~c)[0]
+        c[i], c[j] = False, True
+        linear[t] = c
+    acc = {"base": base, "larv-tiered": tiered, "sched-linear": linear}
+    for c in cells:
+        _write(c, out, acc[c.variant.slug], c.variant.slug in per_sample_for)
+    return acc
+
+
+def test_bench_table_and_csv_show_intervals(tmp_path):
+    cells = _cells()
+    acc = _grid(tmp_path, cells)
+    written = collate.collate(tmp_path, {"bench": cells})
+    art = tmp_path / "artefacts"
+    assert art / "forest_bench.png" in written and (art / "forest_bench.png").stat().st_size > 0
+    table = (art / "bench.md").read_text()
+    base, tiered = acc["base"], acc["larv-tiered"]
+    # per task: Δ [lo, hi] from the paired bootstrap of that task's two vectors, * when > 0
+    r = iv.paired_bootstrap(tiered["t1"], base["t1"])
+    x = 100 * tiered["t1"].mean()
+    want = f"{x:.1f} ({100 * r.delta:+.1f} [{100 * r.lo:+.1f}, {100 * r.hi:+.1f}])*"
+    assert r.significant and want in table
+    # the average: per-task resampling, equal task weights
+    avg = iv.average_bootstrap([(tiered[t], base[t]) for t in N])
+    ours = sum(100 * tiered[t].mean() for t in N) / 2
+    assert (
+        f"{ours:.1f} ({100 * avg.delta:+.1f} [{100 * avg.lo:+.1f}, {100 * avg.hi:+.1f}])*" in table
+    )
+    # linear: Δ = 0 per task, interval straddles 0, no *
+    row = next(line for line in table.splitlines() if "+ Linear" in line)
+    assert "(+0.0 [" in row and "*" not in row
+    assert "paired bootstrap 95% interval" in table and "B = 2000" in table
+    assert "No interval" not in table
+    # CSV: delta, lo, hi, significant
+    with open(art / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"delta", "lo", "hi", "significant"} <= set(rows[0])
+    rec = next(r for r in rows if r["variant"] == "larv-tiered" and r["column"] == "average")
+    assert float(rec["lo"]) == round(100 * avg.lo, 4) and rec["significant"] == "True"
+    rec = next(r for r in rows if r["variant"] == "base" and r["column"] == "average")
+    assert rec["delta"] == rec["lo"] == rec["significant"] == ""
+
+
+def test_old_runs_without_per_sample_files_keep_the_plain_delta(tmp_path):
+    cells = _cells()
+    acc = _grid(tmp_path, cells, per_sample_for=("larv-tiered", "sched-linear"))  # base: none
+    collate.collate(tmp_path, {"bench": cells})
+    table = (tmp_path / "artefacts" / "bench.md").read_text()
+    base, tiered = acc["base"], acc["larv-tiered"]
+    x, b = 100 * tiered["t1"].mean(), 100 * base["t1"].mean()
+    assert f"| {x:.1f} ({x - b:+.1f}) |" in table
+    assert "[" not in table.split("\n\n")[1]  # no interval anywhere in the table
+    assert "No interval for 2 row(s)" in table and "per_sample.json" in table
+    assert (tmp_path / "artefacts" / "forest_bench.png").is_file()  # hollow points, no bars
+    # a per-sample file that disagrees with the report (stale) is not used either
+    cell = next(c for c in cells if c.variant.slug == "base")
+    wrong = {t: ~c for t, c in base.items()}
+    entries = {t: per_sample.encode_task(c) for t, c in wrong.items()}
+    per_sample.write(cell.run_dir(tmp_path) / per_sample.FILE, [entries])
+    res = collate.Results(cells, tmp_path)
+    assert res.get("bench", "ta", "base").per_sample is None
+    assert res.interval("bench", "ta", "larv-tiered") is None
+
+
+def test_two_suites_side_by_side_and_in_one_forest_plot(tmp_path):
+    s0 = replace(X.BENCH, key="full", label="testbed:full")
+    s1 = replace(X.BENCH, key="full_seed1", label="testbed:full_seed1")
+    cells = _cells(s0) + _cells(s1)
+    _grid(tmp_path, _cells(s0), seed=0)
+    _grid(tmp_path, _cells(s1), seed=1)
+    collate.collate(tmp_path, {"bench": cells})
+    table = (tmp_path / "artefacts" / "bench.md").read_text()
+    side = table.split("**Average per suite, side by side**")[1]
+    assert "| Method | testbed:full | testbed:full_seed1 |" in side
+    res = collate.Results(cells, tmp_path)
+    a, b = (res.interval(k, "ta", "larv-tiered") for k in ("full", "full_seed1"))
+    row = next(line for line in side.splitlines() if "+ LARV tiered" in line)
+    assert f"[{a.lo:+.1f}, {a.hi:+.1f}]" in row and f"[{b.lo:+.1f}, {b.hi:+.1f}]" in row
+    assert (tmp_path / "artefacts" / "forest_bench.png").stat().st_size > 0
