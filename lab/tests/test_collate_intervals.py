@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from fusion_bench_larv import intervals as iv
 from fusion_bench_larv import per_sample
 from larv_lab.reproduce import collate
 from larv_lab.reproduce import experiments as X
-from larv_lab.reproduce import intervals as iv
 
 N = {"t1": 400, "t2": 250}
 

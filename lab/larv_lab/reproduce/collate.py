@@ -28,6 +28,7 @@ from typing import Any
 
 from fusion_bench_larv import intervals as iv
 from fusion_bench_larv import per_sample as per_sample_mod
+from fusion_bench_larv.compare import compare
 from fusion_bench_larv.io import atomic_path, write_text_atomic
 
 from .experiments import (
@@ -166,7 +167,8 @@ class Results:
         self, suite: str, merger: str, variant: str, tasks: Sequence[str] | None = None
     ) -> iv.Interval | None:
         """Δ (variant − the merger's base cell) and its 95% interval, in percentage points, over
-        ``tasks`` (one task: :func:`.intervals.paired_bootstrap`; several: the average,
+        ``tasks`` (:func:`fusion_bench_larv.compare.compare`, as ``larv-compare``: one task, its
+        :func:`.intervals.paired_bootstrap`; several, the average's
         :func:`.intervals.average_bootstrap`; None: every task of the variant's run). None when
         a cell or a task's per-sample correctness is missing or the two do not pair (other test
         images): never an interval from anything else."""
@@ -180,22 +182,20 @@ class Results:
         return self._intervals[key]
 
     def _compute(self, run: Run, base: Run, tasks: Sequence[str]) -> iv.Interval | None:
-        pairs = []
+        ours, theirs = {}, {}  # task -> correctness: the variant's (B), the base cell's (A)
         for t in tasks:
-            a = (run.per_sample or {}).get(t)
+            v = (run.per_sample or {}).get(t)
             b = (base.per_sample or {}).get(t)
-            if a is None or b is None or a.shape != b.shape:
+            if v is None or b is None or v.shape != b.shape:
                 return None
-            da, db = (run.digests or {}).get(t), (base.digests or {}).get(t)
-            if da is not None and db is not None and da != db:
+            dv, db = (run.digests or {}).get(t), (base.digests or {}).get(t)
+            if dv is not None and db is not None and dv != db:
                 return None
-            pairs.append((a, b))
-        if not pairs:
+            ours[t], theirs[t] = v, b
+        if not ours:
             return None
-        if len(pairs) == 1:
-            r = iv.paired_bootstrap(*pairs[0], resamples=self.resamples, seed=self.seed)
-        else:
-            r = iv.average_bootstrap(pairs, resamples=self.resamples, seed=self.seed)
+        # larv-compare's computation: the average row (one task: that task's row)
+        r = compare(theirs, ours, resamples=self.resamples, seed=self.seed).average
         return iv.Interval(100 * r.delta, 100 * r.lo, 100 * r.hi)
 
 
