@@ -339,8 +339,8 @@ def format_text(cmp: Comparison, name_a: str = "A", name_b: str = "B") -> str:
     lines = [
         f"A: {name_a}",
         f"B: {name_b}",
-        f"Δ = B − A in percentage points, [{level} paired bootstrap interval over test images: "
-        f"{cmp.resamples} resamples, seed {cmp.seed}], * = the interval excludes 0",
+        f"Δ = B − A in percentage points, [lo, hi] its {level} paired bootstrap interval over "
+        f"the test images ({cmp.resamples} resamples, seed {cmp.seed}); * = excludes 0",
         f"{'task':<{width}}  {'n':>6}  {'acc A':>6}  {'acc B':>6}  Δ [lo, hi]",
     ]
     for r in (*cmp.rows, cmp.average):
