@@ -425,7 +425,8 @@ def test_uniform_tail_by_hand():
     assert r == pytest.approx(_np_effective_rank(a.numpy()), rel=1e-12)
     p1, rest = 4 / 7, 1 / 7
     assert r == pytest.approx(math.exp(-p1 * math.log(p1) - 3 * rest * math.log(rest)), rel=1e-12)
-    # the spec's formula drops the residual
+    # the paper's formula (`spectrum_tail: none`; docs/method.md, "Exact and randomized spectra")
+    # drops the residual
     r_none = effective_rank(a, "randomized", 1, 10, torch.Generator().manual_seed(0))
     assert r_none == pytest.approx(math.exp(-p1 * math.log(p1)), rel=1e-12)
 
@@ -451,8 +452,9 @@ def test_uniform_tail_is_an_upper_bound_and_exact_without_a_tail():
 
 
 def test_uniform_tail_keeps_the_ranking_that_the_truncated_entropy_inverts():
-    # updates whose energy spreads out (rank 2 → 48 plus noise): the exact r_eff grows; the spec's
-    # top-2 entropy shrinks (less mass in the top 2); the uniform tail grows with the exact one
+    # updates whose energy spreads out (rank 2 → 48 plus noise): the exact r_eff grows; the paper's
+    # top-2 entropy (docs/method.md, "Exact and randomized spectra") shrinks (less mass in the
+    # top 2); the uniform tail grows with the exact one
     g = torch.Generator().manual_seed(0)
     exact, none, tail = [], [], []
     for r in (2, 4, 8, 16, 32, 48):

@@ -1,4 +1,5 @@
-"""Composite score, gates and depth schedules against the spec's formulas and hand-listed values."""
+"""Composite score, gates and depth schedules against the formulas of docs/method.md
+("Composite score and gates", "Depth-only schedules") and hand-listed values."""
 
 from __future__ import annotations
 

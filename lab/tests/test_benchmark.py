@@ -166,7 +166,8 @@ def test_cost_benchmark_smoke_on_a_tiny_tower(tmp_path):
     floor = res["models"]["tiny"]["floor"]
     assert floor["floor_exact_seconds"] >= floor["floor_randomized_seconds"] > 0
     spectra = res["models"]["tiny"]["spectra"]
-    # the synthetic updates spread their energy with depth: the spec's top-k entropy inverts the
-    # exact ranking of e, the uniform tail keeps it
+    # the synthetic updates spread their energy with depth: the paper's top-k entropy
+    # (docs/method.md, "Exact and randomized spectra") inverts the exact ranking of e, the uniform
+    # tail keeps it
     assert spectra["spearman_e_uniform_tail"] > spectra["spearman_e"]
     assert "Spearman e (uniform tail)" in (tmp_path / "cost-smoke.md").read_text()

@@ -34,7 +34,7 @@ M = len(registry().default_mergers())
 
 
 def _expected_counts() -> dict[str, int]:
-    """Grid sizes from the paper's experiment descriptions (issue 4 / LARV-SPEC.md)."""
+    """Grid sizes from the paper's experiment descriptions (docs/reproducing.md, per artefact)."""
     table6_rows = {  # typed from the paper's Table 6
         (1, 1, 1), (0.5, 0.5, 0.5), (1.5, 1.5, 1.5),
         *((0, m, d) for m in (0, 1, 1.5) for d in (0.5, 1, 1.5)),
