@@ -371,7 +371,8 @@ def test_median_normalization_when_the_median_is_not_positive():
 
 
 # -- depth schedules ----------------------------------------------------------------------------
-def test_tier_levels_as_listed_in_the_spec():
+def test_tier_levels_as_documented():
+    # the tier2 / tier3 / tier6 / tier12 levels of docs/method.md, "Depth-only schedules"
     from fusion_bench_larv.gates import TIER_LEVELS
 
     assert TIER_LEVELS["tier2"] == (0.5, 1.5)

@@ -113,7 +113,7 @@ def test_from_mapping_names_every_unknown_key_and_rejects_extra():
         LarvSettings.from_mapping({"beta": 2})
 
 
-def test_defaults_are_the_spec_defaults():
+def test_defaults_are_the_documented_defaults():  # docs/method.md, "Config names"
     s = LarvSettings()
     assert (s.gate, s.alpha, s.beta, s.levels, s.gamma) == (
         "tiered",

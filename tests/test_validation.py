@@ -534,8 +534,8 @@ def test_larv_itself_never_modifies_the_callers_models(placement):
 
 
 def test_what_the_wrapped_task_arithmetic_does_to_in_memory_models():
-    # documented in README: FusionBench's TA returns the caller's `_pretrained_`, overwritten;
-    # the fine-tuned modules stay as they were
+    # documented in docs/options.md, "What happens to the models you pass in": FusionBench's TA
+    # returns the caller's `_pretrained_`, overwritten; the fine-tuned modules stay as they were
     pre, tuned = make_models()
     pool = memory_pool(pre, tuned)
     before = {k: state(m) for k, m in pool.items()}

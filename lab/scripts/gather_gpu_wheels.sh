@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Gathers, on THIS machine, the wheels that benchmarks/gpu_check.sh installs on the GPU machine
+# Gathers, on THIS machine, the wheels that lab/benchmarks/gpu_check.sh installs on the GPU machine
 # (Python 3.12, x86-64, no registry there): what `import fusion_bench` and this plugin need and
 # that machine's image lacks, at the versions this project's .venv runs, plus a fallback
 # transformers 4.57 / huggingface-hub 0.36 / tokenizers 0.22 in case the plugin does not import
@@ -7,7 +7,8 @@
 #
 #   bash lab/scripts/gather_gpu_wheels.sh [DIR]        # default lab/benchmarks/wheels (git-ignored)
 #
-# The device tool's `run` then takes DIR in `carry` (see benchmarks/RESULTS.md, "GPU check").
+# The device tool's `run` then takes DIR in `carry` (see lab/benchmarks/RESULTS.md, "GPU check",
+# and docs/cost.md).
 # GATHER_PY_VERSION=3.11 gathers for another Python (the CPU rehearsal of the install stage).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # the repository root

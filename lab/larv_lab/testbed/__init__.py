@@ -6,9 +6,11 @@ classification data that ship inside PyPI and Debian packages (MNIST, Fashion-MN
 Animal-MNIST, scikit-learn's digits, OpenCV's digits, and tasks derived from them). Nothing is
 downloaded from a hub. :func:`register_source` adds a user's own data.
 
-- :mod:`.sources`: find and read the data (``scripts/install_testbed_sources.sh`` installs them);
+- :mod:`.sources`: find and read the data (``lab/scripts/install_testbed_sources.sh`` installs
+  them);
 - :mod:`.backbone`: ONNX -> ``Dinov2Model`` conversion and its check against ONNX Runtime;
-- :mod:`.build`: the seeded, cached build (``scripts/build_testbed.py``) and :func:`load_testbed`.
+- :mod:`.build`: the seeded, cached build (``lab/scripts/build_testbed.py``) and
+  :func:`load_testbed`.
 """
 
 from .backbone import check_backbone, convert_backbone, find_onnx_model, load_backbone

