@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _HOME = {
     "LARVAlgorithm": "algorithm",
+    "LarvAttributeError": "settings",
     "LarvConfigError": "settings",
     "LarvInputError": "validation",
     "LarvLayerError": "validation",

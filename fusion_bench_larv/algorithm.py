@@ -9,6 +9,7 @@ What it delegates: the base merger's config check, construction and run to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import warnings
@@ -23,20 +24,21 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .base_method import (
+    base_method_name,
     base_method_report,
     build_base_method,
     check_base_method,
     merged_module,
-    merger_label,
     run_base_method,
 )
 from .io import write_json_atomic
 from .pool_view import PoolView, in_memory_model
-from .settings import LarvConfigError, LarvSettings
+from .settings import LarvAttributeError, LarvConfigError, LarvSettings
 from .validation import (
     LarvInputError,
     LarvWarning,
     check_finite,
+    did_you_mean,
     grouped_layers,
     unknown_keys_message,
 )
@@ -80,6 +82,14 @@ class _SettingKey:
         obj.settings = dataclasses.replace(obj.settings, **{self.key: _plain(value)})
 
 
+@functools.cache
+def _writable(cls: type) -> frozenset[str]:
+    """The public attributes ``cls`` declares: its (and its bases') class attributes, properties,
+    methods and LARV keys, and the instance attributes it annotates."""
+    annotated = (n for c in cls.__mro__ for n in vars(c).get("__annotations__", {}))
+    return frozenset(n for n in (*dir(cls), *annotated) if not n.startswith("_"))
+
+
 class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
     """LARV over any task-vector merger.
 
@@ -93,7 +103,10 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
 
     The LARV settings are held once, in ``self.settings``; ``self.gate`` etc. read from it, and
     assigning one (``self.gate = "continuous"``) replaces ``self.settings`` with validated new
-    settings (see :class:`_SettingKey`).
+    settings (see :class:`_SettingKey`); ``self.settings`` itself is read-only.
+
+    Only declared attributes can be written (see :meth:`__setattr__`): ``alg.gama = 3`` is a
+    :class:`LarvAttributeError` with a suggestion, not a setting silently ignored.
     """
 
     _config_mapping = BaseAlgorithm._config_mapping | {
@@ -101,7 +114,36 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         "report_dir": "report_dir",
         **{k: k for k in LARV_KEYS},
     }
+    # marks a LARV wrapper for `base_method.check_base_method`, which refuses LARV inside LARV
+    # without importing this module
+    _larv_wrapper_ = True
+    # the public instance attributes (any other public write is refused, see __setattr__)
+    base_method: Any
+    report_dir: str | None
     settings: LarvSettings
+    last_report: dict | None
+    last_result: LarvResult | None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Write an attribute the class declares (see :func:`_writable`) or a private one (``_x``,
+        as FusionBench's program and mixins set ``_program``, ``_fabric_instance``, ``_version_``
+        …); anything else is a misspelling, refused with a suggestion. ``settings`` must be
+        :class:`LarvSettings`."""
+        cls = type(self)
+        if not name.startswith("_") and name not in _writable(cls):
+            data = [n for n in _writable(cls) if not callable(getattr(cls, n, None))]  # no methods
+            raise LarvAttributeError(
+                f"`{cls.__name__}.{name} = {value!r}` is refused: no such attribute"
+                f"{did_you_mean(name, data)}. The LARV settings: {sorted(LARV_KEYS)} (e.g. "
+                "`alg.gate = 'tiered'`)"
+            )
+        if name == "settings" and not isinstance(value, LarvSettings):
+            raise LarvConfigError(
+                f"`{cls.__name__}.settings` must be LarvSettings, got "
+                f"{type(value).__name__}; set one key with `alg.<key> = ...`, or build settings "
+                "with `LarvSettings.from_mapping({...})` or `dataclasses.replace(alg.settings, ...)`"
+            )
+        super().__setattr__(name, value)
 
     def __init__(self, base_method: Any = None, report_dir: str | None = None, **larv: Any):
         meta = {k: larv.pop(k) for k in _FUSION_BENCH_META_KEYS if k in larv}
@@ -197,7 +239,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
 
         # what the merger returned must be one model of θ_0's architecture (not TALL's dict of
         # models, not EMR's modulated wrapper): a LarvInputError naming both, before any write
-        merger = merger_label(self.base_method)
+        merger = base_method_name(self.base_method)
         if base_merge is not None:
             if s.placement != "merged":
                 raise LarvConfigError(

@@ -19,12 +19,12 @@ from .settings import LarvConfigError
 from .validation import LarvInputError, check_same_keys_and_shapes, did_you_mean
 
 __all__ = [
+    "base_method_name",
     "base_method_report",
     "build_base_method",
     "check_base_method",
     "locate_class",
     "merged_module",
-    "merger_label",
     "run_base_method",
 ]
 
@@ -101,10 +101,10 @@ def check_base_method(base_method: Any) -> None:
 
 def _not_larv(cls: type, name: str) -> None:
     """LARV over LARV would rescale an already rescaled update with diagnostics of that update:
-    no defined method (docs/method.md), so it is refused rather than run."""
-    from .algorithm import LARVAlgorithm
-
-    if issubclass(cls, LARVAlgorithm):
+    no defined method (docs/method.md), so it is refused rather than run. A LARV wrapper is a
+    class with a true ``_larv_wrapper_`` attribute (``LARVAlgorithm`` has it), so this module need
+    not import the adapter that imports it."""
+    if getattr(cls, "_larv_wrapper_", False) is True:
         raise LarvConfigError(
             f"LARV config `base_method` = {name} is itself LARV: wrap a FusionBench merger "
             "(e.g. method@method.base_method=ties_merging), not another larv_* method"
@@ -166,8 +166,9 @@ def run_base_method(base: BaseAlgorithm, modelpool: BaseModelPool) -> Any:
         base.on_run_end()
 
 
-def merger_label(base_method: Any) -> str:
-    """The wrapped merger as messages name it: ``Class (module.Class)``."""
+def base_method_name(base_method: Any) -> str:
+    """The wrapped merger (an instance or a ``_target_`` config) as messages name it:
+    ``Class (module.Class)``; ``"the base method"`` when it is neither."""
     if isinstance(base_method, BaseAlgorithm):
         cls = type(base_method)
         target = f"{cls.__module__}.{cls.__qualname__}"

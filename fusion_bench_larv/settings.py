@@ -24,6 +24,27 @@ class LarvConfigError(ValueError):
     """A LARV config key has a value that is not allowed."""
 
 
+class LarvAttributeError(LarvConfigError, AttributeError):
+    """A write to a LARV attribute that is not allowed: an unknown (usually misspelt) attribute of
+    ``LARVAlgorithm``, or any field of the read-only :class:`LarvSettings`. Both a
+    :class:`LarvConfigError` and the ``AttributeError`` Python raises for such writes."""
+
+
+def _read_only_message(name: str, value: Any) -> str:
+    """Why ``settings.<name> = value`` is refused, and how to change a setting instead."""
+    if name in _FIELDS:
+        problem, key, shown = "LARV settings are read-only once built", name, repr(value)
+    else:
+        hint = did_you_mean(name, LarvSettings.keys())
+        problem = f"LarvSettings has no key `{name}`{hint}, and its keys are read-only"
+        key, shown = "gate", "'tiered'"
+    return (
+        f"`settings.{name} = {value!r}` is refused: {problem}. Change a setting on the algorithm, "
+        f"validated (`alg.{key} = {shown}`), or build new settings "
+        f"(`dataclasses.replace(settings, {key}={shown})`)"
+    )
+
+
 def _bad(key: str, value: Any, allowed: str) -> LarvConfigError:
     return LarvConfigError(f"LARV config `{key}` = {value!r} is not allowed: {allowed}")
 
@@ -42,6 +63,11 @@ def _number(key: str, value: Any) -> float:
 
 @dataclass
 class LarvSettings:
+    """The validated LARV settings, read-only once built: a field is assigned once, by the
+    constructor (validation may normalise it, e.g. a list of levels to a tuple), and any later
+    write or delete raises :class:`LarvAttributeError`, so settings that passed validation stay
+    valid. New settings: ``dataclasses.replace(settings, gate="continuous")`` (validated again)."""
+
     gate: str = "tiered"
     alpha: float = 1 / 3
     beta: float = 2 / 3
@@ -71,6 +97,18 @@ class LarvSettings:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__ or name not in _FIELDS:
+            raise LarvAttributeError(_read_only_message(name, value))
+        object.__setattr__(self, name, value)  # the constructor's one assignment of a field
+
+    def __delattr__(self, name: str) -> None:
+        raise LarvAttributeError(f"`del settings.{name}` is refused: LARV settings are read-only")
+
+    def _normalise(self, key: str, value: Any) -> None:
+        """Validation's own write: a checked value in its normal form (a float, a tuple)."""
+        object.__setattr__(self, key, value)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -106,7 +144,8 @@ class LarvSettings:
         _choice("outside_blocks", self.outside_blocks, OUTSIDE_POLICIES)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("w_normalize", self.w_normalize, W_NORMALIZATIONS)
-        self.alpha, self.beta = _number("alpha", self.alpha), _number("beta", self.beta)
+        self._normalise("alpha", _number("alpha", self.alpha))
+        self._normalise("beta", _number("beta", self.beta))
         if not 0 < self.alpha < 1:
             raise _bad("alpha", self.alpha, "a quantile in (0, 1)")
         if not 0 < self.beta < 1:
@@ -117,14 +156,14 @@ class LarvSettings:
             v = _number(key, getattr(self, key))
             if v < 0:
                 raise _bad(key, v, "an exponent >= 0")
-            setattr(self, key, v)
-        self.gamma = _number("gamma", self.gamma)
+            self._normalise(key, v)
+        self._normalise("gamma", _number("gamma", self.gamma))
         if self.gamma <= 0:
             raise _bad("gamma", self.gamma, "a sharpness > 0")
-        self.eps = _number("eps", self.eps)
+        self._normalise("eps", _number("eps", self.eps))
         if self.eps <= 0:
             raise _bad("eps", self.eps, "a small number > 0")
-        self.levels = self._scales("levels", self.levels, 3)
+        self._normalise("levels", self._scales("levels", self.levels, 3))
         for key in ("use_depth_prior", "use_info", "use_conflict"):
             if not isinstance(getattr(self, key), bool):
                 raise _bad(key, getattr(self, key), "true or false")
@@ -143,14 +182,13 @@ class LarvSettings:
                     "schedule_scales", self.schedule_scales, "`linear` takes none (0.5 → 1.5)"
                 )
             if self.schedule == "lines":  # (α, β) may be any finite numbers
-                self.schedule_scales = tuple(
-                    _number("schedule_scales", v)
-                    for v in self._seq("schedule_scales", self.schedule_scales, 2)
+                lines = self._seq("schedule_scales", self.schedule_scales, 2)
+                self._normalise(
+                    "schedule_scales", tuple(_number("schedule_scales", v) for v in lines)
                 )
             else:
-                self.schedule_scales = self._scales(
-                    "schedule_scales", self.schedule_scales, expected
-                )
+                scales = self._scales("schedule_scales", self.schedule_scales, expected)
+                self._normalise("schedule_scales", scales)
         if self.layer_pattern is not None:
             self._check_layer_pattern(self.layer_pattern)
         self._warn_unused()
@@ -227,3 +265,6 @@ class LarvSettings:
         if any(v < 0 for v in out):
             raise _bad(key, list(out), "scales must be >= 0")
         return out
+
+
+_FIELDS = frozenset(f.name for f in fields(LarvSettings))

@@ -474,6 +474,74 @@ def test_writing_a_setting_attribute_updates_the_one_store_validated():
     assert (alg.alpha, alg.gate) == (pytest.approx(1 / 3), "continuous")
 
 
+def test_misspelt_attribute_write_is_refused_with_a_suggestion():
+    alg = LARVAlgorithm(base_method=BASES["larv_ta"])
+    before = alg.settings
+    with pytest.raises(LarvConfigError, match="did you mean `gamma`") as err:
+        alg.gama = 3  # a silently ignored typo would leave gamma at its default
+    assert isinstance(err.value, AttributeError)  # what Python raises for such a write, too
+    with pytest.raises(LarvConfigError, match="did you mean `report_dir`"):
+        alg.report_dri = "/tmp/x"
+    assert "gama" not in vars(alg) and alg.settings is before and alg.gamma == 3.0
+    alg.gamma = 2.0  # the key itself, and every declared attribute, stay writable
+    alg.report_dir = None
+    alg.last_report = None
+    assert alg.settings.gamma == 2.0
+
+
+def test_settings_object_is_read_only_and_says_how_to_change_a_setting():
+    alg = LARVAlgorithm(base_method=BASES["larv_ta"])
+    before = alg.settings
+    with pytest.raises(LarvConfigError, match=r"read-only.*alg\.gate = .*dataclasses\.replace"):
+        alg.settings.gate = "nope"
+    with pytest.raises(LarvConfigError, match="did you mean `gamma`"):
+        alg.settings.gama = 3
+    with pytest.raises(LarvConfigError, match="must be LarvSettings"):
+        alg.settings = {"gate": "tiered"}
+    assert alg.settings is before and alg.settings.gate == "tiered"
+    alg.gate = "continuous"  # the way to change one setting: validated, a new settings object
+    alg.gate = "tiered"
+    assert alg.settings.gate == "tiered" and alg.settings is not before
+
+
+def test_fusion_bench_program_sets_up_and_runs_the_adapter(models, tmp_path, monkeypatch):
+    # FusionBench's program instantiates the method and writes its private attributes
+    # (`_program`, `_fabric_instance`, `_version_` …) and the mixin's `fabric`: the attribute
+    # guard lets them through, and a real merge writes its report to the program's log dir
+    from fusion_bench.constants import RuntimeConstants
+    from fusion_bench.programs import FabricModelFusionProgram
+    from omegaconf import OmegaConf
+
+    runtime = RuntimeConstants()
+    for flag in ("debug", "print_function_call"):  # the program's constructor sets both
+        monkeypatch.setattr(runtime, flag, getattr(runtime, flag))
+    logger = {
+        "_target_": "lightning.fabric.loggers.CSVLogger",
+        "root_dir": str(tmp_path),
+        "name": "run",
+        "version": 0,
+    }
+    fabric = {"_target_": "lightning.Fabric", "accelerator": "cpu", "devices": 1, "loggers": logger}
+    method = OmegaConf.create(
+        {"_target_": "fusion_bench_larv.algorithm.LARVAlgorithm", "base_method": BASES["larv_ta"]}
+    )
+    program = FabricModelFusionProgram(
+        method=method, modelpool=None, fabric=OmegaConf.create(fabric), print_config=False
+    )
+    alg = program._instantiate_and_setup(method)
+    assert isinstance(alg, LARVAlgorithm)
+    assert alg._program is program and alg._fabric_instance is program.fabric
+    alg.fabric = program.fabric
+    assert alg.log_dir == program.log_dir
+    alg.gate = "continuous"  # as a sweep sets a hyperparameter
+    alg.on_run_start()
+    out = alg.run(fresh_pool(models))
+    alg.on_run_end()
+    assert isinstance(out, torch.nn.Module)
+    with open(os.path.join(program.log_dir, "larv_layers.json")) as fh:
+        assert json.load(fh)["settings"]["gate"] == "continuous"
+
+
 def test_written_setting_is_what_the_run_uses(models):
     alg = LARVAlgorithm(base_method=BASES["larv_ta"])
     alg.gate = "continuous"
@@ -481,6 +549,24 @@ def test_written_setting_is_what_the_run_uses(models):
     assert alg.last_report["settings"]["gate"] == "continuous"
     assert alg.last_report["settings"] == alg.settings.to_dict()
     assert not {rec["s"] for rec in alg.last_report["layers"]} <= {0.5, 1.0, 1.5}
+
+
+def test_base_method_helpers_work_without_importing_the_adapter():
+    # no import circle: the base-merger helpers (and the LARV-inside-LARV check) stand alone
+    code = (
+        "import sys, fusion_bench_larv.base_method as bm\n"
+        "ta = {'_target_': 'fusion_bench.method.TaskArithmeticAlgorithm', 'scaling_factor': 0.3}\n"
+        "bm.check_base_method(ta)\n"
+        "print(bm.base_method_name(bm.build_base_method(ta)))\n"
+        "print('fusion_bench_larv.algorithm' in sys.modules)\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, imported = proc.stdout.strip().splitlines()[-2:]
+    assert name.startswith("TaskArithmeticAlgorithm (fusion_bench.method.") and imported == "False"
 
 
 def test_importing_the_adapter_does_not_import_the_lab():

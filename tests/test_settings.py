@@ -103,6 +103,29 @@ def test_config_error_is_a_value_error():
     assert issubclass(LarvConfigError, ValueError)
 
 
+def test_settings_are_read_only_once_built_and_replace_validates():
+    import copy
+    import dataclasses
+    import pickle
+
+    s = LarvSettings(levels=[0.4, 1, 1.6])  # normalised by validation, the one write after init
+    assert s.levels == (0.4, 1.0, 1.6)
+    with pytest.raises(LarvConfigError, match=r"read-only.*alg\.gate = 'nope'.*replace") as err:
+        s.gate = "nope"  # would otherwise reach a run without validation
+    assert isinstance(err.value, AttributeError)
+    with pytest.raises(LarvConfigError, match="no key `gama`.*did you mean `gamma`"):
+        s.gama = 3
+    with pytest.raises(LarvConfigError, match="read-only"):
+        del s.gate
+    assert s.gate == "tiered" and not hasattr(s, "gama")
+    t = dataclasses.replace(s, gate="continuous")  # the way to new settings: validated again
+    assert (t.gate, s.gate) == ("continuous", "tiered")
+    with pytest.raises(LarvConfigError, match="`gate`"):
+        dataclasses.replace(s, gate="nope")
+    assert copy.deepcopy(s) == s == pickle.loads(pickle.dumps(s))
+    s.validate()  # validating again is allowed (it only normalises, idempotently)
+
+
 def test_from_mapping_names_every_unknown_key_and_rejects_extra():
     with pytest.raises(LarvConfigError) as err:
         LarvSettings.from_mapping({"gate": "tiered", "tempo": 1, "alhpa": 0.3})
