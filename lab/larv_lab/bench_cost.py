@@ -568,7 +568,7 @@ def pct(x):
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
-def merger_label(name: str, x: dict) -> str:
+def cost_row_label(name: str, x: dict) -> str:
     """A table's merger cell: its label, plus any override of its base config (reduced WUDI)."""
     label = LABELS.get(name, name)
     over = [o.rsplit(".", 1)[-1] for o in x.get("base_overrides", [])]
@@ -597,7 +597,7 @@ def markdown(res: dict) -> str:
                     f"{x['larv_extra_seconds_warm']:.2f}")  # fmt: skip
                 rw = "–" if x["ratio_warm"] is None else f"{100 * x['ratio_warm']:.0f}%"
                 lines.append(
-                    f"| {NAMES[kind]} | {run['num_tasks']} | {merger_label(m, x)} "
+                    f"| {NAMES[kind]} | {run['num_tasks']} | {cost_row_label(m, x)} "
                     f"| {x['base_seconds']:.2f} "
                     f"| {fmt(x['larv_extra_seconds_cold'])} | {warm} "
                     f"| {pct(x['ratio_cold'])} | {rw} "

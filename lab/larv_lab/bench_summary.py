@@ -12,7 +12,7 @@ import json
 import os
 import xml.etree.ElementTree as ET
 
-from larv_lab.bench_cost import NAMES, merger_label
+from larv_lab.bench_cost import NAMES, cost_row_label
 
 
 def junit_counts(path: str) -> dict:
@@ -75,7 +75,7 @@ def summarize(jsons: list[str], junits: list[str]) -> str:
                     ratio = x["ratio_warm"] if x["ratio_warm"] is not None else x["ratio_cold"]
                     lines.append(
                         f"| {run} | {res['device']} | {NAMES.get(kind, kind)} | {pr['num_tasks']} "
-                        f"| {merger_label(m, x)} | {_s(x['base_seconds'])} "
+                        f"| {cost_row_label(m, x)} | {_s(x['base_seconds'])} "
                         f"| {_s(x['larv_extra_seconds_cold'])} | {_s(x['larv_extra_seconds_warm'])} "
                         f"| {_p(ratio)} | {_s(x.get('larv_extra_seconds_randomized_warm'))} "
                         f"| {_p(x.get('ratio_randomized_warm'))} "

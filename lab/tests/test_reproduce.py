@@ -23,6 +23,7 @@ from larv_lab.reproduce import experiments as X
 from larv_lab.reproduce import sweep
 from larv_lab.reproduce.collate import ANCHORS_FILE
 from larv_lab.reproduce.registry import (
+    display_label,
     find_primary,
     lab_config_dir,
     registry,
@@ -146,8 +147,9 @@ def test_registry_is_read_from_the_yaml(tmp_path):
         assert "lot" in t1.merger_list(include=["lot"])
         cell = X.Cell(X.clip_suite("clip-vit-base-patch16", "TA8"), "newmerger", X.TIERED)
         assert cell.method() == ("larv_newmerger", {"gate": "tiered"})
-        assert registry().label("newmerger") == "New merger"
+        assert registry().label("newmerger") == display_label("newmerger") == "New merger"
     assert "newmerger" not in registry().mergers
+    assert display_label("nosuchmerger") == "nosuchmerger"  # shown as it is
 
 
 def test_opt_in_merger_runs_when_named(capsys, tmp_path):

@@ -46,7 +46,7 @@ from .experiments import (
     ablation,
     custom,
 )
-from .registry import registry
+from .registry import display_label, registry
 from .sweep import LAYERS, REPORT, read_json
 
 ANCHORS_FILE = Path(__file__).with_name("paper_anchors.json")
@@ -319,10 +319,6 @@ def write_csv(path: Path, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]
     return path
 
 
-def merger_label(m: str) -> str:
-    return registry().label(m)
-
-
 VARIANT_ROWS = {"base": "", TIERED.slug: " + LARV tiered", CONTINUOUS.slug: " + LARV continuous"}
 VARIANT_ROWS[MAX] = " + LARV max(tiered, continuous)†"
 ANCHOR_VARIANT = {"base": "base", MAX: "larv-best"}
@@ -401,12 +397,12 @@ def rows_block(
                 else:
                     paper_cells.append("")
                 t.record(
-                    suite=col.suite, row=merger_label(m) + labels.get(v, f" {v}"), merger=m,
+                    suite=col.suite, row=display_label(m) + labels.get(v, f" {v}"), merger=m,
                     variant=v, column=col.key, **fields,
                     paper=a["value"] if a else None, paper_delta=a.get("delta") if a else None,
                     paper_derived=bool(a and a.get("derived")),
                 )  # fmt: skip
-            t.row(merger_label(m) + labels.get(v, f" {v}"), cells)
+            t.row(display_label(m) + labels.get(v, f" {v}"), cells)
             if any_paper:
                 t.row("↳ *paper*", paper_cells)
 
@@ -420,7 +416,7 @@ def paper_only_rows(t: Table, cols: Sequence[Col], table: str, mergers: Sequence
             a = anc.get((col.suite, m, "base", col.key))
             cells.append(f"{a['value']:.1f}" if a else "")
         if any(cells):
-            t.row(f"*paper: {merger_label(m)}*", cells)
+            t.row(f"*paper: {display_label(m)}*", cells)
 
 
 def _notes(t: Table, res: Results, anchor_table: str | None) -> None:
@@ -590,7 +586,7 @@ def summary_table(name: str, title: str, cells: Sequence[Cell], res: Results) ->
 def table3(cells: Sequence[Cell], res: Results) -> Table:
     suite = cells[0].suite.key
     mergers = _mergers(cells)
-    t = Table("table3", EXPERIMENTS["table3"].title, [merger_label(m) for m in mergers])
+    t = Table("table3", EXPERIMENTS["table3"].title, [display_label(m) for m in mergers])
     t.header("r e c / gate")
     anc = anchors("table3")
     cols = {m: avg_col(suite) for m in mergers}
@@ -632,7 +628,7 @@ def table5(cells: Sequence[Cell], res: Results) -> Table:
     cols = []
     for m in mergers:
         for s in suites:
-            c = avg_col(s.key, f"{merger_label(m)} {s.backbone}")
+            c = avg_col(s.key, f"{display_label(m)} {s.backbone}")
             cols.append((m, c))
     t = Table("table5", EXPERIMENTS["table5"].title, [c.label for _, c in cols])
     t.header("Strategy")
@@ -662,7 +658,7 @@ def table5(cells: Sequence[Cell], res: Results) -> Table:
 def table6(cells: Sequence[Cell], res: Results) -> Table:
     suite = cells[0].suite.key
     mergers = _mergers(cells)
-    t = Table("table6", EXPERIMENTS["table6"].title, [merger_label(m) for m in mergers])
+    t = Table("table6", EXPERIMENTS["table6"].title, [display_label(m) for m in mergers])
     t.header("(s_shallow, s_middle, s_deep)")
     anc = anchors("table6")
     have = {c.variant.slug for c in cells}

@@ -17,11 +17,7 @@ from pathlib import Path
 from fusion_bench_larv.io import atomic_path
 
 from .experiments import CONTINUOUS, FIG4_LEVELS, TIERED, Cell, custom
-from .registry import registry
-
-
-def merger_label(m: str) -> str:
-    return registry().label(m)
+from .registry import display_label
 
 
 def _save(fig, path: Path, dpi: int = 120) -> Path:
@@ -72,7 +68,7 @@ def fig2(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
                 if run is not None and run.layers:
                     gates[v.slug] = run.layers["layers"]
             if gates:
-                lines.append((merger_label(m), gates))
+                lines.append((display_label(m), gates))
         if not lines:
             continue
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -133,7 +129,7 @@ def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
             vals.append(np.nanmean(vals) if not np.all(np.isnan(vals)) else np.nan)
             ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=vlabel)
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(merger_label(m))
+        ax.set_title(display_label(m))
         ax.set_ylabel("accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -174,7 +170,7 @@ def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
                     ax.text(j, i, f"{val:+.1f}", ha="center", va="center", fontsize=6)
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(tasks) + 1), [*tasks, "Avg."], fontsize=7)
-            ax.set_title(f"{merger_label(m)} ({gname})", fontsize=9)
+            ax.set_title(f"{display_label(m)} ({gname})", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle("Figure 5 — Δ accuracy (LARV − base, pp) per data set and corruption")
     fig.tight_layout()
@@ -226,7 +222,7 @@ def fig4(cells: Sequence[Cell], res, path: Path) -> Path | None:
             ax.set_yticks(range(len(lv)), [f"{x:g}" for x in lv])
             ax.set_xlabel("s_deep")
             ax.set_ylabel("s_middle")
-            ax.set_title(f"{merger_label(m)}, s_shallow = {ss:g}", fontsize=9)
+            ax.set_title(f"{display_label(m)}, s_shallow = {ss:g}", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.8, label="Δ accuracy (pp) vs base")
     fig.suptitle(f"Figure 4 — depth-only tiered scales, Δ vs base ({suites[0].label})")
     return _save(fig, path, dpi=110)
@@ -285,7 +281,7 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
             ax.plot(hx, hy, marker, markerfacecolor="none", color=color,
                     label=None if xs else s.label)  # fmt: skip
     ax.axvline(0.0, color="0.3", linewidth=1.0, linestyle="--")
-    ax.set_yticks(range(len(rows)), [f"{merger_label(m)} + {labels[v]}" for m, v in rows],
+    ax.set_yticks(range(len(rows)), [f"{display_label(m)} + {labels[v]}" for m, v in rows],
                   fontsize=8)  # fmt: skip
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("Δ average accuracy vs the base merger (pp), paired bootstrap 95% interval")

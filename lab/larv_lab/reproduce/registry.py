@@ -170,6 +170,12 @@ def registry() -> Registry:
     return _load(tuple(r.resolve() for r in config_roots()))
 
 
+def display_label(name: str) -> str:
+    """How tables and figures show a merger or reference method: its ``label`` in the active
+    registry (``mergers.yaml``); a name the registry does not know is shown as it is."""
+    return registry().label(name)
+
+
 class use_config_root:
     """Context manager: read the registry (and let the generated sweeps search) another copy of
     this plugin's config tree, e.g. an edited one in a temporary folder."""
