@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fusion_bench_larv import intervals as iv
 from fusion_bench_larv import per_sample
-from larv_lab.reproduce import intervals as iv
 
 
 def _vectors(n: int, seed: int, p_a: float = 0.8, p_b: float = 0.7):

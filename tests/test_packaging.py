@@ -81,7 +81,10 @@ def _imported_distributions() -> set[str]:
 
     owners = packages_distributions()
     top = set()
-    for path in [*(REPO / "fusion_bench_larv").rglob("*.py"), *(REPO / "hydra_plugins").rglob("*.py")]:
+    for path in [
+        *(REPO / "fusion_bench_larv").rglob("*.py"),
+        *(REPO / "hydra_plugins").rglob("*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 top |= {a.name.split(".")[0] for a in node.names}
@@ -94,7 +97,9 @@ def _imported_distributions() -> set[str]:
 def test_dependencies_are_exactly_what_the_plugin_imports():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {_canonical(re.split(r"[<>=;\[ ]", r, maxsplit=1)[0]) for r in project["dependencies"]}
+    declared = {
+        _canonical(re.split(r"[<>=;\[ ]", r, maxsplit=1)[0]) for r in project["dependencies"]
+    }
     assert declared - CONSTRAINTS == _imported_distributions()
     assert not declared & {"onnx", "onnxruntime", "scikit-learn", "open-clip-torch", "matplotlib"}
 

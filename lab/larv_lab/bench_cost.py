@@ -14,7 +14,7 @@ the phase: what the phase added, all allocators included. On CUDA it is
 With ``--device cuda`` the pool (θ_0 and the task models) lives on the GPU too (``--pool-device``
 says otherwise), so TA and TIES merge there; Iso-C, Iso-CTS, TSV-M and WUDI compute on
 FusionBench's Fabric device, which is the GPU whenever one is visible. The task vectors are drawn
-on the CPU (the same numbers on every device) and moved. ``benchmarks/gpu_check.sh`` runs the
+on the CPU (the same numbers on every device) and moved. ``lab/benchmarks/gpu_check.sh`` runs the
 whole GPU grid in one command.
 """
 

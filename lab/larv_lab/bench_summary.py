@@ -1,8 +1,8 @@
-"""One summary of a GPU check (``benchmarks/gpu_check.sh``): the CUDA tests' outcome (pytest's
+"""One summary of a GPU check (``lab/benchmarks/gpu_check.sh``): the CUDA tests' outcome (pytest's
 JUnit XML) and the headline figures of each cost-benchmark JSON it wrote.
 
     python -m larv_lab.bench_summary --junit cuda-tests.xml --out summary.md \\
-        benchmarks/results/cost-cuda-*.json
+        lab/benchmarks/results/cost-cuda-*.json
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ def ci_testbed_cache(tmp_path_factory):
 
     reason = missing_requirements()
     if reason:
-        pytest.skip(f"testbed sources missing (run lab/scripts/install_testbed_sources.sh): {reason}")
+        pytest.skip(
+            f"testbed sources missing (run lab/scripts/install_testbed_sources.sh): {reason}"
+        )
     return tmp_path_factory.mktemp("ci_testbed_cache")
 
 

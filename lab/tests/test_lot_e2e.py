@@ -23,8 +23,6 @@ UNIT = {"gate": "schedule", "schedule": "uniform", "schedule_scales": [1.0]}
 LOT_TARGET = "fusion_bench_larv.lot_algorithm.LOTMergingAlgorithm"
 
 
-
-
 # ---------------------------------------------------------------------------- feature drift, real
 def _raw_inputs(model, loader, names) -> dict[str, torch.Tensor]:
     """Inputs of the named linear layers, recorded here with plain hooks (not lot.py's)."""

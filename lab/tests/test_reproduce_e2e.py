@@ -235,29 +235,8 @@ def test_submitit_local_launcher_matches_the_basic_launcher(tiny_clip_suite, tmp
             assert (a / "larv_layers.json").read_bytes() == (b / "larv_layers.json").read_bytes()
 
 
-def _testbed_missing() -> str | None:
-    try:
-        from larv_lab.testbed.backbone import find_onnx_model
-        from larv_lab.testbed.sources import SourceMissingError, available_sources
-
-        try:
-            find_onnx_model()
-        except SourceMissingError as exc:
-            return str(exc)
-        missing = {k: v for k, v in available_sources().items() if v}
-        return "; ".join(missing) if missing else None
-    except ImportError as exc:
-        return str(exc)
-
-
-def test_testbed_sweep_with_the_joblib_launcher(tmp_path_factory):
-    reason = _testbed_missing()
-    if reason:
-        pytest.skip(f"testbed sources missing (lab/scripts/install_testbed_sources.sh): {reason}")
-    from larv_lab.testbed import build as B
-
-    cache = tmp_path_factory.mktemp("testbed_cache")
-    B.build_testbed("ci", cache, progress=False)
+def test_testbed_sweep_with_the_joblib_launcher(ci_testbed, ci_testbed_cache, tmp_path_factory):
+    cache = ci_testbed_cache  # the session's one ci build (conftest.py)
     out = tmp_path_factory.mktemp("reproduce_testbed")
     variants = ["base", "sched-custom_0p5_1p0_1p5"]
     args = ["table6", "--merger", "ties", *sum((["--variant", v] for v in variants), [])]

@@ -1,13 +1,13 @@
 """Run the experiments (the paper's artefacts and the benchmark): one command each, resumable.
 
     python -m larv_lab.reproduce --dry-run all          # every run of every artefact
-    python -m larv_lab.reproduce table1 --out results/paper
+    python -m larv_lab.reproduce table1 --out outputs/paper
     python -m larv_lab.reproduce table2 --launcher joblib --jobs 4
     python -m larv_lab.reproduce all --launcher submitit_slurm \\
         --override hydra.launcher.partition=gpu --override hydra.launcher.gpus_per_node=1
     python -m larv_lab.reproduce table1 --collate-only  # tables and figures only
     python -m larv_lab.reproduce bench --pools testbed:full --launcher inprocess \\
-        --merger ta ties iso_c pretrained finetuned --out results/bench
+        --merger ta ties iso_c pretrained finetuned --out outputs/bench
 
 Experiments: table1, table2 (also Tables 7 and 9), table3, table5, table6 (also Figure 4), fig2,
 fig3 (also Figure 5), table4, table8, all (= these), and bench (every merger alone, with LARV and
@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-compose", action="store_true",
         help="compose every selected run's config with Hydra (no run, no download) and report",
     )  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="do not echo FusionBench's output")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not echo FusionBench's output (it still goes to each run's log: "
+        "fusion_bench.log in process, the sweep's sweep.log otherwise)",
+    )
     return p
 
 
@@ -203,7 +208,7 @@ def launch(args, cells: Sequence[Cell]) -> list[str]:
     if args.launcher == "inprocess":
         from .inprocess import InProcessLauncher
 
-        launcher = InProcessLauncher(out, args.override, args.reuse_base_merge)
+        launcher = InProcessLauncher(out, args.override, args.reuse_base_merge, echo=not args.quiet)
         launcher.run(cells)
     else:
         for key, scells in by_suite(todo).items():

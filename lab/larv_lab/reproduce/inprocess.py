@@ -16,12 +16,20 @@ cell with ``placement: merged`` rescales a copy of it (``LARVAlgorithm.run(model
 base_merge=...)``) instead of running the base merger again; the cell's ``cell.json`` says
 ``"base_merge": "reused"`` (as does its ``larv_layers.json``), and its seconds then count LARV
 and the evaluation only.
+
+FusionBench's own output during a cell (its prints, such as a merger's per-parameter lines and
+profiler tables, warnings, progress bars and log records) goes to the cell's
+``fusion_bench.log``; ``echo=True`` also passes it through to this process's output, as the
+multirun launchers do without ``--quiet``. The launcher's own progress is one line per cell.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +39,57 @@ from fusion_bench_larv.io import write_json_atomic
 from .experiments import BASE, Cell, by_suite
 from .sweep import CELL, PRIMARY, is_done, read_json, write_sweep
 
+LOG = "fusion_bench.log"  # a cell's FusionBench output, beside its report
 
-def _print_flush(msg: str) -> None:
-    print(msg, flush=True)
+
+class _Tee:
+    """A text stream writing to several streams."""
+
+    def __init__(self, *streams):
+        self._streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self._streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self._streams:
+            s.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def fusion_bench_output(path: Path, echo: bool) -> Iterator[None]:
+    """Everything printed, warned or logged inside the block goes to ``path`` (appended), and
+    also to the current stdout / stderr when ``echo``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        out = _Tee(fh, sys.stdout) if echo else fh
+        err = _Tee(fh, sys.stderr) if echo else fh
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        # handlers bound to the terminal when they were made (FusionBench's rich handler) are
+        # muted for the block; the file handler above keeps their records
+        muted = [h for h in root.handlers if h is not handler] if not echo else []
+        levels = [h.level for h in muted]
+        for h in muted:
+            h.setLevel(logging.CRITICAL + 1)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
+                yield
+        finally:
+            for h, level in zip(muted, levels, strict=True):
+                h.setLevel(level)
+            root.removeHandler(handler)
+
+
+def _print_flush(msg: str, stream=None) -> None:
+    print(msg, file=stream or sys.stdout, flush=True)
 
 
 def _container(cfg: Any) -> Any:
@@ -131,13 +187,17 @@ class InProcessLauncher:
         out: Path,
         overrides: Sequence[str] = (),
         reuse_base_merge: Sequence[str] = (),
-        progress: Callable[[str], None] = _print_flush,
+        progress: Callable[[str], None] | None = None,
+        echo: bool = True,
     ):
         self.out = Path(out).resolve()
         # Hydra's own settings (launcher options) mean nothing in process
         self.overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
         self.reuse_base_merge = set(reuse_base_merge)
-        self.progress = progress
+        # bound to this process's stdout now: cells run with their output captured
+        stdout = sys.stdout
+        self.progress = progress or (lambda msg: _print_flush(msg, stdout))
+        self.echo = echo
         self._base_merges: dict[str, Any] = {}  # merger -> its base merge (one at a time)
 
     # --------------------------------------------------------------------------------------------
@@ -209,21 +269,22 @@ class InProcessLauncher:
     def _run_cell(self, session: SuiteSession, cell: Cell, counter: str) -> None:
         from .collate import load_run
 
-        cfg = session.compose(cell)
-        reuse = (
-            self._reuses(cell)
-            and cell.variant.larv is not None
-            and cfg.method.get("placement", "merged") == "merged"
-        )
-        base_merge = self._base_merge(session, cell) if reuse else None
-        t = time.time()
-        merged = self.merge(session, cell, cfg, base_merge)
-        if self._reuses(cell) and cell.variant.larv is None:
-            self._base_merges = {cell.merger: merged}  # its LARV cells rescale copies of it
-        per_sample.take(session.taskpool)  # nothing left over from an earlier cell
-        report = self._save_and_evaluate(session, cfg, merged)
-        seconds = time.time() - t
         run_dir = cell.run_dir(self.out)
+        with fusion_bench_output(run_dir / LOG, self.echo):
+            cfg = session.compose(cell)
+            reuse = (
+                self._reuses(cell)
+                and cell.variant.larv is not None
+                and cfg.method.get("placement", "merged") == "merged"
+            )
+            base_merge = self._base_merge(session, cell) if reuse else None
+            t = time.time()
+            merged = self.merge(session, cell, cfg, base_merge)
+            if self._reuses(cell) and cell.variant.larv is None:
+                self._base_merges = {cell.merger: merged}  # its LARV cells rescale copies of it
+            per_sample.take(session.taskpool)  # nothing left over from an earlier cell
+            report = self._save_and_evaluate(session, cfg, merged)
+            seconds = time.time() - t
         evaluations = per_sample.take(session.taskpool)
         if evaluations:  # a recording task pool: per_sample.json beside the report, as the CLI
             per_sample.write(run_dir / per_sample.FILE, evaluations)
