@@ -173,22 +173,25 @@ def test_cache_is_reused(built, monkeypatch):
     assert B.load_testbed(testbed.root).report == testbed.report
 
 
-def test_interrupted_build_resumes_per_task(tmp_path, monkeypatch):
-    """A build that lost its last task (and its testbed.json) redoes only that task."""
+def test_interrupted_build_resumes_per_task(built, tmp_path, monkeypatch):
+    """A build that lost its last task (and its testbed.json) redoes only that task: a copy of
+    the session's ci build, cut short."""
     import shutil
 
-    recipe = CI.replace(tasks=("sklearn_digits",))
-    first = B.build_testbed(recipe, tmp_path, progress=False, check_onnx=False)
-    weights = _state(first.finetuned_dirs["sklearn_digits"])
-    (first.root / "testbed.json").unlink()
-    (first.root / "tasks" / "sklearn_digits.json").unlink()
-    shutil.rmtree(first.root / "finetuned" / "sklearn_digits")
+    testbed, _ = built
+    task = testbed.tasks[-1]
+    root = tmp_path / testbed.root.name
+    shutil.copytree(testbed.root, root, ignore=shutil.ignore_patterns(".lock"))
+    (root / "testbed.json").unlink()
+    (root / "tasks" / f"{task}.json").unlink()
+    shutil.rmtree(root / "finetuned" / task)
     calls = []
     real = B._build_task
     monkeypatch.setattr(B, "_build_task", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    again = B.build_testbed(recipe, tmp_path, progress=False, check_onnx=False)
-    assert calls == ["sklearn_digits"]
-    redone = _state(again.finetuned_dirs["sklearn_digits"])
+    again = B.build_testbed("ci", tmp_path, progress=False, check_onnx=False)
+    assert again.root == root
+    assert calls == [task]
+    weights, redone = _state(testbed.finetuned_dirs[task]), _state(again.finetuned_dirs[task])
     assert all(torch.equal(weights[k], redone[k]) for k in weights)
 
 
