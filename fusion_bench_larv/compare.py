@@ -63,8 +63,8 @@ class Row:
 
     @property
     def significant(self) -> bool:
-        """The interval excludes 0."""
-        return self.lo > 0 or self.hi < 0
+        """The interval excludes 0 (the rule of :class:`~fusion_bench_larv.intervals.Interval`)."""
+        return iv.Interval(self.delta, self.lo, self.hi).significant
 
 
 @dataclass(frozen=True)
