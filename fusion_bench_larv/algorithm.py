@@ -42,7 +42,7 @@ from .validation import (
     grouped_layers,
     unknown_keys_message,
 )
-from .veneer import LarvResult, apply_scales, compute_larv_scales
+from .veneer import LarvResult, apply_scales, compute_larv_scales, compute_per_task_scales
 
 __all__ = ["LARV_KEYS", "LARVAlgorithm"]
 
@@ -240,6 +240,15 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         # what the merger returned must be one model of θ_0's architecture (not TALL's dict of
         # models, not EMR's modulated wrapper): a LarvInputError naming both, before any write
         merger = base_method_name(self.base_method)
+        if s.diagnostics == "per_task":
+            if base_merge is not None:
+                raise LarvConfigError(
+                    "a precomputed `base_merge` cannot be reused with `diagnostics: per_task`: "
+                    "the base merger must run on the task vectors rescaled by their own scales; "
+                    "drop `base_merge`, or use `diagnostics: merged` with `placement: merged`"
+                )
+            out, result = self._run_per_task(modelpool, theta0, checked, merger, architecture)
+            return self._finish(out, result, reused=False)
         if base_merge is not None:
             if s.placement != "merged":
                 raise LarvConfigError(
@@ -268,12 +277,63 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         else:
             apply_scales(theta0, merged.state_dict(), result.param_scale)
 
+        return self._finish(out, result, reused=base_merge is not None)
+
+    def _finish(self, out: Any, result: LarvResult, reused: bool) -> Any:
         self.last_result = result
         self.last_report = self._report(result)
-        if base_merge is not None:
+        if reused:
             self.last_report["base_merge"] = "reused"  # the base merger was not run again here
         self._write_report(self.last_report)
         return out
+
+    # -- diagnostics: per_task ------------------------------------------------------------------
+    def _run_per_task(
+        self,
+        modelpool: BaseModelPool,
+        theta0: dict[str, torch.Tensor],
+        checked: set[str],
+        merger: str,
+        architecture: str,
+    ) -> tuple[Any, LarvResult]:
+        """``diagnostics: per_task`` (docs/method.md, "Per-task diagnostics"): every task vector
+        gets its own scales from its own diagnostics, then the base merger runs once on the pool
+        in which model t is θ_0 + s_ℓ,t·(θ_t − θ_0). Each fine-tuned model is loaded twice: once
+        for its diagnostics (then dropped), once by the merger."""
+        result = compute_per_task_scales(
+            theta0, self._task_models(modelpool, checked), self.settings, device=self._device()
+        )
+        for task, res in (result.tasks or {}).items():
+            log.info("LARV scales per layer, task %s: %s", task, [round(x, 4) for x in res.scales])
+        log.info("LARV per-task diagnostics: %d tasks, %.1f s", len(result.tasks or {}),
+                 result.seconds)  # fmt: skip
+        for msg in result.warnings:
+            log.warning("LARV: %s", msg)
+            warnings.warn(msg, LarvWarning, stacklevel=3)
+        scales = {task: res.param_scale for task, res in (result.tasks or {}).items()}
+        out = self._run_base(PoolView(modelpool, theta0, scales, checked=checked))
+        merged_module(out, merger, theta0, architecture)  # one model of θ_0's architecture
+        return out, result
+
+    @staticmethod
+    def _task_models(modelpool: BaseModelPool, checked: set[str]):
+        """(name, state dict) of each fine-tuned model (the pool's ``model_names``), loaded one at
+        a time, checked for NaN/Inf, and never modified."""
+        names = modelpool.model_names
+        if not names:
+            raise LarvInputError(
+                "`diagnostics: per_task` needs fine-tuned models, but the model pool has none "
+                f"besides `_pretrained_` (models: {modelpool.all_model_names})"
+            )
+        for name in names:
+            # the same RNG rule as for θ_0: loading must not move the base merger's draws
+            with torch.no_grad(), torch.random.fork_rng(devices=_cuda_rng_devices()):
+                state = modelpool.load_model(name).state_dict()
+            if name not in checked:
+                check_finite(state, f"model `{name}`")
+                checked.add(name)
+            yield name, state
+            del state
 
     # -- report ---------------------------------------------------------------------------------
     def _report(self, result: LarvResult) -> dict:

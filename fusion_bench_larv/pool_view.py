@@ -15,7 +15,7 @@ import torch
 from fusion_bench import BaseModelPool
 from torch import nn
 
-from .validation import check_finite
+from .validation import LarvInputError, check_finite
 from .veneer import apply_scales
 
 
@@ -40,6 +40,8 @@ class PoolView(BaseModelPool):
       instead of the modules themselves;
     - with ``theta0`` and ``param_scale`` (``placement: task_vectors``) every loaded model is
       rewritten as θ_0 + s_ℓ·(θ_i − θ_0), and ``_pretrained_`` as LARV's own copy of θ_0.
+      ``param_scale`` is either one mapping parameter → scale, the same for every model, or
+      (``diagnostics: per_task``) a mapping model name → its own parameter → scale mapping.
 
     Everything else (a specialised pool's processor, tokenizer, data set loaders, model configs
     and paths, ``save_model``) goes to the inner pool, so a merger that reads data (e.g. LOT)
@@ -50,13 +52,21 @@ class PoolView(BaseModelPool):
         self,
         inner: BaseModelPool,
         theta0: Mapping[str, torch.Tensor] | None = None,
-        param_scale: Mapping[str, float] | None = None,
+        param_scale: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None,
         copy_instances: bool = True,
         checked: set[str] | None = None,
     ):
         self._inner = inner
         self._theta0 = theta0
         self._param_scale = param_scale
+        # per model: every value is a mapping parameter -> scale (checked, not guessed per call)
+        values = list(param_scale.values()) if param_scale is not None else []
+        self._per_model = bool(values) and isinstance(values[0], Mapping)
+        if any(isinstance(v, Mapping) != self._per_model for v in values):
+            raise TypeError(
+                "`param_scale` must map every parameter to a scale, or every model name to its "
+                "own parameter -> scale mapping, not a mix of both"
+            )
         self._copy_instances = copy_instances
         # names whose weights were already checked for NaN/Inf; every other load is checked
         self._checked = set() if checked is None else checked
@@ -119,8 +129,20 @@ class PoolView(BaseModelPool):
                     for k, v in self._theta0.items():
                         sd[k].copy_(v)
                 else:
-                    apply_scales(self._theta0, sd, self._param_scale)
+                    apply_scales(self._theta0, sd, self._scales_of(model_name_or_config))
         return model
+
+    def _scales_of(self, name: str) -> Mapping[str, float]:
+        """The parameter -> scale mapping for model ``name``: its own under per-model scales."""
+        if not self._per_model:
+            return self._param_scale
+        if name not in self._param_scale:
+            raise LarvInputError(
+                f"the base merger loaded model `{name}`, which has no per-task scales (LARV "
+                f"computed them for {sorted(self._param_scale)}: the pool's `model_names`). "
+                "Use `diagnostics: merged` with this merger, or remove the model from the pool"
+            )
+        return self._param_scale[name]
 
     def _added_here(self, name: Any) -> bool:
         """Whether ``name`` was added to this view by the merger during its run (``add_model``),

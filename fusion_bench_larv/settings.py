@@ -15,6 +15,7 @@ from .validation import LarvWarning, did_you_mean, unknown_keys_message
 
 GATES = ("tiered", "continuous", "schedule")
 PLACEMENTS = ("merged", "task_vectors")
+DIAGNOSTICS = ("merged", "per_task")
 SPECTRA = ("exact", "randomized")
 SPECTRUM_TAILS = ("none", "uniform")
 OUTSIDE_POLICIES = ("nearest", "neutral")
@@ -83,6 +84,7 @@ class LarvSettings:
     schedule: str = "uniform"
     schedule_scales: tuple[float, ...] | None = None
     placement: str = "merged"
+    diagnostics: str = "merged"  # per_task: each task vector's own scales (needs task_vectors)
     spectrum: str = "exact"
     rank: int = 2
     oversample: int = 10
@@ -139,6 +141,15 @@ class LarvSettings:
     def validate(self) -> None:
         _choice("gate", self.gate, GATES)
         _choice("placement", self.placement, PLACEMENTS)
+        _choice("diagnostics", self.diagnostics, DIAGNOSTICS)
+        if self.diagnostics == "per_task" and self.placement != "task_vectors":
+            raise _bad(
+                "diagnostics",
+                self.diagnostics,
+                "`per_task` scales each task vector before aggregation, so it needs "
+                f"`placement: task_vectors` (placement is {self.placement!r}); set both keys "
+                "(`method.placement=task_vectors method.diagnostics=per_task`)",
+            )
         _choice("spectrum", self.spectrum, SPECTRA)
         _choice("spectrum_tail", self.spectrum_tail, SPECTRUM_TAILS)
         _choice("outside_blocks", self.outside_blocks, OUTSIDE_POLICIES)

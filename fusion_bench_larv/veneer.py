@@ -3,9 +3,10 @@ and the composition θ_LARV = θ_0 + s_ℓ·(θ_merged − θ_0). No FusionBench
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,13 @@ from .gates import (
 from .layers import LayerGroups
 from .settings import LarvSettings
 from .stats_cache import Theta0Stats, content_key, load_stats, save_stats
-from .validation import check_finite, check_same_keys_and_shapes, check_scales, grouped_layers
+from .validation import (
+    LarvInputError,
+    check_finite,
+    check_same_keys_and_shapes,
+    check_scales,
+    grouped_layers,
+)
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -62,6 +69,9 @@ class LarvResult:
     # what each w was divided by before the continuous gate (`w_normalize: median`: the median of
     # w over the layers); None when the gate read w as it is
     w_normalizer: float | None = None
+    # `diagnostics: per_task` only: each task's own result, by model name (its `param_scale` is
+    # what multiplies that task vector); the fields above then hold the means over the tasks
+    tasks: dict[str, LarvResult] | None = None
 
     @property
     def scales(self) -> list[float]:
@@ -77,7 +87,13 @@ class LarvResult:
             "outside_blocks": self.outside,
             "diagnostics_seconds": self.seconds,
             "warnings": self.warnings,
+            **({} if self.tasks is None else {"tasks": self._tasks_dict()}),
         }
+
+    def _tasks_dict(self) -> dict:
+        """Each task's own thresholds, normalizer, per-layer e, c, r, w, s and outside scales."""
+        keep = ("thresholds", "w_normalizer", "layers", "outside_blocks", "warnings")
+        return {t: {k: r.to_dict()[k] for k in keep} for t, r in (self.tasks or {}).items()}
 
 
 def _is_float(t: torch.Tensor) -> bool:
@@ -180,6 +196,15 @@ def _open_theta0_stats(
     return stats
 
 
+def _diagnosed_matrices(theta0: StateDict, groups: LayerGroups) -> list[list[str]]:
+    """The names of each block's matrices: its floating tensors with two or more dimensions
+    (biases and norms are scaled but never enter the diagnostics)."""
+    return [
+        [n for n in members if theta0[n].ndim >= 2 and _is_float(theta0[n])]
+        for members in groups.members
+    ]
+
+
 def layer_diagnostics(
     theta0: StateDict,
     delta: _LazyDelta,
@@ -198,10 +223,7 @@ def layer_diagnostics(
     (``settings.stats_cache_dir``), else they are computed here once (and saved to the cache, or
     added to ``stats`` when the caller passed one).
     """
-    mats = [
-        [n for n in members if theta0[n].ndim >= 2 and _is_float(theta0[n])]
-        for members in groups.members
-    ]  # biases and norms are scaled but never enter the diagnostics
+    mats = _diagnosed_matrices(theta0, groups)
     all_mats = [n for names in mats for n in names]
     cache_dir = settings.stats_cache_dir
     keep_grams = stats is not None or cache_dir is not None  # the statistics outlive this call
@@ -298,6 +320,7 @@ def compute_larv_scales(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     theta0_stats: Theta0Stats | None = None,
+    task: str | None = None,
 ) -> LarvResult:
     """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (docs/method.md, "Pipeline" 2–4).
 
@@ -308,11 +331,20 @@ def compute_larv_scales(
     ``theta0_stats``: θ_0's per-matrix statistics to reuse (and to fill where missing), e.g. one
     :class:`~fusion_bench_larv.stats_cache.Theta0Stats` shared by a sweep over mergers in one
     process; ``settings.stats_cache_dir`` keeps them on disk instead.
+
+    ``task``: the name of a fine-tuned model passed as ``merged`` (:func:`compute_per_task_scales`),
+    so that errors and warnings speak of that model and its task vector; the values are the same.
     """
     start = time.perf_counter()
-    check_same_keys_and_shapes(theta0, merged)
+    try:
+        check_same_keys_and_shapes(theta0, merged)
+    except LarvInputError as err:
+        if task is None:
+            raise
+        raise LarvInputError(f"fine-tuned model `{task}`: {err}") from err
     check_finite(theta0, "θ_0 (the pretrained model)")
-    check_finite(merged, "the merged model (the base method's output)")
+    check_finite(merged, "the merged model (the base method's output)" if task is None
+                 else f"model `{task}`")  # fmt: skip
     names = [k for k, t in theta0.items() if _is_float(t)]
     groups = grouped_layers(names, settings.layer_pattern)
     delta = _LazyDelta(theta0, merged, names)  # streamed: never a full copy of Δθ
@@ -321,7 +353,8 @@ def compute_larv_scales(
     )
     warnings = []
     if _zero_everywhere(theta0, delta, e):
-        warnings.append("the merged update θ_merged − θ_0 is zero everywhere; e = 0 in every layer")
+        update = "the merged update θ_merged − θ_0" if task is None else "its task vector"
+        warnings.append(f"{update} is zero everywhere; e = 0 in every layer")
     w, s, thresholds, normalizer = _gate(e, c, settings)
     if normalizer is not None and not median(w) > 0:
         warnings.append(
@@ -363,6 +396,71 @@ def compute_larv_scales(
                         "scale": param_scale[name]})  # fmt: skip
     return LarvResult(layers, outside, param_scale, thresholds, groups.pattern,
                       time.perf_counter() - start, warnings, normalizer)  # fmt: skip
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def mean_over_tasks(tasks: dict[str, LarvResult], seconds: float = 0.0) -> LarvResult:
+    """One summary of per-task results (same blocks): e, c, w, s of each block, the scale of
+    every parameter and of every outside parameter, each the arithmetic mean over the tasks in
+    order; r, prefixes and counts as they are. ``thresholds`` and ``w_normalizer`` are None (each
+    task has its own); the warnings are every task's, prefixed with its name; ``tasks`` holds the
+    results themselves. The mean scales are a summary: no parameter is ever multiplied by them."""
+    if not tasks:
+        raise LarvInputError("per-task diagnostics need at least one fine-tuned model; got none")
+    results = list(tasks.values())
+    first = results[0]
+    layers = [
+        dataclasses.replace(
+            rec,
+            **{k: _mean([getattr(r.layers[i], k) for r in results]) for k in ("e", "c", "w", "s")},
+        )
+        for i, rec in enumerate(first.layers)
+    ]
+    param_scale = {k: _mean([r.param_scale[k] for r in results]) for k in first.param_scale}
+    outside = [
+        {**item, "scale": param_scale[item["name"]]} for item in first.outside
+    ]  # the same names and anchors for every task: they depend on θ_0's names only
+    warnings = [f"task `{t}`: {msg}" for t, r in tasks.items() for msg in r.warnings]
+    return LarvResult(layers, outside, param_scale, None, first.layer_pattern, seconds,
+                      warnings, None, dict(tasks))  # fmt: skip
+
+
+def compute_per_task_scales(
+    theta0: StateDict,
+    tasks: Iterable[tuple[str, StateDict]],
+    settings: LarvSettings,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    theta0_stats: Theta0Stats | None = None,
+) -> LarvResult:
+    """Per-task diagnostics (docs/method.md, "Per-task diagnostics"): for every fine-tuned model
+    θ_t, the scales s_ℓ,t that :func:`compute_larv_scales` gives on θ_0 and θ_t alone, i.e. with
+    A_Δ taken from τ_t = θ_t − θ_0, and the gate applied over that task's own L blocks.
+
+    ``tasks``: (name, state dict) pairs, consumed one at a time, so a caller can load each model
+    just before its pass and drop it after. θ_0's statistics are computed once and shared by every
+    task (from ``theta0_stats``, else the disk cache ``settings.stats_cache_dir``, else here).
+
+    Returns :func:`mean_over_tasks` of the per-task results: ``result.tasks[t].param_scale`` is
+    what multiplies τ_t; the top-level fields are means over the tasks, for the report only.
+    """
+    start = time.perf_counter()
+    if theta0_stats is None:
+        names = [k for k, t in theta0.items() if _is_float(t)]
+        groups = grouped_layers(names, settings.layer_pattern)
+        mats = [n for block in _diagnosed_matrices(theta0, groups) for n in block]
+        theta0_stats = _open_theta0_stats(theta0, mats, settings, None)
+    results = {}
+    for name, state in tasks:
+        if name in results:
+            raise LarvInputError(f"task `{name}` is listed twice; every task needs its own name")
+        results[name] = compute_larv_scales(
+            theta0, state, settings, device, progress, theta0_stats, task=name
+        )
+    return mean_over_tasks(results, time.perf_counter() - start)
 
 
 @torch.no_grad()
