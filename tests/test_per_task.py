@@ -246,3 +246,27 @@ def test_pool_view_with_per_model_scales_refuses_a_model_without_scales(dense):
         view.load_model("c")
     with pytest.raises(TypeError, match="not a mix"):
         PoolView(pool(dense), theta0, {"a": ones, "embed.weight": 1.0})
+
+
+def test_theta0_statistics_are_computed_once_for_all_tasks(dense, monkeypatch, tmp_path):
+    from fusion_bench_larv import veneer
+
+    calls = []
+    real = veneer.theta0_statistics
+    monkeypatch.setattr(veneer, "theta0_statistics", lambda *a: calls.append(1) or real(*a))
+    alg = LARVAlgorithm(base_method=TA, **PER_TASK)
+    alg.run(pool(dense))
+    per_task = len(calls)
+    calls.clear()
+    LARVAlgorithm(base_method=TA).run(pool(dense))  # one diagnostic pass over the merged update
+    assert per_task == len(calls) > 0  # three tasks, θ_0's statistics computed once
+    # with the disk cache: filled by the first task, read back by a later run, same scales
+    calls.clear()
+    cached = LARVAlgorithm(base_method=TA, stats_cache_dir=str(tmp_path), **PER_TASK)
+    cached.run(pool(dense))
+    assert len(calls) == per_task and list(tmp_path.glob("larv-theta0-*.pt"))
+    calls.clear()
+    again = LARVAlgorithm(base_method=TA, stats_cache_dir=str(tmp_path), **PER_TASK)
+    again.run(pool(dense))
+    assert calls == []
+    assert again.last_report["tasks"] == cached.last_report["tasks"] == alg.last_report["tasks"]
