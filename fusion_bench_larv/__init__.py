@@ -18,6 +18,7 @@ _HOME = {
     "LarvResult": "veneer",
     "LarvSettings": "settings",
     "LarvWarning": "validation",
+    "LiNeSAlgorithm": "lines_algorithm",
     "LayerGroupingError": "layers",
     "apply_scales": "veneer",
     "commutator_conflict": "diagnostics",
