@@ -98,7 +98,10 @@ def test_benchmark_grid_in_process_on_tiny_clip(tiny_clip_suite, tmp_path):
         assert img.width > 500
     assert f"| Fine-tuned (upper bound) | {' | '.join(f'{ft.acc[t]:.1f}' for t in tasks)}" in table
     assert "| 100.0% |" in table and "| Pretrained (θ₀) |" in table
-    assert "| Task Arithmetic + LiNeS (ours, not in the paper) |" in table
+    # the `lines` schedule is a depth ramp, not LiNeS (faithful LiNeS: method=lines_ta)
+    lines_row = "| Task Arithmetic + depth ramp α + β·ℓ/(L−1) (`lines` schedule, α = 0.5, β = 1) |"
+    assert lines_row in table
+    assert "LiNeS" not in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 1 + 2 + 3  # header, suite, 2 references, 3 variants
     with Image.open(tmp_path / "artefacts" / "fig2_bench.png") as img:

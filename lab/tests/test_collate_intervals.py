@@ -1,7 +1,9 @@
 """Tables and the forest plot with paired intervals, from hand-written cell folders (reports and
 per-sample files; no model runs): every Δ shows its interval, significant ones are marked, the
 CSV has delta / lo / hi / significant, old runs without per-sample files fall back to the plain
-Δ (and the notes say so), and a bench over two suites shows them side by side."""
+Δ (and the notes say so), and a bench over two suites shows them side by side. LARV's rows are
+also compared with the same merger's linear ramp (a last column, CSV fields *_linear, a second
+forest panel); without a linear cell those stay out / empty."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from fusion_bench_larv import intervals as iv
 from fusion_bench_larv import per_sample
+from fusion_bench_larv.compare import compare
 from larv_lab.reproduce import collate
 from larv_lab.reproduce import experiments as X
 
@@ -89,6 +93,65 @@ def test_bench_table_and_csv_show_intervals(tmp_path):
     assert rec["delta"] == rec["lo"] == rec["significant"] == ""
 
 
+def test_larv_rows_against_the_linear_ramp(tmp_path):
+    cells = _cells()
+    acc = _grid(tmp_path, cells)
+    collate.collate(tmp_path, {"bench": cells})
+    art = tmp_path / "artefacts"
+    table = (art / "bench.md").read_text()
+    tiered, linear = acc["larv-tiered"], acc["sched-linear"]
+    # by hand: Δ̄ = mean over tasks of (acc_tiered − acc_linear); the interval resamples each
+    # task's images for both (larv-compare's computation, A = linear, B = tiered)
+    delta = sum(100 * (tiered[t].mean() - linear[t].mean()) for t in N) / len(N)
+    avg = iv.average_bootstrap([(tiered[t], linear[t]) for t in N])
+    assert 100 * avg.delta == pytest.approx(delta)
+    r = compare(linear, tiered).average
+    assert (r.delta, r.lo, r.hi) == (avg.delta, avg.lo, avg.hi)
+    # the table: a last column, only on LARV's rows; the per-task cells stay against the base
+    header = next(line for line in table.splitlines() if line.startswith("| Method |"))
+    assert header.endswith("| Avg. / fine-tuned | Avg. Δ vs linear |")
+    row = next(line for line in table.splitlines() if "+ LARV tiered" in line)
+    want = f"| {delta:+.1f} [{100 * avg.lo:+.1f}, {100 * avg.hi:+.1f}]* |"
+    assert avg.lo > 0 and row.endswith(want)
+    for label in ("| Task Arithmetic |", "+ Linear |"):
+        line = next(ln for ln in table.splitlines() if label in ln)
+        assert line.endswith(" |  |")  # no Δ vs linear for the base and the schedule rows
+    assert "Avg. Δ vs linear (LARV's rows only)" in table
+    # the CSV: delta_linear, lo_linear, hi_linear, significant_linear after every other field,
+    # for every column of LARV's rows (a task's: that task's paired bootstrap)
+    with open(art / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = list(rows[0])
+    assert keys[:14] == ["suite", "row", "merger", "variant", "column", "ours", "base", "delta",
+                         "lo", "hi", "significant", "paper", "paper_delta", "paper_derived"]  # fmt: skip
+    assert keys[14:] == ["delta_linear", "lo_linear", "hi_linear", "significant_linear"]
+    rec = next(r for r in rows if r["variant"] == "larv-tiered" and r["column"] == "average")
+    assert float(rec["delta_linear"]) == round(delta, 4)
+    assert float(rec["lo_linear"]) == round(100 * avg.lo, 4)
+    assert float(rec["hi_linear"]) == round(100 * avg.hi, 4)
+    assert rec["significant_linear"] == "True"
+    t1 = iv.paired_bootstrap(tiered["t1"], linear["t1"])
+    rec = next(r for r in rows if r["variant"] == "larv-tiered" and r["column"] == "t1")
+    assert float(rec["lo_linear"]) == round(100 * t1.lo, 4)
+    for v in ("base", "sched-linear"):
+        rec = next(r for r in rows if r["variant"] == v and r["column"] == "average")
+        assert rec["delta_linear"] == rec["lo_linear"] == rec["significant_linear"] == ""
+    assert (art / "forest_bench.png").stat().st_size > 0  # two panels
+
+
+def test_without_a_linear_cell_the_linear_fields_stay_empty(tmp_path):
+    cells = [c for c in _cells() if c.variant.slug != "sched-linear"]
+    _grid(tmp_path, cells)
+    collate.collate(tmp_path, {"bench": cells})
+    table = (tmp_path / "artefacts" / "bench.md").read_text()
+    assert "vs linear" not in table
+    with open(tmp_path / "artefacts" / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert "delta_linear" in rows[0]
+    assert all(r["delta_linear"] == r["lo_linear"] == r["significant_linear"] == "" for r in rows)
+    assert (tmp_path / "artefacts" / "forest_bench.png").stat().st_size > 0
+
+
 def test_old_runs_without_per_sample_files_keep_the_plain_delta(tmp_path):
     cells = _cells()
     acc = _grid(tmp_path, cells, per_sample_for=("larv-tiered", "sched-linear"))  # base: none
@@ -97,7 +160,11 @@ def test_old_runs_without_per_sample_files_keep_the_plain_delta(tmp_path):
     base, tiered = acc["base"], acc["larv-tiered"]
     x, b = 100 * tiered["t1"].mean(), 100 * base["t1"].mean()
     assert f"| {x:.1f} ({x - b:+.1f}) |" in table
-    assert "[" not in table.split("\n\n")[1]  # no interval anywhere in the table
+    # no interval against the base anywhere in the table (its last column, against the linear
+    # ramp, has one: both of those cells have per-sample files)
+    lines = [ln for ln in table.split("\n\n")[1].splitlines() if ln.startswith("| ")]
+    assert "[" not in "".join(ln.rsplit(" | ", 1)[0] for ln in lines)
+    assert "[" in next(ln for ln in lines if "+ LARV tiered" in ln).rsplit(" | ", 1)[1]
     assert "No interval for 2 row(s)" in table and "per_sample.json" in table
     assert (tmp_path / "artefacts" / "forest_bench.png").is_file()  # hollow points, no bars
     # a per-sample file that disagrees with the report (stale) is not used either
@@ -121,7 +188,15 @@ def test_two_suites_side_by_side_and_in_one_forest_plot(tmp_path):
     side = table.split("**Average per suite, side by side**")[1]
     assert "| Method | testbed:full | testbed:full_seed1 |" in side
     res = collate.Results(cells, tmp_path)
-    a, b = (res.interval(k, "ta", "larv-tiered") for k in ("full", "full_seed1"))
+    s0s1 = ("full", "full_seed1")
+    a, b = (res.interval(k, "ta", "larv-tiered") for k in s0s1)
     row = next(line for line in side.splitlines() if "+ LARV tiered" in line)
     assert f"[{a.lo:+.1f}, {a.hi:+.1f}]" in row and f"[{b.lo:+.1f}, {b.hi:+.1f}]" in row
+    # then LARV's Δ against the linear ramp, one column per suite
+    assert "| Δ vs linear, testbed:full | Δ vs linear, testbed:full_seed1 |" in side
+    la, lb = (res.interval(k, "ta", "larv-tiered", against="sched-linear") for k in s0s1)
+    assert row.endswith(
+        f"| {la.delta:+.1f} [{la.lo:+.1f}, {la.hi:+.1f}]* | {lb.delta:+.1f} [{lb.lo:+.1f}, "
+        f"{lb.hi:+.1f}]* |"
+    )
     assert (tmp_path / "artefacts" / "forest_bench.png").stat().st_size > 0

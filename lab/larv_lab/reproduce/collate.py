@@ -9,7 +9,10 @@ Tables follow the paper's layouts: accuracy (%) with "(±Δ)" = variant − base
 percentage points, and, where both cells recorded per-sample correctness (``per_sample.json``),
 "(±Δ [lo, hi])" with the paired bootstrap 95% interval over test images
 (:mod:`.intervals`; the average resamples within each task) and "*" after it when the interval
-excludes 0. Without per-sample files (older runs) a Δ has no interval, and the notes say so. Where the paper prints a number, a "↳ paper" row under ours shows it
+excludes 0. Without per-sample files (older runs) a Δ has no interval, and the notes say so. The
+benchmark's table also sets LARV's rows against the same merger's linear depth ramp
+(``sched-linear``), the same way: a last column "Avg. Δ vs linear" and the CSV fields
+``delta_linear, lo_linear, hi_linear, significant_linear``. Where the paper prints a number, a "↳ paper" row under ours shows it
 (``paper_anchors.json``, transcribed from the paper, approximate; base values the paper only
 implies are marked "derived"). The paper reports the better of the tiered and continuous gates
 per cell, a choice made on test accuracy: our "max†" rows make the same oracle choice and say so.
@@ -35,6 +38,7 @@ from .experiments import (
     ABLATION_ROWS,
     BENCH_VARIANTS,
     CONTINUOUS,
+    CONTINUOUS_MEDIAN,
     EXPERIMENTS,
     FIG4_GRID,
     SCHEDULE_LABELS,
@@ -45,6 +49,7 @@ from .experiments import (
     Suite,
     ablation,
     custom,
+    schedule,
 )
 from .registry import display_label, registry
 from .sweep import LAYERS, REPORT, read_json
@@ -52,6 +57,12 @@ from .sweep import LAYERS, REPORT, read_json
 ANCHORS_FILE = Path(__file__).with_name("paper_anchors.json")
 MAX = "larv-max"  # pseudo variant: the better gate per cell (oracle, as in the paper)
 FINETUNED = "finetuned"  # the reference whose average the benchmark's relative column divides by
+#: the benchmark's second reference: LARV's rows (:data:`VS_LINEAR`) are also compared with the
+#: same merger's plain linear depth ramp (``schedule: linear``), on the same test images
+LINEAR = schedule("linear").slug
+VS_LINEAR = (TIERED.slug, CONTINUOUS.slug, CONTINUOUS_MEDIAN.slug)
+#: the CSV fields of that comparison, after every other field
+LINEAR_KEYS = ("delta_linear", "lo_linear", "hi_linear", "significant_linear")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,19 +175,25 @@ class Results:
         return len(self.cells) - len(self.runs)
 
     def interval(
-        self, suite: str, merger: str, variant: str, tasks: Sequence[str] | None = None
+        self,
+        suite: str,
+        merger: str,
+        variant: str,
+        tasks: Sequence[str] | None = None,
+        against: str = "base",
     ) -> iv.Interval | None:
-        """Δ (variant − the merger's base cell) and its 95% interval, in percentage points, over
-        ``tasks`` (:func:`fusion_bench_larv.compare.compare`, as ``larv-compare``: one task, its
+        """Δ (variant − the merger's ``against`` cell: its base cell, or e.g. :data:`LINEAR`)
+        and its 95% interval, in percentage points, over ``tasks``
+        (:func:`fusion_bench_larv.compare.compare`, as ``larv-compare``: one task, its
         :func:`.intervals.paired_bootstrap`; several, the average's
         :func:`.intervals.average_bootstrap`; None: every task of the variant's run). None when
         a cell or a task's per-sample correctness is missing or the two do not pair (other test
         images): never an interval from anything else."""
-        run, base = self.get(suite, merger, variant), self.get(suite, merger, "base")
-        if run is None or base is None or variant == "base":
+        run, base = self.get(suite, merger, variant), self.get(suite, merger, against)
+        if run is None or base is None or variant == against:
             return None
         tasks = tuple(tasks) if tasks is not None else tuple(run.acc)
-        key = (suite, merger, run.cell.variant.slug, tasks)
+        key = (suite, merger, run.cell.variant.slug, tasks, against)
         if key not in self._intervals:
             self._intervals[key] = self._compute(run, base, tasks)
         return self._intervals[key]
@@ -242,18 +259,19 @@ def with_delta(x: float | None, base: float | None, ci: iv.Interval | None = Non
 
 
 def delta_cell(
-    res: Results, suite: str, merger: str, variant: str, col: Col
+    res: Results, suite: str, merger: str, variant: str, col: Col, against: str = "base"
 ) -> tuple[str, dict[str, Any]]:
-    """One table cell (``variant`` against the merger's base cell in ``col``) and its CSV
-    fields: ours, base, delta, lo, hi, significant (a base row has no base, so no Δ)."""
+    """One table cell (``variant`` against the merger's ``against`` cell, by default its base
+    cell, in ``col``) and its CSV fields: ours, base (the ``against`` cell's value), delta, lo,
+    hi, significant (a base row has no base, so no Δ)."""
     run = res.get(suite, merger, variant)
-    base = res.get(suite, merger, "base") if variant != "base" else None
+    base = res.get(suite, merger, against) if variant != against else None
     x = col.value(run) if run else None
     b = col.value(base) if base else None
     ci = None
     if col.delta and x is not None and b is not None:
-        ci = res.interval(suite, merger, variant, col.tasks(run))
-        if ci is None:
+        ci = res.interval(suite, merger, variant, col.tasks(run), against)
+        if ci is None and against == "base":
             res.no_interval.add((suite, merger, variant))
     shown = with_delta(x, b if col.delta else None, ci)
     fields = {
@@ -264,6 +282,26 @@ def delta_cell(
     return shown + (col.suffix if x is not None else ""), fields
 
 
+def linear_cell(
+    res: Results, suite: str, merger: str, variant: str, col: Col
+) -> tuple[str, dict[str, Any]]:
+    """A LARV row's Δ (:data:`VS_LINEAR`) against the same merger's linear depth ramp
+    (:data:`LINEAR`) in ``col``, as :func:`delta_cell` computes it: the table cell
+    ``±Δ [lo, hi]`` (``*`` when the interval excludes 0; ``±Δ`` alone without per-sample files;
+    "—" when either cell has no run) and the CSV fields :data:`LINEAR_KEYS`. Any other row, or a
+    column without Δ: "" and no fields."""
+    if variant not in VS_LINEAR or not col.delta:
+        return "", {}
+    _, f = delta_cell(res, suite, merger, variant, col, against=LINEAR)
+    fields = {f"{k}_linear": f[k] for k in ("delta", "lo", "hi", "significant")}
+    d, lo, hi = f["delta"], f["lo"], f["hi"]
+    if d is None:
+        return "—", fields
+    if lo is None:
+        return f"{d:+.1f}", fields
+    return f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" + ("*" if f["significant"] else ""), fields
+
+
 @dataclass
 class Table:
     name: str
@@ -272,6 +310,8 @@ class Table:
     lines: list[str] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: CSV fields after the usual ones (the benchmark: :data:`LINEAR_KEYS`)
+    extra_keys: tuple[str, ...] = ()
 
     def header(self, first: str = "Method") -> None:
         self.lines += [
@@ -294,7 +334,7 @@ class Table:
         write_text_atomic(md, self.markdown())
         keys = [
             "suite", "row", "merger", "variant", "column", "ours", "base", "delta", "lo", "hi",
-            "significant", "paper", "paper_delta", "paper_derived",
+            "significant", "paper", "paper_delta", "paper_derived", *self.extra_keys,
         ]  # fmt: skip
         write_csv(csv_path, keys, [{k: _csv(r.get(k)) for k in keys} for r in self.records])
         return [md, csv_path]
@@ -375,9 +415,12 @@ def rows_block(
     anchor_table: str | None,
     labels: Mapping[str, str] | None = None,
     anchor_variant: Mapping[str, str] | None = None,
+    linear: Sequence[Col] | None = None,
 ) -> None:
     """Rows ``merger × variant`` (Δ against the merger's base row), each followed by a paper
-    row where the paper has numbers for it."""
+    row where the paper has numbers for it. ``linear`` (the benchmark): LARV's rows are also
+    compared with the merger's linear ramp (:func:`linear_cell`), in every column's CSV record
+    and, for each column in ``linear``, in a cell after the row's others (other rows: empty)."""
     anc = anchors(anchor_table) if anchor_table else {}
     labels = {**VARIANT_ROWS, **(labels or {})}
     anchor_variant = {**ANCHOR_VARIANT, **(anchor_variant or {})}
@@ -386,6 +429,8 @@ def rows_block(
             cells, paper_cells, any_paper = [], [], False
             for col in cols:
                 shown, fields = delta_cell(res, col.suite, m, v, col)
+                if linear is not None:
+                    fields.update(linear_cell(res, col.suite, m, v, col)[1])
                 cells.append(shown)
                 a = anc.get((col.suite, m, anchor_variant.get(v, v), col.key))
                 if a is not None:
@@ -402,9 +447,10 @@ def rows_block(
                     paper=a["value"] if a else None, paper_delta=a.get("delta") if a else None,
                     paper_derived=bool(a and a.get("derived")),
                 )  # fmt: skip
+            cells += [linear_cell(res, col.suite, m, v, col)[0] for col in linear or ()]
             t.row(display_label(m) + labels.get(v, f" {v}"), cells)
             if any_paper:
-                t.row("↳ *paper*", paper_cells)
+                t.row("↳ *paper*", paper_cells + [""] * len(linear or ()))
 
 
 def paper_only_rows(t: Table, cols: Sequence[Col], table: str, mergers: Sequence[str]) -> None:
@@ -513,15 +559,20 @@ def per_task_table(
     anchor_table: str | None,
     order: Sequence[str] = (),
     relative: bool = False,
+    linear: bool = False,
 ) -> Table:
     """Table 1 layout: one block per suite, one column per task, plus the average; rows in
     ``order`` (default: base, tiered, continuous, max†), then any other variant of the cells.
-    ``relative``: a last column with each row's average relative to the fine-tuned models'
-    (the benchmark's table)."""
+    ``relative``: a column with each row's average relative to the fine-tuned models'; ``linear``:
+    the CSV fields :data:`LINEAR_KEYS` (LARV's rows against the merger's linear ramp, every
+    column) and, when the cells hold the linear ramp, a last column "Avg. Δ vs linear" with the
+    average's (the benchmark's table)."""
     suites = _suites(cells)
     tasks0 = res.tasks(suites[0].key) if suites else []
     extra = ["Avg. / fine-tuned"] if relative else []
-    t = Table(name, title, [*tasks0, "Avg.", *extra])
+    vs_linear = linear and _has_linear(cells)
+    extra += [LINEAR_COLUMN] if vs_linear else []
+    t = Table(name, title, [*tasks0, "Avg.", *extra], extra_keys=LINEAR_KEYS if linear else ())
     t.header()
     order = list(order or MAIN_ORDER)
     order += [c.variant.slug for c in cells if c.variant.slug not in order]
@@ -529,34 +580,59 @@ def per_task_table(
     for s in suites:
         scells = [c for c in cells if c.suite.key == s.key]
         tasks = res.tasks(s.key) or tasks0
-        cols = [task_col(s.key, x) for x in tasks] + [avg_col(s.key)]
+        avg = avg_col(s.key)
+        cols = [task_col(s.key, x) for x in tasks] + [avg]
         cols += [relative_col(s.key, res)] if relative else []
+        lin = ([avg] if vs_linear else []) if linear else None
         if tasks != tasks0:
             t.row("*tasks*", [*tasks, "Avg.", *extra])
         t.section(s.label + (" (pools mapped)" if s.mapped else ""))
         if anchor_table:
             paper_only_rows(t, cols, anchor_table, ["finetuned", "adamerging"])
-        rows_block(t, res, cols, _refs(scells), ["base"], anchor_table)
-        rows_block(t, res, cols, _mergers(scells), _variants(scells, order), anchor_table, labels)
+        rows_block(t, res, cols, _refs(scells), ["base"], anchor_table, linear=lin)
+        rows_block(t, res, cols, _mergers(scells), _variants(scells, order), anchor_table, labels,
+                   linear=lin)  # fmt: skip
     _notes(t, res, anchor_table)
     if relative:
         t.notes.append(
             "Avg. / fine-tuned = the row's average accuracy relative to the fine-tuned models' "
             "average (each fine-tuned model on its own task: the upper bound)."
         )
+    if vs_linear:
+        t.notes.append(LINEAR_NOTE)
     return t
+
+
+LINEAR_COLUMN = "Avg. Δ vs linear"
+LINEAR_NOTE = (
+    "Avg. Δ vs linear (LARV's rows only) = the row's average − the same merger's Linear row "
+    "(the plain depth ramp 0.5 → 1.5, `schedule: linear`), in percentage points, on the same "
+    "test images, with the same paired bootstrap 95% interval; * = the interval excludes 0. The "
+    "(±Δ) in the other columns stay against the base merger. bench.csv carries it for every "
+    "column (delta_linear, lo_linear, hi_linear, significant_linear)."
+)
+
+
+def _has_linear(cells: Sequence[Cell]) -> bool:
+    """The cells hold the linear ramp and at least one of LARV's rows compared with it."""
+    have = {c.variant.slug for c in cells}
+    return LINEAR in have and any(v in have for v in VS_LINEAR)
 
 
 def suites_side_by_side(
     t: Table, cells: Sequence[Cell], res: Results, order: Sequence[str]
 ) -> None:
     """Append to ``t`` the average of every merger × variant row, one column per suite, side by
-    side (same renderer, :func:`rows_block`; its CSV records are already in ``t``, per suite)."""
+    side (same renderer, :func:`rows_block`; its CSV records are already in ``t``, per suite),
+    then, when the cells hold the linear ramp, LARV's Δ against it, one column per suite."""
     suites = _suites(cells)
     cols = [avg_col(s.key, s.label) for s in suites]
-    side = Table(t.name, t.title, [c.label for c in cols])
+    lin = cols if _has_linear(cells) else None
+    vs = [f"Δ vs linear, {c.label}" for c in lin or ()]
+    side = Table(t.name, t.title, [c.label for c in cols] + vs)
     side.header()
-    rows_block(side, res, cols, _mergers(cells), _variants(cells, order), None, _labels(cells))
+    rows_block(side, res, cols, _mergers(cells), _variants(cells, order), None, _labels(cells),
+               linear=lin)  # fmt: skip
     t.lines += ["", "**Average per suite, side by side**", "", *side.lines]
 
 
@@ -821,9 +897,8 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
             written.append(layer_csv(cells, res, folder / "fig2.csv"))
         elif name == "bench":
             order = [v.slug for v in BENCH_VARIANTS]
-            t = per_task_table(
-                "bench", EXPERIMENTS[name].title, cells, res, None, order, relative=True
-            )
+            title = EXPERIMENTS[name].title
+            t = per_task_table("bench", title, cells, res, None, order, relative=True, linear=True)
             if len(_suites(cells)) > 1:
                 suites_side_by_side(t, cells, res, order)
             written += regime_cards(t, cells, res, folder)

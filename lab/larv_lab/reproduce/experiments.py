@@ -235,7 +235,9 @@ SCHEDULE_LABELS = {
     "tier6": "Tier 6",
     "tier3": "Tier 3",
     "tier2": "Tier 2",
-    "lines": "LiNeS (ours, not in the paper)",
+    # the ramp α + β·ℓ/(L−1) at its default (α, β) = (0.5, 1): the linear ramp again. Not LiNeS
+    # (faithful LiNeS: fusion_bench_larv.lines_algorithm.LiNeSAlgorithm, method=lines_ta)
+    "lines": "depth ramp α + β·ℓ/(L−1) (`lines` schedule, α = 0.5, β = 1)",
 }
 
 
@@ -270,7 +272,7 @@ FIG4_GRID = tuple(itertools.product(FIG4_LEVELS, repeat=3))
 
 
 #: the benchmark's variants: alone, LARV's two gates, the continuous gate on median-normalized
-#: scores, the depth-only schedules linear, tier3, LiNeS
+#: scores, the depth-only schedules linear, tier3 and the ``lines`` ramp (not LiNeS)
 BENCH_VARIANTS = (
     BASE,
     TIERED,
@@ -517,8 +519,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             "bench",
             "Benchmark: every merger alone, with LARV (tiered, continuous, continuous on w / median "
-            "w) and with the depth-only schedules linear, tier3 and LiNeS, on one model pool / "
-            "task pool pair",
+            "w) and with the depth-only schedules linear, tier3 and the `lines` ramp, on one model "
+            "pool / task pool pair",
             (BENCH,),
             DEFAULT,
             BENCH_VARIANTS,
@@ -530,7 +532,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "fig2_bench.png",
                 "bench_layers.csv",
             ),
-            grid="{M} mergers × {base, tiered, continuous, continuous-median, linear, tier3, LiNeS} "
+            grid="{M} mergers × {base, tiered, continuous, continuous-median, linear, tier3, lines} "
             "+ pretrained and fine-tuned references, on the pools of --pools (default testbed:full)",
             gpu_hours="testbed full on 2 CPU cores: ≈ 1 min per cell (WUDI's merge ≈ 40 min)",
             disk="the testbed build (python lab/scripts/build_testbed.py --recipe full)",

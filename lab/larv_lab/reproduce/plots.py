@@ -6,7 +6,8 @@
 - Figure 4: Δ (schedule − base) heatmaps over (s_middle, s_deep), one panel per s_shallow and
   merger.
 - Forest plot (the benchmark's ``forest_bench.png``): Δ average accuracy (variant − base merger)
-  with its paired bootstrap 95% interval, one row per merger × variant, one marker per suite.
+  with its paired bootstrap 95% interval, one row per merger × variant, one marker per suite;
+  beside it, LARV's rows against the linear depth ramp (``sched-linear``) where it was run.
 """
 
 from __future__ import annotations
@@ -233,12 +234,17 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
     against the merger's base cell (pp) as a point with its paired bootstrap 95% interval
     (``res.interval``) as a horizontal bar, a vertical line at 0; one marker and colour per
     suite, the suites of a row side by side (slightly offset). A Δ whose cells have no
-    per-sample files is drawn hollow, without a bar (no interval is made up)."""
+    per-sample files is drawn hollow, without a bar (no interval is made up). When the cells
+    hold the linear depth ramp (``sched-linear``), a second panel beside it shows LARV's rows
+    against that ramp instead of the base merger (the same rows; the others stay empty)."""
+    from .collate import LINEAR, VS_LINEAR
+
     plt = _plt()
 
     suites = _suites(cells)
     mergers = _mergers(cells)
-    labels = {c.variant.slug: c.variant.label.removeprefix("+") for c in cells}
+    # row labels as in the tables, without markdown's backticks
+    labels = {c.variant.slug: c.variant.label.removeprefix("+").replace("`", "") for c in cells}
     have = {c.variant.slug for c in cells}
     variants = [v for v in [*order, *labels] if v != "base" and v in have]
     variants = list(dict.fromkeys(variants))
@@ -250,7 +256,38 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
     ]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.32 * len(rows)), layout="constrained")
+    panels = [("base", "Δ average accuracy vs the base merger (pp)")]
+    if LINEAR in have and any(v in VS_LINEAR for _, v in rows):
+        panels.append((LINEAR, "LARV's rows: Δ vs the same merger + Linear (depth ramp, pp)"))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(10 + 4 * (len(panels) - 1), 1.6 + 0.32 * len(rows)),
+        sharey=True, squeeze=False, layout="constrained",
+    )  # fmt: skip
+    hollow = False
+    for ax, (against, xlabel) in zip(axes[0], panels, strict=True):
+        shown = rows if against == "base" else [(m, v) for m, v in rows if v in VS_LINEAR]
+        hollow |= _forest_panel(ax, plt, suites, rows, shown, res, against)
+        ax.axvline(0.0, color="0.3", linewidth=1.0, linestyle="--")
+        ax.set_xlabel(xlabel + ",\npaired bootstrap 95% interval", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    ax0 = axes[0][0]
+    ax0.set_yticks(range(len(rows)), [f"{display_label(m)} + {labels[v]}" for m, v in rows],
+                   fontsize=8)  # fmt: skip
+    ax0.set_ylim(len(rows) - 0.5, -0.5)
+    title = f"Δ with 95% intervals over test images (B = {res.resamples}, seed {res.seed})"
+    if hollow:
+        title += "\nhollow: no per-sample file, no interval"
+    fig.suptitle(title, fontsize=10)
+    handles, names = ax0.get_legend_handles_labels()
+    axes[0][-1].legend(handles, names, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       title="suite", frameon=False)  # fmt: skip
+    return _save(fig, path)
+
+
+def _forest_panel(ax, plt, suites, rows, shown, res, against: str) -> bool:
+    """One forest panel: for each row of ``rows`` that is in ``shown``, each suite's Δ against
+    the merger's ``against`` cell with its interval (hollow, no bar, without one). True when a
+    point is hollow."""
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^vP*Xh<>"
     k = len(suites)
@@ -261,12 +298,14 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
         color, marker = colors[si % len(colors)], markers[si % len(markers)]
         xs, ys, lo, hi, hx, hy = [], [], [], [], [], []
         for ri, (m, v) in enumerate(rows):
-            run, base = res.get(s.key, m, v), res.get(s.key, m, "base")
-            if run is None or base is None:
+            if (m, v) not in shown:
                 continue
-            ci = res.interval(s.key, m, v)
+            run, ref = res.get(s.key, m, v), res.get(s.key, m, against)
+            if run is None or ref is None:
+                continue
+            ci = res.interval(s.key, m, v, against=against)
             if ci is None:
-                hx.append(run.average - base.average)
+                hx.append(run.average - ref.average)
                 hy.append(ri + off)
                 continue
             xs.append(ci.delta)
@@ -280,16 +319,4 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
             hollow = True
             ax.plot(hx, hy, marker, markerfacecolor="none", color=color,
                     label=None if xs else s.label)  # fmt: skip
-    ax.axvline(0.0, color="0.3", linewidth=1.0, linestyle="--")
-    ax.set_yticks(range(len(rows)), [f"{display_label(m)} + {labels[v]}" for m, v in rows],
-                  fontsize=8)  # fmt: skip
-    ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlabel("Δ average accuracy vs the base merger (pp), paired bootstrap 95% interval")
-    ax.grid(axis="x", alpha=0.3)
-    title = f"Δ with 95% intervals over test images (B = {res.resamples}, seed {res.seed})"
-    if hollow:
-        title += "\nhollow: no per-sample file, no interval"
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="suite",
-              frameon=False)  # fmt: skip
-    return _save(fig, path)
+    return hollow
