@@ -42,13 +42,13 @@ COMPOSE = [
     "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
     "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
 ]  # fmt: skip
-# where the plugin's config tree must come from, per install mode ("{proj}": the copy installed
+# `pip install .` (a regular install) builds this same wheel and installs it: the wheel mode covers
+# it. Where the plugin's config tree must come from, per install mode ("{proj}": the copy installed
 # in editable mode; "{site}": the throwaway venv's site-packages)
 MODES = {
     "editable": (["-e", "{proj}"], "{proj}/config"),
     "editable-compat": (["-e", "{proj}", "--config-settings", "editable_mode=compat"],
                         "{proj}/config"),
-    "regular": (["{proj}"], "{site}/fusion_bench_larv_config"),
     "wheel": (["{wheel}"], "{site}/fusion_bench_larv_config"),
 }  # fmt: skip
 PROBE = """
