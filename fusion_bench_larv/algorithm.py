@@ -24,14 +24,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .base_method import (
+    FUSION_BENCH_META_KEYS,
     base_method_name,
     base_method_report,
     build_base_method,
     check_base_method,
     merged_module,
+    report_file,
+    rng_kept,
     run_base_method,
+    write_report,
 )
-from .io import write_json_atomic
 from .pool_view import PoolView, in_memory_model
 from .settings import LarvAttributeError, LarvConfigError, LarvSettings
 from .validation import (
@@ -49,13 +52,6 @@ __all__ = ["LARV_KEYS", "LARVAlgorithm"]
 log = logging.getLogger(__name__)
 
 LARV_KEYS = LarvSettings.keys()
-# keys FusionBench's serialisation mixin understands; they are not LARV settings
-_FUSION_BENCH_META_KEYS = ("_recursive_", "_usage_", "_version_")
-
-
-def _cuda_rng_devices() -> list[int]:
-    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save (none before CUDA starts)."""
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 def _plain(value: Any) -> Any:
@@ -146,7 +142,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         super().__setattr__(name, value)
 
     def __init__(self, base_method: Any = None, report_dir: str | None = None, **larv: Any):
-        meta = {k: larv.pop(k) for k in _FUSION_BENCH_META_KEYS if k in larv}
+        meta = {k: larv.pop(k) for k in FUSION_BENCH_META_KEYS if k in larv}
         # Hydra hands every composed key over as a kwarg: a typo (`gama`) must fail here, first,
         # with a suggestion, before anything else is looked at
         unknown = set(larv) - set(LARV_KEYS)
@@ -221,10 +217,8 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             if obj is not None:
                 check_finite(obj.state_dict(), f"model `{name}`")
                 checked.add(name)
-        # loading θ_0 draws from torch's global RNG (transformers' from_pretrained does): the
-        # base merger must see the RNG as the program left it, so that a random merger (DARE)
-        # draws the same masks as when it runs alone with the same `seed`
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_rng_devices()):
+        # loading θ_0 must not move the RNG the base merger draws from (rng_kept)
+        with rng_kept():
             pretrained = modelpool.load_pretrained_model()
             if "_pretrained_" not in checked:
                 check_finite(pretrained.state_dict(), "model `_pretrained_`")
@@ -327,7 +321,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             )
         for name in names:
             # the same RNG rule as for θ_0: loading must not move the base merger's draws
-            with torch.no_grad(), torch.random.fork_rng(devices=_cuda_rng_devices()):
+            with rng_kept():
                 state = modelpool.load_model(name).state_dict()
             if name not in checked:
                 check_finite(state, f"model `{name}`")
@@ -348,18 +342,10 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         return report
 
     def report_path(self) -> str | None:
-        directory = self.report_dir
-        if directory is None and self._program is not None:
-            directory = getattr(self._program, "log_dir", None)
-        return None if directory is None else os.path.join(directory, self.settings.report_name)
+        return report_file(self.report_dir, self._program, self.settings.report_name)
 
     def _write_report(self, report: dict) -> None:
-        path = self.report_path()
-        if path is None:
-            log.info("LARV: no log dir; the per-layer report is kept in `last_report` only")
-            return
-        write_json_atomic(path, report)
-        log.info("LARV per-layer report written to %s", path)
+        write_report(report, self.report_path(), "LARV")
 
 
 for _key in LARV_KEYS:

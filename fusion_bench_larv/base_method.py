@@ -5,28 +5,72 @@ architecture, or a :class:`LarvInputError` that names the merger and what it ret
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .io import write_json_atomic
 from .settings import LarvConfigError
 from .validation import LarvInputError, check_same_keys_and_shapes, did_you_mean
 
 __all__ = [
+    "FUSION_BENCH_META_KEYS",
     "base_method_name",
     "base_method_report",
     "build_base_method",
     "check_base_method",
     "locate_class",
     "merged_module",
+    "report_file",
+    "rng_kept",
     "run_base_method",
+    "write_report",
 ]
+
+log = logging.getLogger(__name__)
+
+#: keys FusionBench's serialisation mixin hands a wrapper's constructor; not the wrapper's own
+FUSION_BENCH_META_KEYS = ("_recursive_", "_usage_", "_version_")
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """No gradients, and torch's global RNG (the CPU's and every started CUDA device's) restored
+    when the block exits. Loading a model draws from it (transformers' ``from_pretrained`` does):
+    the base merger must see the RNG as the program left it, so that a random merger (DARE) draws
+    the same masks as when it runs alone with the same ``seed``."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        yield
+
+
+def report_file(report_dir: str | None, program: Any, name: str) -> str | None:
+    """Where a wrapper's JSON report goes: ``report_dir/name``, else the FusionBench program's
+    ``log_dir/name``; None without either."""
+    directory = report_dir
+    if directory is None and program is not None:
+        directory = getattr(program, "log_dir", None)
+    return None if directory is None else os.path.join(directory, name)
+
+
+def write_report(report: dict, path: str | None, who: str) -> None:
+    """Write ``report`` to ``path`` (atomically), or log that it stays in ``last_report`` only."""
+    if path is None:
+        log.info("%s: no log dir; the per-layer report is kept in `last_report` only", who)
+        return
+    write_json_atomic(path, report)
+    log.info("%s per-layer report written to %s", who, path)
+
 
 # keys of a Hydra `_target_` config that are not constructor arguments
 HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")

@@ -33,14 +33,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .base_method import (
+    FUSION_BENCH_META_KEYS,
     base_method_name,
     base_method_report,
     build_base_method,
     check_base_method,
     merged_module,
+    report_file,
+    rng_kept,
     run_base_method,
+    write_report,
 )
-from .io import write_json_atomic
 from .lines import l1_norm, lines_alpha_from_norms, lines_param_scales, sum_task_vectors
 from .settings import LarvConfigError
 from .validation import (
@@ -60,18 +63,12 @@ log = logging.getLogger(__name__)
 # evaluate_task_vector), quoted in the error when β is missing
 _AUTHORS_BETA_GRIDS = "Task Arithmetic 0.1, 0.2, …, 1.0; TIES 0.1, 0.2, …, 1.5"
 _LINES_KEYS = ("base_method", "beta", "layer_pattern", "report_name", "report_dir")
-# keys FusionBench's serialisation mixin understands
-_FUSION_BENCH_META_KEYS = ("_recursive_", "_usage_", "_version_")
 # base-merger keys that are a global coefficient LiNeS replaces
 _COEFFICIENT_KEYS = ("scaling_factor",)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _cuda_rng_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
@@ -100,7 +97,7 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
         report_dir: str | None = None,
         **kwargs: Any,
     ):
-        meta = {k: kwargs.pop(k) for k in _FUSION_BENCH_META_KEYS if k in kwargs}
+        meta = {k: kwargs.pop(k) for k in FUSION_BENCH_META_KEYS if k in kwargs}
         if kwargs:  # Hydra hands every composed key over: a typo fails here, with a suggestion
             raise LarvConfigError(unknown_keys_message(kwargs, _LINES_KEYS, "LiNeS method config"))
         check_base_method(base_method)
@@ -179,9 +176,8 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
             log.warning(msg)
             warnings.warn(msg, LarvWarning, stacklevel=2)
 
-        # loading draws from torch's global RNG (transformers' from_pretrained): the base merger
-        # must see the RNG as the program left it (DARE's masks), as under LARV
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_rng_devices()):
+        # loading must not move the RNG the base merger draws from (rng_kept), as under LARV
+        with rng_kept():
             pretrained = modelpool.load_pretrained_model()
             check_finite(pretrained.state_dict(), "model `_pretrained_`")
             architecture = type(pretrained).__name__
@@ -250,15 +246,7 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
         return out
 
     def report_path(self) -> str | None:
-        directory = self.report_dir
-        if directory is None and self._program is not None:
-            directory = getattr(self._program, "log_dir", None)
-        return None if directory is None else os.path.join(directory, self.report_name)
+        return report_file(self.report_dir, self._program, self.report_name)
 
     def _write_report(self, report: dict) -> None:
-        path = self.report_path()
-        if path is None:
-            log.info("LiNeS: no log dir; the per-block report is kept in `last_report` only")
-            return
-        write_json_atomic(path, report)
-        log.info("LiNeS per-block report written to %s", path)
+        write_report(report, self.report_path(), "LiNeS")

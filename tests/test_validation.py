@@ -33,6 +33,7 @@ from fusion_bench_larv import (
     LayerGroupingError,
 )
 from fusion_bench_larv import algorithm as algorithm_module
+from fusion_bench_larv import base_method as base_method_module
 from fusion_bench_larv import io as io_module
 from fusion_bench_larv.io import atomic_path, write_json_atomic
 from fusion_bench_larv.validation import check_finite
@@ -432,7 +433,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_the_report_goes_through_the_one_atomic_write_helper():
-    assert algorithm_module.write_json_atomic is io_module.write_json_atomic
+    # LARV's (and LiNeS's) report writer is base_method.write_report, which writes through io's
+    assert algorithm_module.write_report is base_method_module.write_report
+    assert base_method_module.write_json_atomic is io_module.write_json_atomic
 
 
 def test_atomic_folder_is_replaced_whole(tmp_path):
