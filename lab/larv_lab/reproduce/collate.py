@@ -251,11 +251,12 @@ def with_delta(x: float | None, base: float | None, ci: iv.Interval | None = Non
         return "—"
     if base is None:
         return f"{x:.1f}"
-    if ci is None:
-        return f"{x:.1f} ({x - base:+.1f})"
-    return f"{x:.1f} ({x - base:+.1f} [{ci.lo:+.1f}, {ci.hi:+.1f}])" + (
-        "*" if ci.significant else ""
-    )
+    return f"{x:.1f} ({delta_text(x - base, ci)})" + ("*" if ci and ci.significant else "")
+
+
+def delta_text(delta: float, ci: iv.Interval | None) -> str:
+    """``±Δ``, or with an interval ``±Δ [lo, hi]`` (percentage points, one decimal)."""
+    return f"{delta:+.1f}" + (f" [{ci.lo:+.1f}, {ci.hi:+.1f}]" if ci is not None else "")
 
 
 def delta_cell(
@@ -294,12 +295,10 @@ def linear_cell(
         return "", {}
     _, f = delta_cell(res, suite, merger, variant, col, against=LINEAR)
     fields = {f"{k}_linear": f[k] for k in ("delta", "lo", "hi", "significant")}
-    d, lo, hi = f["delta"], f["lo"], f["hi"]
-    if d is None:
+    if f["delta"] is None:
         return "—", fields
-    if lo is None:
-        return f"{d:+.1f}", fields
-    return f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" + ("*" if f["significant"] else ""), fields
+    ci = None if f["lo"] is None else iv.Interval(f["delta"], f["lo"], f["hi"])
+    return delta_text(f["delta"], ci) + ("*" if ci and ci.significant else ""), fields
 
 
 @dataclass
