@@ -166,12 +166,19 @@ def _rows(bench_csv: Path) -> list[dict[str, str]]:
         return [r for r in csv.DictReader(fh) if r["column"] == "average"]
 
 
+def _interval(r: dict[str, str]) -> str:
+    """`` [+0.45, +2.01]`` from a bench.csv row, or "" without an interval."""
+    return f" [{float(r['lo']):+.2f}, {float(r['hi']):+.2f}]" if r["lo"] else ""
+
+
+def _star(r: dict[str, str]) -> str:
+    """``*`` when the row's interval excludes 0."""
+    return "*" if r["significant"] == "True" else ""
+
+
 def _pp(r: dict[str, str]) -> str:
     """``+1.23 [+0.45, +2.01]*`` from a bench.csv row (``*``: the interval excludes 0)."""
-    if not r["delta"]:
-        return ""
-    ci = f" [{float(r['lo']):+.2f}, {float(r['hi']):+.2f}]" if r["lo"] else ""
-    return f"{float(r['delta']):+.2f}{ci}" + ("*" if r["significant"] == "True" else "")
+    return f"{float(r['delta']):+.2f}{_interval(r)}{_star(r)}" if r["delta"] else ""
 
 
 def averages(bench_csv: Path) -> list[str]:
@@ -218,8 +225,7 @@ def verdicts(bench_csv: Path, committed_csv: Path | None = None) -> list[str]:
         elif not ref:
             against = "not in the committed benchmark"
         else:
-            seeds = " / ".join(_pp(c).split(" [")[0] + ("*" if c["significant"] == "True" else "")
-                               for c in ref)  # fmt: skip
+            seeds = " / ".join(f"{float(c['delta']):+.2f}{_star(c)}" for c in ref)
             signs = {_sign(float(c["delta"])) for c in ref}
             if len(signs) > 1:
                 against = (f"committed {seeds} (build seeds): the seeds disagree in sign, so the "
@@ -228,9 +234,7 @@ def verdicts(bench_csv: Path, committed_csv: Path | None = None) -> list[str]:
                 against = f"committed {seeds} (build seeds): agrees in sign"
             else:
                 against = f"committed {seeds} (build seeds): DIFFERS in sign; {WHY_IT_MAY_DIFFER}"
-        lines.append(f"verdict {r['row']}: {_pp(r).split(' [')[0].rstrip('*')} pp "
-                     f"[{float(r['lo']):+.2f}, {float(r['hi']):+.2f}], {word}; {against}"
-                     if r["lo"] else f"verdict {r['row']}: {delta:+.2f} pp, {word}; {against}")  # fmt: skip
+        lines.append(f"verdict {r['row']}: {delta:+.2f} pp{_interval(r)}, {word}; {against}")
     return lines
 
 
