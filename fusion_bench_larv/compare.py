@@ -201,7 +201,7 @@ def load_run(path: str | os.PathLike, evaluation: int | None = None) -> RunFiles
     """One evaluation of a run folder (or of a per-sample file): its ``per_sample.json`` must
     exist and hold one evaluation, or several and ``evaluation`` (0-based) picks one. When
     ``program_report.json`` lies beside it, each task's per-sample accuracy must be the report's
-    (|correct/n − accuracy| < ½/n), so a stale file never stands in for the run."""
+    (:func:`.per_sample.matches_accuracy`), so a stale file never stands in for the run."""
     file, report_path = _locate(path)
     if not file.is_file():
         found = " (it holds program_report.json only)" if report_path.is_file() else ""
@@ -241,7 +241,7 @@ def load_run(path: str | os.PathLike, evaluation: int | None = None) -> RunFiles
             raise CompareError(f"{report_path}: unreadable ({e})") from e
         acc = _report_for(doc, index, count)
         for t, c in correct.items():
-            if t in acc and abs(float(c.mean()) - acc[t]) >= 0.5 / c.size:
+            if t in acc and not per_sample_mod.matches_accuracy(c, acc[t]):
                 raise CompareError(
                     f"{file}: task {t!r} has accuracy {c.mean():.6f} but {report_path.name} "
                     f"says {acc[t]:.6f}: the two files come from different runs (a stale "

@@ -62,6 +62,13 @@ def encode_task(correct: Sequence[bool] | np.ndarray, labels=None) -> dict[str, 
     return entry
 
 
+def matches_accuracy(correct: np.ndarray, accuracy: float) -> bool:
+    """Whether a task's correctness vector is the evaluation an accuracy (a fraction) reports:
+    its count of correct images is the one the accuracy implies, |Σ c_i / n − accuracy| < ½ / n
+    (a stale or foreign file fails). An empty vector matches nothing."""
+    return correct.size > 0 and abs(float(correct.mean()) - accuracy) < 0.5 / correct.size
+
+
 def decode_task(entry: Mapping[str, Any]) -> np.ndarray:
     """The bool vector of one task's entry; checks its length and count."""
     n = int(entry["n"])

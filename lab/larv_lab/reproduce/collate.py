@@ -122,15 +122,16 @@ def load_run(cell: Cell, out: Path) -> Run | None:
 
 def _per_sample(run_dir: Path, acc: Mapping[str, float]) -> tuple[dict | None, dict | None]:
     """The cell's per-sample correctness when its file holds exactly one evaluation; a task is
-    kept only when its count is the one the report's accuracy implies (|correct/n − acc| < ½/n),
-    so a stale or foreign file never stands in for the report."""
+    kept only when its count is the one the report's accuracy implies
+    (:func:`fusion_bench_larv.per_sample.matches_accuracy`), so a stale or foreign file never
+    stands in for the report."""
     loaded = per_sample_mod.load(run_dir / per_sample_mod.FILE)
     if loaded is None or len(loaded[0]) != 1:
         return None, None
     evaluations, (digests,) = loaded
     kept = {}
     for task, c in evaluations[0].items():
-        if task in acc and c.size and abs(c.mean() - acc[task] / 100.0) < 0.5 / c.size:
+        if task in acc and per_sample_mod.matches_accuracy(c, acc[task] / 100.0):
             kept[task] = c
     return (kept or None), digests
 
