@@ -10,3 +10,12 @@ run it. It depends on the plugin; the plugin never imports it.
 Its configs (``larv_lab/config``: the merger registry, the regime targets, the testbed's pools)
 reach the ``fusion_bench`` CLI through its own Hydra search-path plugin.
 """
+
+from pathlib import Path
+
+
+def config_dir() -> Path:
+    """The lab's config tree (``larv_lab/config``): the merger registry, the regime targets and
+    the testbed's pools. Its Hydra search-path plugin and the harness's registry both read it
+    from here."""
+    return Path(__file__).resolve().parent / "config"

@@ -5,11 +5,11 @@ installed. Appended after the plugin's and FusionBench's trees, so neither is sh
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from fusion_bench_larv.config_paths import package_dir
-
 
 class LarvLabSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        lab = package_dir("larv_lab")
-        if lab is not None:
-            search_path.append(provider="fusion-bench-larv-lab", path=f"file://{lab / 'config'}")
+        try:  # larv_lab's __init__ imports nothing heavy
+            from larv_lab import config_dir
+        except ImportError:  # a plugin file left behind by an uninstalled lab
+            return
+        search_path.append(provider="fusion-bench-larv-lab", path=f"file://{config_dir()}")

@@ -25,13 +25,14 @@ import yaml
 
 from fusion_bench_larv.config_paths import fusion_bench_config_dir, larv_config_dir
 
+from .. import config_dir
+
 REGISTRY_FILE = Path("larv") / "mergers.yaml"
 
 
 def lab_config_dir() -> Path:
-    """The lab's config tree (``larv_lab/config``): the merger registry, the regime targets and
-    the testbed's pools."""
-    return Path(__file__).resolve().parents[1] / "config"
+    """The lab's config tree (:func:`larv_lab.config_dir`)."""
+    return config_dir()
 
 
 def config_roots() -> list[Path]:
