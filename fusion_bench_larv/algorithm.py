@@ -35,7 +35,9 @@ from .base_method import (
     run_base_method,
     write_report,
 )
+from .guarded import check_guarded, run_guarded
 from .pool_view import PoolView, in_memory_model
+from .selection import check_validation
 from .settings import LarvAttributeError, LarvConfigError, LarvSettings
 from .validation import (
     LarvInputError,
@@ -95,6 +97,9 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         report_dir: where ``larv_layers.json`` goes; default: the program's log dir (next to
             FusionBench's report). Outside the CLI with no log dir nothing is written and the
             report is only kept in ``self.last_report``.
+        validation: null (data-free, the default), or ``{taskpool: <task pool config on
+            held-out labelled data>, grid: [δ values]}``: guarded LARV, the tiered spread δ
+            chosen on that task pool (:mod:`.guarded`; uses data).
         **larv: the LARV keys of :class:`LarvSettings` (``gate``, ``alpha``, …).
 
     The LARV settings are held once, in ``self.settings``; ``self.gate`` etc. read from it, and
@@ -108,6 +113,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
     _config_mapping = BaseAlgorithm._config_mapping | {
         "base_method": "base_method",
         "report_dir": "report_dir",
+        "validation": "validation",
         **{k: k for k in LARV_KEYS},
     }
     # marks a LARV wrapper for `base_method.check_base_method`, which refuses LARV inside LARV
@@ -116,6 +122,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
     # the public instance attributes (any other public write is refused, see __setattr__)
     base_method: Any
     report_dir: str | None
+    validation: tuple[Any, tuple[float, ...]] | None
     settings: LarvSettings
     last_report: dict | None
     last_result: LarvResult | None
@@ -141,7 +148,13 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             )
         super().__setattr__(name, value)
 
-    def __init__(self, base_method: Any = None, report_dir: str | None = None, **larv: Any):
+    def __init__(
+        self,
+        base_method: Any = None,
+        report_dir: str | None = None,
+        validation: Any = None,
+        **larv: Any,
+    ):
         meta = {k: larv.pop(k) for k in FUSION_BENCH_META_KEYS if k in larv}
         # Hydra hands every composed key over as a kwarg: a typo (`gama`) must fail here, first,
         # with a suggestion, before anything else is looked at
@@ -149,7 +162,9 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         if unknown:
             raise LarvConfigError(
                 unknown_keys_message(
-                    unknown, {*LARV_KEYS, "base_method", "report_dir"}, "LARV method config"
+                    unknown,
+                    {*LARV_KEYS, "base_method", "report_dir", "validation"},
+                    "LARV method config",
                 )
             )
         check_base_method(base_method)
@@ -161,6 +176,10 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         self.base_method = base_method
         self.report_dir = None if report_dir is None else os.fspath(report_dir)
         self.settings = LarvSettings.from_mapping({k: _plain(v) for k, v in larv.items()})
+        # guarded LARV (uses data; docs/method.md, "Guarded LARV"): δ chosen on validation
+        self.validation = check_validation(validation, "LARV", "δ")
+        if self.validation is not None:
+            check_guarded(self.settings, self.validation[1])
         self.last_report: dict | None = None
         self.last_result: LarvResult | None = None
         super().__init__(**meta)
@@ -208,6 +227,8 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
                 f"entry (models: {modelpool.all_model_names}). Add the base checkpoint under "
                 "`_pretrained_` in the model pool config."
             )
+        if self.validation is not None:
+            return run_guarded(self, modelpool, base_merge)
         s = self.settings
         # in-memory models are checked up front, so a bad one stops the run before the base
         # merger has modified any of the caller's modules

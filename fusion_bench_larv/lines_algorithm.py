@@ -13,8 +13,11 @@
    L gets λ_ℓ = α + β·ℓ/(L − 1), everything outside the blocks α; the merged model becomes
    θ_0 + λ·τ_MTV in place (:func:`.veneer.apply_scales`).
 
-β is a hyperparameter the authors choose on validation data; here it is given (``beta``), and
-choosing it is not implemented.
+β is a hyperparameter the authors choose on validation data: either given (``beta``) or chosen
+on held-out labelled data (``validation: {taskpool, grid}``, :mod:`.selection`): the base merge
+runs once, every β of the grid rescales a copy of τ_MTV, the validation task pool scores each, and
+the best (the first among equals) is applied; the grid, the scores and the choice go into the
+report.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ from .base_method import (
     write_report,
 )
 from .lines import l1_norm, lines_alpha_from_norms, lines_param_scales, sum_task_vectors
+from .selection import (
+    build_taskpool,
+    check_validation,
+    choose,
+    taskpool_report,
+    validation_score,
+)
 from .settings import LarvConfigError
 from .validation import (
     LarvInputError,
@@ -62,7 +72,7 @@ log = logging.getLogger(__name__)
 # the β grids of the authors' validation sweeps (wang-kee/LiNeS, src/eval/eval.py,
 # evaluate_task_vector), quoted in the error when β is missing
 _AUTHORS_BETA_GRIDS = "Task Arithmetic 0.1, 0.2, …, 1.0; TIES 0.1, 0.2, …, 1.5"
-_LINES_KEYS = ("base_method", "beta", "layer_pattern", "report_name", "report_dir")
+_LINES_KEYS = ("base_method", "beta", "validation", "layer_pattern", "report_name", "report_dir")
 # base-merger keys that are a global coefficient LiNeS replaces
 _COEFFICIENT_KEYS = ("scaling_factor",)
 
@@ -77,8 +87,10 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
     Args:
         base_method: the wrapped merger, a FusionBench method config with ``_target_`` or a built
             ``BaseAlgorithm``; run it with global coefficient 1 (see the module docstring).
-        beta: β ≥ 0, the increase of λ from the first block to the last. Required: the authors
-            choose it on validation data, which is not implemented here.
+        beta: β ≥ 0, the increase of λ from the first block to the last; or null with
+            ``validation``.
+        validation: null, or ``{taskpool: <task pool config on held-out labelled data>, grid:
+            [β values]}``: β is chosen on that task pool (:mod:`.selection`).
         layer_pattern: null (auto-detect, as LARV) or a regex whose group ``(?P<idx>\\d+)``
             captures the block index.
         report_name: file name of the per-block report (default ``lines_layers.json``).
@@ -92,6 +104,7 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
         self,
         base_method: Any = None,
         beta: float | None = None,
+        validation: Any = None,
         layer_pattern: str | None = None,
         report_name: str = "lines_layers.json",
         report_dir: str | None = None,
@@ -101,13 +114,20 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
         if kwargs:  # Hydra hands every composed key over: a typo fails here, with a suggestion
             raise LarvConfigError(unknown_keys_message(kwargs, _LINES_KEYS, "LiNeS method config"))
         check_base_method(base_method)
-        if beta is None:
+        self.validation = check_validation(validation, "LiNeS", "β")
+        if beta is None and self.validation is None:
             raise LarvConfigError(
                 "LiNeS needs `beta` (method.beta=<number> on the command line): the increase of "
-                "the scale from the first block to the last, λ_ℓ = α + β·ℓ/(L−1). The authors "
-                f"choose it on validation data (their grids: {_AUTHORS_BETA_GRIDS}); choosing "
-                "it is not implemented here, so it must be given"
+                "the scale from the first block to the last, λ_ℓ = α + β·ℓ/(L−1); or "
+                "`validation: {taskpool: ..., grid: [...]}` to choose it on held-out labelled "
+                f"data, as the authors do (their grids: {_AUTHORS_BETA_GRIDS})"
             )
+        if beta is not None and self.validation is not None:
+            raise LarvConfigError(
+                "LiNeS config: give `beta` or `validation` (which chooses β), not both"
+            )
+        if beta is None:
+            beta = self.validation[1][0]  # replaced by the choice in run()
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
             raise LarvConfigError(f"LiNeS config `beta` = {beta!r} is not allowed: a finite number")
         if beta < 0:
@@ -220,6 +240,10 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
                 alpha = lines_alpha_from_norms(sum_l1, merged_l1, count)
             except ValueError as err:
                 raise LarvInputError(f"{err} ({merger})") from err
+            chosen = None
+            if self.validation is not None:
+                chosen = self._choose_beta(merged, theta0, state, names, groups, alpha)
+                self.beta = chosen["beta"]
             param_scale, lambdas = lines_param_scales(names, groups, alpha, self.beta)
             apply_scales(theta0, state, param_scale)
         log.info("LiNeS: α = %.6g, β = %.6g, λ per block %s", alpha, self.beta,
@@ -242,8 +266,33 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
             ],
             "outside_blocks": {"scale": alpha, "parameters": outside},
         }
+        if chosen is not None:
+            self.last_report["validation"] = chosen
         self._write_report(self.last_report)
         return out
+
+    def _choose_beta(self, merged, theta0, state, names, groups, alpha) -> dict:
+        """Every β of the validation grid applied to a copy of τ_MTV and scored on the
+        validation task pool; ``state`` is left as the base merger made it."""
+        taskpool_cfg, grid = self.validation
+        pool = build_taskpool(taskpool_cfg)
+        kept = {k: state[k].clone() for k in names}
+        scores = []
+        for beta in grid:
+            scales, _ = lines_param_scales(names, groups, alpha, beta)
+            apply_scales(theta0, state, scales)
+            scores.append(validation_score(pool.evaluate(merged)))
+            log.info("LiNeS: β = %g scores %.4f on validation", beta, scores[-1])
+            for k in names:
+                state[k].copy_(kept[k])
+        best = choose(scores)
+        return {
+            "parameter": "beta",
+            "grid": list(grid),
+            "scores": scores,
+            "beta": grid[best],
+            "taskpool": taskpool_report(taskpool_cfg),
+        }
 
     def report_path(self) -> str | None:
         return report_file(self.report_dir, self._program, self.report_name)

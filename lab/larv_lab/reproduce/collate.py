@@ -36,6 +36,7 @@ from fusion_bench_larv.io import atomic_path, write_text_atomic
 
 from .experiments import (
     ABLATION_ROWS,
+    BACKBONES,
     BENCH_VARIANTS,
     CONTINUOUS,
     CONTINUOUS_MEDIAN,
@@ -60,7 +61,10 @@ FINETUNED = "finetuned"  # the reference whose average the benchmark's relative 
 #: the benchmark's second reference: LARV's rows (:data:`VS_LINEAR`) are also compared with the
 #: same merger's plain linear depth ramp (``schedule: linear``), on the same test images
 LINEAR = schedule("linear").slug
-VS_LINEAR = (TIERED.slug, CONTINUOUS.slug, CONTINUOUS_MEDIAN.slug)
+VS_LINEAR = (
+    *(v.slug for v in BENCH_VARIANTS if v.larv is not None and v.larv.get("gate") != "schedule"),
+    MAX,
+)
 #: the CSV fields of that comparison, after every other field
 LINEAR_KEYS = ("delta_linear", "lo_linear", "hi_linear", "significant_linear")
 
@@ -416,16 +420,21 @@ def rows_block(
     labels: Mapping[str, str] | None = None,
     anchor_variant: Mapping[str, str] | None = None,
     linear: Sequence[Col] | None = None,
+    held_by: Sequence[Cell] | None = None,
 ) -> None:
     """Rows ``merger × variant`` (Δ against the merger's base row), each followed by a paper
-    row where the paper has numbers for it. ``linear`` (the benchmark): LARV's rows are also
+    row where the paper has numbers for it; with ``held_by``, only the pairs those cells hold (a variant
+    that runs for some mergers only has no row for the others). ``linear`` (the benchmark): LARV's rows are also
     compared with the merger's linear ramp (:func:`linear_cell`), in every column's CSV record
     and, for each column in ``linear``, in a cell after the row's others (other rows: empty)."""
     anc = anchors(anchor_table) if anchor_table else {}
     labels = {**VARIANT_ROWS, **(labels or {})}
     anchor_variant = {**ANCHOR_VARIANT, **(anchor_variant or {})}
+    held = None if held_by is None else {(c.merger, c.variant.slug) for c in held_by}
     for m in mergers:
         for v in variants:
+            if held is not None and v != MAX and (m, v) not in held:
+                continue
             cells, paper_cells, any_paper = [], [], False
             for col in cols:
                 shown, fields = delta_cell(res, col.suite, m, v, col)
@@ -539,10 +548,9 @@ def _suites(cells: Sequence[Cell]) -> list[Suite]:
 
 def _variants(cells: Sequence[Cell], order: Sequence[str]) -> list[str]:
     have = {c.variant.slug for c in cells}
-    out = [v for v in order if v in have]
-    if TIERED.slug in have and CONTINUOUS.slug in have and MAX in order:
-        out.append(MAX)
-    return out
+    if TIERED.slug in have and CONTINUOUS.slug in have:
+        have.add(MAX)  # the pseudo row, where the order places it
+    return [v for v in order if v in have]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -589,9 +597,17 @@ def per_task_table(
         t.section(s.label + (" (pools mapped)" if s.mapped else ""))
         if anchor_table:
             paper_only_rows(t, cols, anchor_table, ["finetuned", "adamerging"])
-        rows_block(t, res, cols, _refs(scells), ["base"], anchor_table, linear=lin)
-        rows_block(t, res, cols, _mergers(scells), _variants(scells, order), anchor_table, labels,
-                   linear=lin)  # fmt: skip
+        refs, data_refs = _refs_by_data(scells)
+        rows_block(t, res, cols, refs, ["base"], anchor_table, linear=lin)
+        variants = _variants(scells, order)
+        uses = _uses_data(scells)
+        rows_block(t, res, cols, _mergers(scells), [v for v in variants if v not in uses],
+                   anchor_table, labels, linear=lin, held_by=scells)  # fmt: skip
+        if data_refs or any(v in uses for v in variants):
+            t.row(DATA_BLOCK, [""] * len(t.columns))
+            rows_block(t, res, cols, data_refs, ["base"], anchor_table, linear=lin)
+            rows_block(t, res, cols, _mergers(scells), [v for v in variants if v in uses],
+                       anchor_table, labels, linear=lin, held_by=scells)  # fmt: skip
     _notes(t, res, anchor_table)
     if relative:
         t.notes.append(
@@ -613,6 +629,21 @@ LINEAR_NOTE = (
 )
 
 
+DATA_BLOCK = "*uses data (each row says which); every row above is data-free*"
+
+
+def _refs_by_data(cells: Sequence[Cell]) -> tuple[list[str], list[str]]:
+    """The cells' reference rows: (data-free ones, data-using ones such as AdaMerging)."""
+    refs = _refs(cells)
+    using = [r for r in refs if registry().references[r].needs_data]
+    return [r for r in refs if r not in using], using
+
+
+def _uses_data(cells: Sequence[Cell]) -> dict[str, str]:
+    """variant slug -> the data it uses, for the cells' data-using variants."""
+    return {c.variant.slug: c.variant.uses_data for c in cells if c.variant.uses_data}
+
+
 def _has_linear(cells: Sequence[Cell]) -> bool:
     """The cells hold the linear ramp and at least one of LARV's rows compared with it."""
     have = {c.variant.slug for c in cells}
@@ -631,9 +662,60 @@ def suites_side_by_side(
     vs = [f"Δ vs linear, {c.label}" for c in lin or ()]
     side = Table(t.name, t.title, [c.label for c in cols] + vs)
     side.header()
-    rows_block(side, res, cols, _mergers(cells), _variants(cells, order), None, _labels(cells),
-               linear=lin)  # fmt: skip
+    variants, uses = _variants(cells, order), _uses_data(cells)
+    rows_block(side, res, cols, _mergers(cells), [v for v in variants if v not in uses], None,
+               _labels(cells), linear=lin, held_by=cells)  # fmt: skip
+    if any(v in uses for v in variants):
+        side.row(DATA_BLOCK, [""] * len(side.columns))
+        rows_block(side, res, cols, _mergers(cells), [v for v in variants if v in uses], None,
+                   _labels(cells), linear=lin, held_by=cells)  # fmt: skip
     t.lines += ["", "**Average per suite, side by side**", "", *side.lines]
+    table5_side_by_side(t, cells, res)
+
+
+#: the paper's Table 5 "Composite Score" row is its continuous gate (App. D.1); its anchors are
+#: stored under the pseudo variant ``larv-best``
+PAPER_TABLE5_SUITES = ("clip-vit-base-patch32_TA8", "clip-vit-base-patch16_TA8",
+                       "clip-vit-large-patch14_TA8")  # fmt: skip
+
+
+def table5_side_by_side(t: Table, cells: Sequence[Cell], res: Results) -> None:
+    """Append to ``t`` our continuous − linear, tiered − linear and max† − linear (average, paired
+    interval, per suite) beside the paper's Table 5 composite − linear (B/32, B/16, L/14)."""
+    suites = _suites(cells)
+    if not _has_linear(cells):
+        return
+    anc = anchors("table5")
+    ours = [(v, lab) for v, lab in ((CONTINUOUS.slug, "continuous"), (TIERED.slug, "tiered"),
+                                    (MAX, "max†")) if v == MAX or any(c.variant.slug == v for c in cells)]  # fmt: skip
+    heads = [f"{lab} − linear, {s.label}" for _, lab in ours for s in suites]
+    heads += [
+        f"paper composite − linear, {BACKBONES[p.split('_')[0]]}" for p in PAPER_TABLE5_SUITES
+    ]
+    side = Table(t.name, t.title, heads)
+    side.header("Merger")
+    for m in _mergers(cells):
+        row = []
+        for v, _ in ours:
+            for s in suites:
+                row.append(linear_cell(res, s.key, m, v, avg_col(s.key))[0])
+        for p in PAPER_TABLE5_SUITES:
+            a, b = (
+                anc.get((p, m, "larv-best", "average")),
+                anc.get((p, m, "sched-linear", "average")),
+            )
+            row.append(f"{a['value'] - b['value']:+.1f}" if a and b else "")
+        side.row(display_label(m), row)
+    t.lines += [
+        "",
+        "**LARV against the linear depth ramp, beside the paper's Table 5** (average Δ in pp, "
+        "ours with paired bootstrap 95% intervals on the same test images; the paper's "
+        '"Composite Score" row is its continuous gate, App. D.1, and carries no interval; '
+        "max† = the better of tiered and continuous per cell, chosen on test accuracy as the "
+        "paper's main tables do, so its interval ignores that choice)",
+        "",
+        *side.lines,
+    ]
 
 
 def _labels(cells: Sequence[Cell]) -> dict[str, str]:
@@ -897,6 +979,7 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
             written.append(layer_csv(cells, res, folder / "fig2.csv"))
         elif name == "bench":
             order = [v.slug for v in BENCH_VARIANTS]
+            order.insert(order.index(CONTINUOUS_MEDIAN.slug) + 1, MAX)
             title = EXPERIMENTS[name].title
             t = per_task_table("bench", title, cells, res, None, order, relative=True, linear=True)
             if len(_suites(cells)) > 1:

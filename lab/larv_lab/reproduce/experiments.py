@@ -188,6 +188,17 @@ class Variant:
     slug: str  # folder name; no dots or commas
     label: str
     larv: Mapping[str, Any] | None  # None: the base merger alone (FusionBench's own config)
+    mergers: tuple[str, ...] | None = None  # the mergers it runs for (None: every merger)
+    #: a method config other than ``larv_<merger>`` (e.g. ``lines``), run over the merger's own
+    #: FusionBench config as its ``base_method``
+    method: str | None = None
+    #: the grid (``larv/validation.yaml``) of a value chosen on the suite's validation split
+    chooses: str | None = None
+    #: what data the row uses (None: data-free); tables show such rows in a block of their own
+    uses_data: str | None = None
+
+    def applies_to(self, merger: str) -> bool:
+        return self.mergers is None or merger in self.mergers
 
     @property
     def short(self) -> str:
@@ -217,13 +228,14 @@ MAIN_VARIANTS = (BASE, TIERED, CONTINUOUS)
 ABLATION_ROWS = ((0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (1, 1, 1))
 
 
-def ablation(r: int, e: int, c: int, gate: str) -> Variant:
+def ablation(r: int, e: int, c: int, gate: str, mergers: tuple[str, ...] | None = None) -> Variant:
     if (r, e, c) == (1, 1, 1):
         return TIERED if gate == "tiered" else CONTINUOUS
     return Variant(
         f"larv-{gate}-r{r}e{e}c{c}",
         f"+LARV {gate} (r{'✓' if r else '–'} e{'✓' if e else '–'} c{'✓' if c else '–'})",
         {"gate": gate, "use_depth_prior": bool(r), "use_info": bool(e), "use_conflict": bool(c)},
+        mergers,
     )
 
 
@@ -271,14 +283,50 @@ FIG4_LEVELS = (0.5, 1.0, 1.5)
 FIG4_GRID = tuple(itertools.product(FIG4_LEVELS, repeat=3))
 
 
+#: the paper's Table 3 ablation under the tiered gate, without the full score (= tiered) and
+#: r alone (= the depth-only ``tier3`` schedule): does e or c carry any signal without depth?
+BENCH_ABLATION_ROWS = ((0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 1))
+BENCH_ABLATION_MERGERS = ("ties", "iso_c", "iso_cts", "tsvm")
+#: the abstract's reading (docs/method.md, "Per-task diagnostics"): each task vector its own
+#: per-layer scales, the base merger then runs on the rescaled task vectors
+PER_TASK = Variant(
+    "larv-tiered-per-task",
+    "+LARV tiered, per-task diagnostics (not the default)",
+    {"gate": "tiered", "diagnostics": "per_task", "placement": "task_vectors"},
+    ("ta", "ties", "iso_c", "tsvm"),
+)
+
+#: the data-using rows (a block of their own in the tables): faithful LiNeS with β chosen on the
+#: validation split, guarded LARV with δ chosen on it
+LINES_VAL = Variant(
+    "lines-val",
+    "+LiNeS, β chosen on validation",
+    {},
+    method="lines",
+    chooses="beta",
+    uses_data="labelled validation images",
+)
+GUARDED = Variant(
+    "larv-guarded",
+    "+LARV tiered, δ chosen on validation (guarded)",
+    {"gate": "tiered"},
+    chooses="delta",
+    uses_data="labelled validation images",
+)
+
 #: the benchmark's variants: alone, LARV's two gates, the continuous gate on median-normalized
-#: scores, the depth-only schedules linear, tier3 and the ``lines`` ramp (not LiNeS)
+#: scores, the depth-only schedules linear, tier3 and the ``lines`` ramp (not LiNeS), then the
+#: rows that run for some mergers only: the tiered ablation and the per-task diagnostics
 BENCH_VARIANTS = (
     BASE,
     TIERED,
     CONTINUOUS,
     CONTINUOUS_MEDIAN,
     *(schedule(s) for s in ("linear", "tier3", "lines")),
+    *(ablation(*row, "tiered", BENCH_ABLATION_MERGERS) for row in BENCH_ABLATION_ROWS),
+    PER_TASK,
+    LINES_VAL,
+    GUARDED,
 )
 
 
@@ -329,7 +377,25 @@ class Cell:
         merger = reg.mergers[self.merger]
         if self.variant.larv is None:
             return merger.base_config, dict(merger.base_values)
-        return merger.larv_config, dict(self.variant.larv)
+        values = dict(self.variant.larv)
+        if self.variant.chooses is not None:
+            values["validation"] = validation_node(self.suite, self.variant.chooses)
+        if self.variant.method is None:
+            return merger.larv_config, values
+        # another wrapper over the merger's own config; LiNeS replaces the global coefficient
+        base = dict(merger.base_values)
+        if "scaling_factor" in base:
+            base["scaling_factor"] = 1.0
+        return self.variant.method, {"base_method": base, **values}
+
+    def method_defaults(self) -> list[dict[str, str]]:
+        """Defaults-list entries beyond ``override /method``: a variant with its own method
+        config takes the merger's FusionBench config as its ``base_method``."""
+        if self.variant.method is None or self.merger in registry().references:
+            return []
+        return [
+            {"override /method@method.base_method": registry().mergers[self.merger].base_config}
+        ]
 
     def overrides(self) -> list[str]:
         """The same run as plain ``fusion_bench`` command-line overrides (for people), with
@@ -340,7 +406,32 @@ class Cell:
 
             doc = OmegaConf.create({"larv_suite": self.suite.larv_suite(), "v": values})
             values = OmegaConf.to_container(doc, resolve=True)["v"]
-        return [f"method={cfg}", *flat_overrides(values, "method.")]
+        extra = [f"{k.removeprefix('override /')}={v}" for d in self.method_defaults()
+                 for k, v in d.items()]  # fmt: skip
+        return [f"method={cfg}", *extra, *flat_overrides(values, "method.")]
+
+
+def validation_node(suite: Suite, grid: str) -> dict[str, Any]:
+    """``{taskpool, grid}`` for a value chosen on validation: the suite's own task pool config
+    (read from its YAML) on its held-out ``split: validation``, and the grid of
+    ``larv/validation.yaml``."""
+    from .registry import find_config
+
+    protocol = yaml.safe_load(find_config(Path("larv") / "validation.yaml").read_text())
+    if suite.pool.taskpool is None:
+        raise ValueError(f"suite {suite.key} names no task pool: no validation split to choose on")
+    taskpool = yaml.safe_load(
+        find_config(Path("taskpool") / f"{suite.pool.taskpool}.yaml").read_text()
+    )
+    if "split" not in taskpool:
+        raise ValueError(
+            f"task pool {suite.pool.taskpool} has no `split` option: no validation split to "
+            "choose on (the testbed task pools have one)"
+        )
+    taskpool.pop("defaults", None)
+    taskpool.update(suite.pool.values.get("taskpool", {}))  # e.g. the pool's cache_dir
+    taskpool.update(split="validation", val_size=int(protocol["val_size"]))
+    return {"taskpool": taskpool, "grid": list(protocol["grids"][grid])}
 
 
 def flat_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -389,7 +480,8 @@ class Experiment:
                 out.append(Cell(suite, ref, BASE))
             for merger in self.merger_list(include_mergers):
                 for variant in self.variants:
-                    out.append(Cell(suite, merger, variant))
+                    if variant.applies_to(merger):
+                        out.append(Cell(suite, merger, variant))
         return out
 
 
@@ -520,11 +612,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             "bench",
             "Benchmark: every merger alone, with LARV (tiered, continuous, continuous on w / median "
             "w) and with the depth-only schedules linear, tier3 and the `lines` ramp, on one model "
-            "pool / task pool pair",
+            "pool / task pool pair; the tiered ablation (TIES, Iso-C, Iso-CTS, TSV-M) and per-task "
+            "diagnostics (TA, TIES, Iso-C, TSV-M)",
             (BENCH,),
             DEFAULT,
             BENCH_VARIANTS,
-            references=("pretrained", "finetuned"),
+            references=("pretrained", "finetuned", "testbed_adamerging"),
             artefacts=(
                 "bench.md",
                 "bench.csv",
@@ -533,6 +626,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "bench_layers.csv",
             ),
             grid="{M} mergers × {base, tiered, continuous, continuous-median, linear, tier3, lines} "
+            "+ 4 mergers × 5 tiered ablation rows + 4 mergers × per-task diagnostics "
             "+ pretrained and fine-tuned references, on the pools of --pools (default testbed:full)",
             gpu_hours="testbed full on 2 CPU cores: ≈ 1 min per cell (WUDI's merge ≈ 40 min)",
             disk="the testbed build (python lab/scripts/build_testbed.py --recipe full)",

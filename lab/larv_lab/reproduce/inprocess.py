@@ -249,14 +249,12 @@ class InProcessLauncher:
 
     def merge(self, session: SuiteSession, cell: Cell, cfg, base_merge: Any = None) -> Any:
         """Instantiate and run the cell's method as FusionBench's program does."""
-        from fusion_bench_larv.algorithm import LARVAlgorithm
-
         if cfg.get("seed") is not None:
             import lightning as L
 
             L.seed_everything(cfg.seed)
         method = session.instantiate(cfg.method)
-        if isinstance(method, LARVAlgorithm) and method.report_dir is None:
+        if getattr(method, "report_dir", False) is None:  # LARV, LiNeS, testbed AdaMerging
             method.report_dir = str(cell.run_dir(self.out))  # the run's log dir, as in the CLI
         method.on_run_start()
         if base_merge is not None:
@@ -275,6 +273,7 @@ class InProcessLauncher:
             reuse = (
                 self._reuses(cell)
                 and cell.variant.larv is not None
+                and cell.variant.method is None  # LARV's own config (LiNeS runs its own merge)
                 and cfg.method.get("placement", "merged") == "merged"
             )
             base_merge = self._base_merge(session, cell) if reuse else None

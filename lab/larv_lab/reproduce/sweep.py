@@ -96,7 +96,7 @@ def cell_config(cell: Cell, out: Path) -> dict[str, Any]:
     own folder as the run's log dir and report path."""
     method, values = cell.method()
     run_dir = cell.run_dir(out).resolve()
-    cfg: dict[str, Any] = {"defaults": [{"override /method": method}]}
+    cfg: dict[str, Any] = {"defaults": [{"override /method": method}, *cell.method_defaults()]}
     if values:
         cfg["method"] = values
     cfg["path"] = {"log_dir": str(run_dir)}

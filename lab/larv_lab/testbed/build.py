@@ -381,6 +381,28 @@ def _split(
     data: SourceData, recipe: Recipe
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded train / test subsets: ``(train_images, train_labels, test_images, test_labels)``."""
+    train_x, train_y, test_x, test_y, train_idx, test_idx, _ = _split_indices(data, recipe)
+    return (
+        np.ascontiguousarray(train_x[train_idx]),
+        np.ascontiguousarray(train_y[train_idx]),
+        np.ascontiguousarray(test_x[test_idx]),
+        np.ascontiguousarray(test_y[test_idx]),
+    )
+
+
+def held_out_split(data: SourceData, recipe: Recipe, n_val: int) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled validation split held out from the task's training pool: up to ``n_val``
+    images of the pool that the build did not draw for training (nor for the head, which is
+    made from the training draw), in the build's own random order; never a test image. Empty
+    when the build trained on the whole pool (sklearn_digits in the regime recipes)."""
+    train_x, train_y, _, _, _, _, rest = _split_indices(data, recipe)
+    idx = rest[: max(0, int(n_val))]
+    return np.ascontiguousarray(train_x[idx]), np.ascontiguousarray(train_y[idx])
+
+
+def _split_indices(data: SourceData, recipe: Recipe):
+    """The split's arrays and indices: ``(train_x, train_y, test_x, test_y, train_idx,
+    test_idx, rest)``; ``rest`` = the training pool's images not drawn, in draw order."""
     rng = np.random.default_rng(_task_seed(recipe.seed, data.name, "split"))
     if data.test_images is not None:
         train_x, train_y = data.train_images, data.train_labels
@@ -396,14 +418,10 @@ def _split(
         test_pool, train_pool = np.sort(order[:n_test_pool]), np.sort(order[n_test_pool:])
     if data.train_exclude is not None:
         train_pool = np.setdiff1d(train_pool, data.train_exclude)
-    train_idx = rng.permutation(train_pool)[: recipe.n_train]
+    order = rng.permutation(train_pool)
+    train_idx, rest = order[: recipe.n_train], order[recipe.n_train :]
     test_idx = np.sort(rng.permutation(test_pool)[: recipe.n_test])
-    return (
-        np.ascontiguousarray(train_x[train_idx]),
-        np.ascontiguousarray(train_y[train_idx]),
-        np.ascontiguousarray(test_x[test_idx]),
-        np.ascontiguousarray(test_y[test_idx]),
-    )
+    return train_x, train_y, test_x, test_y, train_idx, test_idx, rest
 
 
 def _fit_linear(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int):

@@ -26,7 +26,7 @@ from fusion_bench_larv import per_sample as per_sample_mod
 from fusion_bench_larv.clip_taskpool import evaluation_tasks
 
 from .backbone import load_backbone
-from .build import Testbed, _split, build_testbed, load_testbed, preprocess
+from .build import Testbed, _split, build_testbed, held_out_split, load_testbed, preprocess
 from .sources import load_source, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,21 @@ def open_testbed(
         return build_testbed(recipe, cache_dir)
 
 
+def source_as_built(testbed: Testbed, task: str):
+    """The task's installed source, checked against the fingerprint the testbed was built from
+    (another file would give another split)."""
+    if task not in testbed.tasks:
+        raise ValueError(f"task {task!r} is not in testbed {testbed.root}")
+    meta = json.loads((testbed.root / "testbed.json").read_text())
+    built_with = meta.get("fingerprints", {}).get("sources", {}).get(task)
+    if built_with is not None and list(built_with) != source_fingerprint(task):
+        raise RuntimeError(
+            f"the installed source of {task!r} differs from the one testbed {testbed.root} "
+            "was built from: its training split cannot be re-derived"
+        )
+    return load_source(task)
+
+
 class TestbedTrainSet(Dataset):
     """A task's training images exactly as the testbed's build drew them (``build._split`` with
     the testbed's recipe: same seed, same images, same order), pre-processed as the task pool
@@ -62,16 +77,7 @@ class TestbedTrainSet(Dataset):
     __test__ = False
 
     def __init__(self, testbed: Testbed, task: str):
-        if task not in testbed.tasks:
-            raise ValueError(f"task {task!r} is not in testbed {testbed.root}")
-        meta = json.loads((testbed.root / "testbed.json").read_text())
-        built_with = meta.get("fingerprints", {}).get("sources", {}).get(task)
-        if built_with is not None and list(built_with) != source_fingerprint(task):
-            raise RuntimeError(
-                f"the installed source of {task!r} differs from the one testbed {testbed.root} "
-                "was built from: its training split cannot be re-derived"
-            )
-        train_x, train_y, _, _ = _split(load_source(task), testbed.recipe)
+        train_x, train_y, _, _ = _split(source_as_built(testbed, task), testbed.recipe)
         self.task = task
         self.images, self.labels = train_x, train_y
         self.resolution = testbed.resolution
@@ -141,12 +147,21 @@ class TestbedModelPool(BaseModelPool):
         model.save_pretrained(path)
 
 
+SPLITS = ("test", "validation")
+
+
 class TestbedTaskPool(BaseTaskPool):
     """Evaluates a backbone on every task's test set with that task's frozen linear head.
     Report format as FusionBench's CLIP task pool: ``{task: {accuracy, loss}, average: {...}}``.
     Each evaluation's per-sample correctness (one bool per test image, test-set order) is kept
     in ``per_sample_evaluations`` and, under FusionBench's program, written to
-    ``per_sample.json`` beside the program's report (:mod:`fusion_bench_larv.per_sample`)."""
+    ``per_sample.json`` beside the program's report (:mod:`fusion_bench_larv.per_sample`).
+
+    ``split: validation`` evaluates on a labelled split held out from each task's training pool
+    instead (:func:`~.build.held_out_split`, ``val_size`` images per task; never a test image),
+    for methods that choose a hyperparameter on validation data. A task whose pool has no
+    held-out image is left out of that report (and named in its ``average``); nothing is
+    written to ``per_sample.json``."""
 
     __test__ = False
 
@@ -159,13 +174,35 @@ class TestbedTaskPool(BaseTaskPool):
         batch_size: int | None = None,
         device: str | None = None,
         build_if_missing: bool = False,
+        split: str = "test",
+        val_size: int = 200,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1:
+            raise ValueError(f"val_size must be a positive integer, not {val_size!r}")
         self.testbed = open_testbed(recipe, cache_dir, testbed_dir, build_if_missing)
         self.tasks = list(tasks) if tasks is not None else list(self.testbed.tasks)
         self.batch_size = batch_size or self.testbed.recipe.eval_batch_size
         self.device = device
+        self.split, self.val_size = split, val_size
+        self._held_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def examples(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's pre-processed images and labels of this pool's split."""
+        if self.split == "test":
+            return self.testbed.pixel_values(task)
+        if task not in self._held_out:
+            images, labels = held_out_split(
+                source_as_built(self.testbed, task), self.testbed.recipe, self.val_size
+            )
+            self._held_out[task] = (
+                preprocess(images, self.testbed.resolution),
+                torch.from_numpy(labels).long(),
+            )
+        return self._held_out[task]
 
     def _device(self) -> torch.device:
         if self.device is not None:
@@ -179,9 +216,14 @@ class TestbedTaskPool(BaseTaskPool):
         report: dict[str, Any] = {}
         per_sample: dict[str, Any] = {}
         tasks = evaluation_tasks(model, self.tasks)
+        if self.split == "validation":
+            without = [t for t in tasks if len(self.examples(t)[1]) == 0]
+            tasks = [t for t in tasks if t not in without]
+            if not tasks:
+                raise ValueError("no task of this testbed has held-out validation images")
         for task in tasks:
             clf = self.testbed.classifier(task, backbone=model).to(device)
-            x, y = self.testbed.pixel_values(task)
+            x, y = self.examples(task)
             hits, loss_sum = [], 0.0
             for start in range(0, len(y), self.batch_size):
                 xb = x[start : start + self.batch_size].to(device)
@@ -197,5 +239,9 @@ class TestbedTaskPool(BaseTaskPool):
             "loss": sum(report[t]["loss"] for t in tasks) / len(tasks),
         }
         model.to("cpu")
-        per_sample_mod.record(self, per_sample)
+        if self.split == "validation":
+            report["average"]["split"] = f"validation ({self.val_size} per task at most)"
+            report["average"]["tasks_without_held_out_images"] = without
+        else:
+            per_sample_mod.record(self, per_sample)
         return report

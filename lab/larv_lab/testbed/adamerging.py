@@ -1,0 +1,119 @@
+"""Layer-wise AdaMerging (Yang et al., ICLR 2024) on the testbed, through FusionBench's own
+:class:`~fusion_bench.method.adamerging.layer_wise_adamerging.LayerWiseAdaMergingAlgorithm`.
+
+Only what the testbed needs is subclassed, as FusionBench's CLIP subclass does: the task's frozen
+head plays CLIP's zero-shot head (:meth:`compute_logits`), and the test images are read without
+their labels (:meth:`get_shuffled_test_loader_iter`, as FusionBench reads the CLIP test sets).
+Everything else, the per-parameter merge weights λ (one per fine-tuned model and parameter
+tensor, initialised to ``init_values``: Task Arithmetic's task vectors at that coefficient), the
+entropy loss summed over the tasks, Adam, the step loop and ``merge_and_unload``, is
+FusionBench's. Uses unlabelled test inputs: not data-free.
+
+Written beside the run's report (the program's log dir): ``merging_weights.pt`` (FusionBench's
+``save_merging_weights``: λ, shape ``(tasks, parameters)``) and ``adamerging_curve.json`` (the
+entropy loss per step, summed over the tasks; seconds; steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from fusion_bench.method.adamerging.entropy_loss import entropy_loss
+from fusion_bench.method.adamerging.layer_wise_adamerging import LayerWiseAdaMergingAlgorithm
+from omegaconf import DictConfig
+
+from fusion_bench_larv.per_sample import program_report_dir
+
+from .build import pool_features
+from .pools import open_testbed
+
+__all__ = ["TestbedLayerWiseAdaMerging"]
+
+CURVE = "adamerging_curve.json"
+
+
+class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
+    """FusionBench's layer-wise AdaMerging with the testbed's heads and unlabelled test images.
+
+    Config keys: FusionBench's ``adamerging/clip`` keys (``init_values``, ``lr``, ``max_steps``,
+    ``batch_size``, ``clamp_weights``, ``tie_weights``, ``strict``, ``optimizer``, ``weights``,
+    ``save_merging_weights``), plus the testbed's ``recipe`` / ``cache_dir`` / ``testbed_dir``
+    and ``seed`` (the shuffling of the test images)."""
+
+    def __init__(self, **config: Any):
+        super().__init__(DictConfig(config))
+        self.testbed = open_testbed(
+            config.get("recipe", "quick"), config.get("cache_dir"), config.get("testbed_dir")
+        )
+        #: where the curve and λ go; default the program's report folder (set by launchers)
+        self.report_dir: str | None = None
+        self._iters: dict[str, Iterator] = {}
+        self._heads: dict[str, torch.nn.Module] = {}
+        self._step_losses: list[float] = []
+        self.curve: list[float] = []
+
+    def on_test_time_adaptation_start(self):
+        self._started = time.perf_counter()
+        for task in self.modelpool.model_names:
+            self._heads[task] = self.testbed.head(task).to(self.fabric.device)
+
+    def get_shuffled_test_loader_iter(self, task: str) -> Iterator:
+        if task not in self._iters:
+            self._iters[task] = self._shuffled(task)
+        return self._iters[task]
+
+    def _shuffled(self, task: str) -> Iterator[tuple[torch.Tensor]]:
+        """Endless batches ``(images,)`` of the task's test images, reshuffled every pass
+        (seeded); the labels are never read."""
+        images, _ = self.testbed.pixel_values(task)
+        g = torch.Generator().manual_seed(int(self.config.get("seed", 0)))
+        size = int(self.config.batch_size)
+        while True:
+            order = torch.randperm(len(images), generator=g)
+            for start in range(0, len(order) - size + 1, size):
+                yield (images[order[start : start + size]].to(self.fabric.device),)
+
+    def compute_logits(self, module, images: torch.Tensor, task: str) -> torch.Tensor:
+        hidden = module(pixel_values=images).last_hidden_state
+        logits = self._heads[task](pool_features(hidden, self.testbed.pooling))
+        # the loss the base loop takes from these logits, kept for the curve
+        self._step_losses.append(float(entropy_loss(logits.detach())))
+        if len(self._step_losses) == len(self.modelpool.model_names):
+            self.curve.append(sum(self._step_losses))
+            self._step_losses = []
+        return logits
+
+    def test_time_adaptation(self, module):
+        module = super().test_time_adaptation(module)
+        self._write_curve(time.perf_counter() - self._started)
+        return module
+
+    def _out_dir(self) -> str | None:
+        """Where the run's report goes (the cell's folder under the reproduction harness)."""
+        if self.report_dir is not None:
+            return str(self.report_dir)
+        folder = program_report_dir(getattr(self, "_program", None))
+        return None if folder is None else str(folder)
+
+    def save_merging_weights(self, file_path: str, merging_weights: torch.Tensor):
+        """FusionBench's λ file, beside the run's report rather than in the logger's folder."""
+        out = self._out_dir()
+        if out is not None and not os.path.isabs(file_path):
+            file_path = os.path.join(out, file_path)
+        os.makedirs(os.path.dirname(os.path.abspath(file_path)), exist_ok=True)
+        torch.save(merging_weights.detach().cpu(), file_path)
+
+    def _write_curve(self, seconds: float) -> None:
+        log_dir = self._out_dir()
+        record = {"steps": len(self.curve), "seconds": seconds,
+                  "loss": "entropy, summed over the tasks, per step", "curve": self.curve}  # fmt: skip
+        self.last_curve = record
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, CURVE), "w") as f:
+                json.dump(record, f, indent=1)
