@@ -985,6 +985,14 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
             if len(_suites(cells)) > 1:
                 suites_side_by_side(t, cells, res, order)
             written += regime_cards(t, cells, res, folder)
+            p, curves = plots.adamerging_curves(cells, out, folder / "adamerging_curve.png")
+            written += [p] if p else []
+            for label, steps, seconds in curves:
+                t.notes.append(
+                    f"Layer-wise AdaMerging ({label}): {steps} steps of FusionBench's loop "
+                    f"(its default is 1000; fewer to fit the 2-core CPU), {seconds:.0f} s of "
+                    "test-time adaptation; loss curve in `adamerging_curve.png`."
+                )
             written += t.write(folder)
             p = plots.forest(cells, res, folder / "forest_bench.png", order)
             written += [p] if p else []

@@ -320,3 +320,25 @@ def _forest_panel(ax, plt, suites, rows, shown, res, against: str) -> bool:
             ax.plot(hx, hy, marker, markerfacecolor="none", color=color,
                     label=None if xs else s.label)  # fmt: skip
     return hollow
+
+
+def adamerging_curves(cells: Sequence[Cell], out: Path, path: Path) -> tuple[Path | None, list]:
+    """Layer-wise AdaMerging's entropy loss per step (``adamerging_curve.json`` of each suite's
+    ``testbed_adamerging`` cell), one line per suite; also returns each curve's record
+    ``(suite label, steps, seconds)`` for the table's notes."""
+    import json
+
+    runs = [(c, c.run_dir(out) / "adamerging_curve.json") for c in cells
+            if c.merger == "testbed_adamerging"]  # fmt: skip
+    runs = [(c, json.loads(p.read_text())) for c, p in runs if p.is_file()]
+    if not runs:
+        return None, []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
+    for c, rec in runs:
+        ax.plot(range(1, len(rec["curve"]) + 1), rec["curve"], label=c.suite.label)
+    ax.set_xlabel("step (one batch of each task's unlabelled test images)")
+    ax.set_ylabel("entropy, summed over the tasks")
+    ax.set_title("Layer-wise AdaMerging (FusionBench's loop) on the testbed", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path), [(c.suite.label, rec["steps"], rec["seconds"]) for c, rec in runs]
