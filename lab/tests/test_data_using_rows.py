@@ -82,3 +82,22 @@ def test_cli_adamerging_on_the_testbed(ci_testbed, tmp_path):
     weights = torch.load(log_dir / "merging_weights.pt")
     assert weights.shape[0] == len(ci_testbed.tasks)
     assert not torch.allclose(weights, torch.full_like(weights, 0.3))  # the steps moved λ
+
+
+def test_validation_node_is_one_override_the_cli_reads():
+    """A data-using cell's human command gives `validation` whole (it is null in the method
+    configs, so dotted keys below it would not compose), in Hydra's grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from larv_lab.reproduce.experiments import flat_overrides, hydra_value
+
+    node = {"taskpool": {"_target_": "a.B", "cache_dir": "/x y/'q'", "tasks": None,
+                         "build_if_missing": False}, "grid": [0.0, 0.5]}  # fmt: skip
+    assert hydra_value([1, "a"]) == '[1,"a"]'
+    (ov,) = flat_overrides({"validation": node, "gate": "tiered"}, "method.")[:1]
+    assert ov.startswith("method.validation={")
+    parsed = OverridesParser.create().parse_overrides([ov])[0]
+    assert parsed.value() == node
+    assert flat_overrides({"base_method": {"scaling_factor": 1.0}}, "method.") == [
+        "method.base_method.scaling_factor=1.0"
+    ]

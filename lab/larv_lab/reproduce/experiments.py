@@ -434,11 +434,34 @@ def validation_node(suite: Suite, grid: str) -> dict[str, Any]:
     return {"taskpool": taskpool, "grid": list(protocol["grids"][grid])}
 
 
+#: config nodes that are null in the method configs, so an override gives them whole
+WHOLE_NODES = ("validation",)
+
+
+def hydra_value(v: Any) -> str:
+    """A value in Hydra's override grammar: dicts ``{k:v}``, lists ``[…]``, null, true/false,
+    strings quoted."""
+    if isinstance(v, Mapping):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
 def flat_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``["a.b=1", "c=[1, 2]"]`` (Hydra override syntax)."""
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``["a.b=1", "c=[1, 2]"]`` (Hydra override syntax); a
+    node of :data:`WHOLE_NODES` is given whole (``validation={taskpool:{…},grid:[…]}``)."""
     out = []
     for k, v in values.items():
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and k in WHOLE_NODES:
+            out.append(f"{prefix}{k}={hydra_value(v)}")
+        elif isinstance(v, Mapping):
             out += flat_overrides(v, f"{prefix}{k}.")
         else:
             # lists as JSON, None as YAML's null (Hydra reads a bare None as the string "None")
