@@ -42,6 +42,8 @@ from .experiments import (
     CONTINUOUS_MEDIAN,
     EXPERIMENTS,
     FIG4_GRID,
+    GUARDED,
+    LINES_VAL,
     SCHEDULE_LABELS,
     SCHEDULES,
     TABLE6_ROWS,
@@ -185,17 +187,19 @@ class Results:
         merger: str,
         variant: str,
         tasks: Sequence[str] | None = None,
-        against: str = "base",
+        against: str | tuple[str, str] = "base",
     ) -> iv.Interval | None:
-        """Δ (variant − the merger's ``against`` cell: its base cell, or e.g. :data:`LINEAR`)
+        """Δ (variant − the merger's ``against`` cell: its base cell, or e.g. :data:`LINEAR`;
+        a ``(merger, variant)`` pair names another merger's cell, e.g. AdaMerging's)
         and its 95% interval, in percentage points, over ``tasks``
         (:func:`fusion_bench_larv.compare.compare`, as ``larv-compare``: one task, its
         :func:`.intervals.paired_bootstrap`; several, the average's
         :func:`.intervals.average_bootstrap`; None: every task of the variant's run). None when
         a cell or a task's per-sample correctness is missing or the two do not pair (other test
         images): never an interval from anything else."""
-        run, base = self.get(suite, merger, variant), self.get(suite, merger, against)
-        if run is None or base is None or variant == against:
+        other = against if isinstance(against, tuple) else (merger, against)
+        run, base = self.get(suite, merger, variant), self.get(suite, *other)
+        if run is None or base is None or (merger, variant) == other:
             return None
         tasks = tuple(tasks) if tasks is not None else tuple(run.acc)
         key = (suite, merger, run.cell.variant.slug, tasks, against)
@@ -671,6 +675,49 @@ def suites_side_by_side(
                    _labels(cells), linear=lin, held_by=cells)  # fmt: skip
     t.lines += ["", "**Average per suite, side by side**", "", *side.lines]
     table5_side_by_side(t, cells, res)
+    versus_layerwise(t, cells, res)
+
+
+def versus_layerwise(t: Table, cells: Sequence[Cell], res: Results) -> None:
+    """Append to ``t`` LARV tiered (data-free) against the layer-wise methods, per merger and
+    suite: the linear depth ramp (data-free), faithful LiNeS with β chosen on validation images,
+    and layer-wise AdaMerging (unlabelled test inputs); then guarded LARV against LiNeS (both
+    choose one value on the same validation images). Average Δ with its paired interval."""
+    have = {(c.merger, c.variant.slug) for c in cells}
+    suites = _suites(cells)
+    ada = ("testbed_adamerging", "base")
+    pairs = [(TIERED.slug, LINEAR, "tiered − linear ramp"),
+             (TIERED.slug, LINES_VAL.slug, "tiered − LiNeS (β on val.)"),
+             (TIERED.slug, ada, "tiered − AdaMerging"),
+             (GUARDED.slug, LINES_VAL.slug, "guarded − LiNeS")]  # fmt: skip
+    slugs = {v for _, v in have}
+
+    def present(against) -> bool:
+        return against in have if isinstance(against, tuple) else against in slugs
+
+    pairs = [p for p in pairs if present(p[1])]
+    if not any(p[1] != LINEAR for p in pairs):
+        return
+    heads = [f"{lab}, {s.label}" for _, _, lab in pairs for s in suites]
+    side = Table(t.name, t.title, heads)
+    side.header("Merger")
+    for m in _mergers(cells):
+        row = []
+        for v, against, _ in pairs:
+            for s in suites:
+                ci = res.interval(s.key, m, v, None, against)
+                row.append("—" if ci is None else
+                           delta_text(ci.delta, ci) + ("*" if ci.significant else ""))  # fmt: skip
+        side.row(display_label(m), row)
+    t.lines += [
+        "",
+        "**LARV against the layer-wise methods** (average Δ in pp, paired bootstrap 95% "
+        "intervals on the same test images, * = excludes 0; LiNeS and guarded LARV choose one "
+        "value on labelled validation images held out from training; AdaMerging, one model over "
+        "Task Arithmetic's task vectors, adapts on the unlabelled test images)",
+        "",
+        *side.lines,
+    ]
 
 
 #: the paper's Table 5 "Composite Score" row is its continuous gate (App. D.1); its anchors are
