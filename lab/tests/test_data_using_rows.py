@@ -5,14 +5,10 @@ layer-wise AdaMerging with the testbed's heads."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-
-from larv_lab.tiny_clip import run_fusion_bench
 
 
 @pytest.mark.slow
@@ -38,48 +34,80 @@ def test_held_out_split_is_disjoint_from_training_and_test(ci_testbed):
     assert not getattr(pool, "per_sample_evaluations", None)  # nothing recorded per sample
 
 
-def _env():
-    import os
+def _cell_method(cell, out):
+    """The cell's method node as the launchers compose it (``+cell=<name>``), resolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    from larv_lab.reproduce import sweep
+
+    sweep_dir = sweep.write_sweep(cell.suite, [cell], out)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(sweep_dir), version_base=None):
+            cfg = compose(sweep.PRIMARY, overrides=[f"+cell={cell.name}"])
+            return OmegaConf.to_container(cfg.method, resolve=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 @pytest.mark.slow
 def test_lines_val_and_guarded_cells_choose_on_validation(ci_testbed, ci_testbed_cache, tmp_path):
-    """The harness's two data-using variants over TA on the testbed: each cell's report holds
-    the grid, a score per value and the chosen value, and the chosen value is the best score."""
-    out = tmp_path / "out"
-    args = ["bench", "--merger", "ta", "--variant", "lines-val", "guarded",
-            "--pools", f"testbed:ci:{ci_testbed_cache}", "--out", str(out),
-            "--launcher", "inprocess", "--no-collate", "--quiet"]  # fmt: skip
-    rc = subprocess.run([sys.executable, "-m", "larv_lab.reproduce", *args], env=_env(),
-                        capture_output=True, text=True)  # fmt: skip
-    assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
-    runs = next((out / "runs").iterdir()) / "ta"
-    for variant, report, key in (("lines-val", "lines_layers.json", "beta"),
-                                 ("larv-guarded", "larv_layers.json", "delta")):  # fmt: skip
-        rep = json.loads((runs / variant / report).read_text())
-        v = rep["validation"]
-        assert v["parameter"] == key and len(v["scores"]) == len(v["grid"]) > 1
-        assert v[key] == v["grid"][int(np.argmax(v["scores"]))]
+    """The harness's two data-using cells over TA on the testbed, composed as the launchers
+    compose them and run in process (two-value grids, to keep the test short): each report
+    holds the grid, a score per value and the chosen value, the best score's."""
+    from hydra.utils import instantiate
+
+    from larv_lab.reproduce import experiments as X
+    from larv_lab.testbed.pools import TestbedModelPool
+
+    pool_spec = X.parse_pool(f"testbed:ci:{ci_testbed_cache}")
+    cells = X.map_pools([X.Cell(X.BENCH, "ta", X.LINES_VAL), X.Cell(X.BENCH, "ta", X.GUARDED)],
+                        pool_spec)  # fmt: skip
+    for cell, key in zip(cells, ("beta", "delta"), strict=True):
+        method = _cell_method(cell, tmp_path / key)
+        v = method["validation"]
         assert v["taskpool"]["split"] == "validation"
-        assert (runs / variant / "per_sample.json").is_file()  # the test evaluation, as usual
+        assert v["taskpool"]["cache_dir"] == str(ci_testbed_cache.resolve())  # the suite's pool
+        assert v["grid"][0] == 0.0 and len(v["grid"]) > 2  # larv/validation.yaml's grid
+        if key == "beta":
+            assert method["_target_"].endswith("LiNeSAlgorithm")
+            assert method["base_method"]["_target_"].endswith("TaskArithmeticAlgorithm")
+            assert method["base_method"]["scaling_factor"] == 1.0  # LiNeS replaces it
+        v["grid"] = [0.0, 1.0] if key == "beta" else [0.0, 0.5]
+        v["taskpool"]["val_size"] = 8
+        alg = instantiate(method, _recursive_=False)
+        alg.report_dir = str(tmp_path / key)
+        alg.run(TestbedModelPool(testbed_dir=str(ci_testbed.root)))
+        rep = alg.last_report["validation"]
+        assert rep["parameter"] == key and len(rep["scores"]) == 2
+        assert rep[key] == rep["grid"][int(np.argmax(rep["scores"]))]
 
 
 @pytest.mark.slow
-def test_cli_adamerging_on_the_testbed(ci_testbed, tmp_path):
+def test_adamerging_on_the_testbed(ci_testbed, tmp_path):
+    """The lab's method config (its interpolations read the task pool's testbed) instantiated
+    and run for three steps: λ moves, and the curve and λ are written."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from larv_lab import config_dir
+    from larv_lab.testbed.pools import TestbedModelPool, TestbedTaskPool
+
     root = str(ci_testbed.root)
-    log_dir = tmp_path / "logs"
-    report = run_fusion_bench(
-        ["method=LarvTestbed/adamerging", "method.max_steps=3", "method.batch_size=4",
-         "modelpool=LarvTestbed/ci", "taskpool=LarvTestbed/ci",
-         f"modelpool.testbed_dir={root}", f"taskpool.testbed_dir={root}"],
-        cwd=tmp_path, log_dir=log_dir,
-    )  # fmt: skip
+    method = OmegaConf.load(config_dir() / "method" / "LarvTestbed" / "adamerging.yaml")
+    doc = OmegaConf.create({"taskpool": {"recipe": "ci", "cache_dir": None, "testbed_dir": root},
+                            "method": method})  # fmt: skip
+    doc.method.max_steps, doc.method.batch_size = 3, 4
+    alg = instantiate(doc.method, _recursive_=False)
+    alg.report_dir = str(tmp_path)
+    merged = alg.run(TestbedModelPool(testbed_dir=root))
+    report = TestbedTaskPool(testbed_dir=root).evaluate(merged)
     assert all(0.0 <= report[t]["accuracy"] <= 1.0 for t in ci_testbed.tasks)
-    curve = json.loads((log_dir / "adamerging_curve.json").read_text())
+    curve = json.loads((tmp_path / "adamerging_curve.json").read_text())
     assert curve["steps"] == 3 and len(curve["curve"]) == 3
-    weights = torch.load(log_dir / "merging_weights.pt")
+    weights = torch.load(tmp_path / "merging_weights.pt")
     assert weights.shape[0] == len(ci_testbed.tasks)
     assert not torch.allclose(weights, torch.full_like(weights, 0.3))  # the steps moved λ
 

@@ -57,6 +57,13 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         self._step_losses: list[float] = []
         self.curve: list[float] = []
 
+    def log_hyperparams(self, *args, **kwargs):
+        """FusionBench's, when the fabric has a logger (the in-process launcher shares one
+        fabric without loggers between cells)."""
+        if self.fabric is not None and self.fabric.loggers:
+            return super().log_hyperparams(*args, **kwargs)
+        return None
+
     def on_test_time_adaptation_start(self):
         self._started = time.perf_counter()
         for task in self.modelpool.model_names:
