@@ -605,13 +605,16 @@ def per_task_table(
         rows_block(t, res, cols, refs, ["base"], anchor_table, linear=lin)
         variants = _variants(scells, order)
         uses = _uses_data(scells)
-        rows_block(t, res, cols, _mergers(scells), [v for v in variants if v not in uses],
+        free, data_mergers = _mergers_by_data(scells)
+        rows_block(t, res, cols, free, [v for v in variants if v not in uses],
                    anchor_table, labels, linear=lin, held_by=scells)  # fmt: skip
-        if data_refs or any(v in uses for v in variants):
+        if data_refs or data_mergers or any(v in uses for v in variants):
             t.row(DATA_BLOCK, [""] * len(t.columns))
             rows_block(t, res, cols, data_refs, ["base"], anchor_table, linear=lin)
-            rows_block(t, res, cols, _mergers(scells), [v for v in variants if v in uses],
+            rows_block(t, res, cols, free, [v for v in variants if v in uses],
                        anchor_table, labels, linear=lin, held_by=scells)  # fmt: skip
+            rows_block(t, res, cols, data_mergers, variants, anchor_table, labels, linear=lin,
+                       held_by=scells)  # fmt: skip
     _notes(t, res, anchor_table)
     if relative:
         t.notes.append(
@@ -633,7 +636,18 @@ LINEAR_NOTE = (
 )
 
 
-DATA_BLOCK = "*uses data (each row says which); every row above is data-free*"
+DATA_BLOCK = (
+    "*uses data: LiNeS and guarded LARV choose one value on labelled validation images, "
+    "AdaMerging adapts on unlabelled test images, LOT reads training exemplars; every row above "
+    "is data-free*"
+)
+
+
+def _mergers_by_data(cells: Sequence[Cell]) -> tuple[list[str], list[str]]:
+    """The cells' mergers: (data-free ones, those that read data themselves, such as LOT)."""
+    mergers = _mergers(cells)
+    using = [m for m in mergers if not registry().mergers[m].data_free]
+    return [m for m in mergers if m not in using], using
 
 
 def _refs_by_data(cells: Sequence[Cell]) -> tuple[list[str], list[str]]:
@@ -667,12 +681,15 @@ def suites_side_by_side(
     side = Table(t.name, t.title, [c.label for c in cols] + vs)
     side.header()
     variants, uses = _variants(cells, order), _uses_data(cells)
-    rows_block(side, res, cols, _mergers(cells), [v for v in variants if v not in uses], None,
+    free, data_mergers = _mergers_by_data(cells)
+    rows_block(side, res, cols, free, [v for v in variants if v not in uses], None,
                _labels(cells), linear=lin, held_by=cells)  # fmt: skip
-    if any(v in uses for v in variants):
+    if data_mergers or any(v in uses for v in variants):
         side.row(DATA_BLOCK, [""] * len(side.columns))
-        rows_block(side, res, cols, _mergers(cells), [v for v in variants if v in uses], None,
+        rows_block(side, res, cols, free, [v for v in variants if v in uses], None,
                    _labels(cells), linear=lin, held_by=cells)  # fmt: skip
+        rows_block(side, res, cols, data_mergers, variants, None, _labels(cells), linear=lin,
+                   held_by=cells)  # fmt: skip
     t.lines += ["", "**Average per suite, side by side**", "", *side.lines]
     table5_side_by_side(t, cells, res)
     versus_layerwise(t, cells, res)
