@@ -388,7 +388,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``larv-compare``: print the comparison; 0 on success, 2 when the runs cannot be
-    compared (the reason on stderr)."""
+    compared (the reason on stderr), 1 when the output's reader left early."""
     args = _parser().parse_args(argv)
     try:
         cmp = compare_runs(
@@ -403,9 +403,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"larv-compare: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(to_dict(cmp, args.run_a, args.run_b), indent=2, ensure_ascii=False))
+        text = json.dumps(to_dict(cmp, args.run_a, args.run_b), indent=2, ensure_ascii=False)
     else:
-        print(format_text(cmp, args.run_a, args.run_b))
+        text = format_text(cmp, args.run_a, args.run_b)
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader left early (`larv-compare a b | head -1`): no traceback, and none at exit
+        # either (Python docs, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -235,3 +235,18 @@ def test_the_plugin_module_does_not_import_the_lab():
     code = "import sys, fusion_bench_larv.compare; print('larv_lab' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_cli_into_a_closed_pipe_prints_no_traceback(tmp_path):
+    """`larv-compare a b | head -1`: the reader gone before the output is written is exit 1 and
+    nothing on stderr, not a BrokenPipeError traceback."""
+    base = _base()
+    a, b = _run(tmp_path / "a", base), _run(tmp_path / "b", _ten_more(base))
+    read, write = os.pipe()
+    os.close(read)  # no reader at all
+    rc = subprocess.run(
+        [sys.executable, "-m", "fusion_bench_larv.compare", str(a), str(b), "--resamples", "200"],
+        stdout=write, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    os.close(write)
+    assert rc.returncode == 1 and "Traceback" not in rc.stderr, rc.stderr
