@@ -603,18 +603,8 @@ def per_task_table(
             paper_only_rows(t, cols, anchor_table, ["finetuned", "adamerging"])
         refs, data_refs = _refs_by_data(scells)
         rows_block(t, res, cols, refs, ["base"], anchor_table, linear=lin)
-        variants = _variants(scells, order)
-        uses = _uses_data(scells)
-        free, data_mergers = _mergers_by_data(scells)
-        rows_block(t, res, cols, free, [v for v in variants if v not in uses],
-                   anchor_table, labels, linear=lin, held_by=scells)  # fmt: skip
-        if data_refs or data_mergers or any(v in uses for v in variants):
-            t.row(DATA_BLOCK, [""] * len(t.columns))
-            rows_block(t, res, cols, data_refs, ["base"], anchor_table, linear=lin)
-            rows_block(t, res, cols, free, [v for v in variants if v in uses],
-                       anchor_table, labels, linear=lin, held_by=scells)  # fmt: skip
-            rows_block(t, res, cols, data_mergers, variants, anchor_table, labels, linear=lin,
-                       held_by=scells)  # fmt: skip
+        merger_blocks(t, res, cols, scells, _variants(scells, order), anchor_table, labels, lin,
+                      data_refs)  # fmt: skip
     _notes(t, res, anchor_table)
     if relative:
         t.notes.append(
@@ -641,6 +631,34 @@ DATA_BLOCK = (
     "AdaMerging adapts on unlabelled test images, LOT reads training exemplars; every row above "
     "is data-free*"
 )
+
+
+def merger_blocks(
+    t: Table,
+    res: Results,
+    cols: Sequence[Col],
+    cells: Sequence[Cell],
+    variants: Sequence[str],
+    anchor_table: str | None,
+    labels: Mapping[str, str] | None,
+    linear: Sequence[Col] | None,
+    data_refs: Sequence[str] = (),
+) -> None:
+    """The mergers' rows (:func:`rows_block`) in two blocks: the data-free rows, then, under
+    :data:`DATA_BLOCK`, the data-using reference rows ``data_refs``, the data-using variants of
+    the data-free mergers and every row of the mergers that read data themselves."""
+    uses = _uses_data(cells)
+    free, data_mergers = _mergers_by_data(cells)
+    rows_block(t, res, cols, free, [v for v in variants if v not in uses], anchor_table, labels,
+               linear=linear, held_by=cells)  # fmt: skip
+    if not (data_refs or data_mergers or any(v in uses for v in variants)):
+        return
+    t.row(DATA_BLOCK, [""] * len(t.columns))
+    rows_block(t, res, cols, data_refs, ["base"], anchor_table, linear=linear)
+    rows_block(t, res, cols, free, [v for v in variants if v in uses], anchor_table, labels,
+               linear=linear, held_by=cells)  # fmt: skip
+    rows_block(t, res, cols, data_mergers, variants, anchor_table, labels, linear=linear,
+               held_by=cells)  # fmt: skip
 
 
 def _mergers_by_data(cells: Sequence[Cell]) -> tuple[list[str], list[str]]:
@@ -680,16 +698,7 @@ def suites_side_by_side(
     vs = [f"Δ vs linear, {c.label}" for c in lin or ()]
     side = Table(t.name, t.title, [c.label for c in cols] + vs)
     side.header()
-    variants, uses = _variants(cells, order), _uses_data(cells)
-    free, data_mergers = _mergers_by_data(cells)
-    rows_block(side, res, cols, free, [v for v in variants if v not in uses], None,
-               _labels(cells), linear=lin, held_by=cells)  # fmt: skip
-    if data_mergers or any(v in uses for v in variants):
-        side.row(DATA_BLOCK, [""] * len(side.columns))
-        rows_block(side, res, cols, free, [v for v in variants if v in uses], None,
-                   _labels(cells), linear=lin, held_by=cells)  # fmt: skip
-        rows_block(side, res, cols, data_mergers, variants, None, _labels(cells), linear=lin,
-                   held_by=cells)  # fmt: skip
+    merger_blocks(side, res, cols, cells, _variants(cells, order), None, _labels(cells), lin)
     t.lines += ["", "**Average per suite, side by side**", "", *side.lines]
     table5_side_by_side(t, cells, res)
     versus_layerwise(t, cells, res)
