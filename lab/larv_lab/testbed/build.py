@@ -70,7 +70,7 @@ from .backbone import (
     find_onnx_model,
     load_backbone,
 )
-from .sources import SourceData, cache_root, file_sha256, load_source, source_fingerprint
+from .sources import SourceData, TextSourceData, cache_root, file_sha256, load_source, source_fingerprint
 
 __all__ = [
     "BUILD_VERSION",
@@ -400,18 +400,18 @@ def held_out_split(data: SourceData, recipe: Recipe, n_val: int) -> tuple[np.nda
     return np.ascontiguousarray(train_x[idx]), np.ascontiguousarray(train_y[idx])
 
 
-def _split_indices(data: SourceData, recipe: Recipe):
+def _split_indices(data: SourceData | TextSourceData, recipe):
     """The split's arrays and indices: ``(train_x, train_y, test_x, test_y, train_idx,
     test_idx, rest)``; ``rest`` = the training pool's images not drawn, in draw order."""
     rng = np.random.default_rng(_task_seed(recipe.seed, data.name, "split"))
-    if data.test_images is not None:
-        train_x, train_y = data.train_images, data.train_labels
-        test_x, test_y = data.test_images, data.test_labels
+    if data.test_inputs is not None:
+        train_x, train_y = data.train_inputs, data.train_labels
+        test_x, test_y = data.test_inputs, data.test_labels
         train_pool = np.arange(len(train_x))
         test_pool = np.arange(len(test_x))
     else:
-        # no official split: a seeded share of the images is the test pool
-        train_x = test_x = data.train_images
+        # no official split: a seeded share of the inputs is the test pool
+        train_x = test_x = data.train_inputs
         train_y = test_y = data.train_labels
         order = rng.permutation(len(train_x))
         n_test_pool = int(round(recipe.test_fraction * len(order)))

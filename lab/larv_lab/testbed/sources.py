@@ -56,6 +56,7 @@ __all__ = [
     "MNIST_OPENCV_OVERLAP_PER_CLASS",
     "SOURCES",
     "SourceData",
+    "TextSourceData",
     "SourceMissingError",
     "SourceSpec",
     "available_sources",
@@ -125,6 +126,8 @@ class SourceData:
     # derived from them (see :data:`MNIST_OPENCV_OVERLAP_PER_CLASS`)
     train_exclude: np.ndarray | None = None
 
+    modality = "image"
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -132,6 +135,43 @@ class SourceData:
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.train_images.shape[1:])
+
+    @property
+    def train_inputs(self) -> np.ndarray:
+        return self.train_images
+
+    @property
+    def test_inputs(self) -> np.ndarray | None:
+        return self.test_images
+
+
+@dataclass(frozen=True)
+class TextSourceData:
+    """One text source: ``object`` arrays of ``str`` and ``int64`` labels; ``test_*`` is
+    ``None`` when the source ships no split of its own."""
+
+    name: str
+    train_texts: np.ndarray  # object (N,) of str
+    train_labels: np.ndarray  # int64 (N,)
+    test_texts: np.ndarray | None
+    test_labels: np.ndarray | None
+    class_names: tuple[str, ...]
+    files: tuple[Path, ...]
+    train_exclude: np.ndarray | None = None
+
+    modality = "text"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_inputs(self) -> np.ndarray:
+        return self.train_texts
+
+    @property
+    def test_inputs(self) -> np.ndarray | None:
+        return self.test_texts
 
 
 @dataclass(frozen=True)
@@ -146,6 +186,9 @@ class SourceSpec:
     # what makes the data change: None = the SHA-256 of the located files; a registered source's
     # own callable (its arrays' hash) otherwise
     fingerprint: Callable[[], list[str]] | None = field(default=None, repr=False)
+    # "image" (reads SourceData) or "text" (TextSourceData); None: a registered source, whose
+    # loader says which when it is first read
+    modality: str | None = "image"
 
 
 # --------------------------------------------------------------------------- locations
@@ -264,6 +307,15 @@ def _check(name: str, images: np.ndarray, labels: np.ndarray, n_classes: int) ->
             f"{name}: expected uint8 images (N, H, W) or (N, H, W, 3) and N labels, got "
             f"{images.dtype} {images.shape} / {labels.shape}"
         )
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"{name}: labels outside 0..{n_classes - 1}")
+
+
+def _check_texts(name: str, texts: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    if texts.ndim != 1 or len(texts) != len(labels):
+        raise ValueError(f"{name}: expected N texts and N labels, got {texts.shape} / {labels.shape}")
     if labels.dtype.kind not in "iu":
         raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
@@ -492,7 +544,7 @@ SOURCES.update(DERIVED)
 
 # --------------------------------------------------------------------------- user sources
 
-_REGISTERED: dict[str, SourceData] = {}
+_REGISTERED: dict[str, SourceData | TextSourceData] = {}
 
 
 def _arrays_sha256(*arrays: np.ndarray | None) -> str:
@@ -507,6 +559,34 @@ def _arrays_sha256(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()
 
 
+def _texts(values, what: str) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise ValueError(f"{what}[{i}] is {type(v).__name__}, not str")
+        out[i] = v
+    return out
+
+
+def _texts_sha256(*arrays: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
+        h.update(f"{len(a)}:".encode())
+        for t in a:
+            b = t.encode("utf-8") if isinstance(t, str) else np.asarray(t).tobytes()
+            h.update(f"{len(b)}:".encode() + b)
+    return h.hexdigest()
+
+
+_USER_KEYS = {
+    "image": ("train_images", "test_images"),
+    "text": ("train_texts", "test_texts"),
+}
+
+
 def register_source(
     name: str,
     loader: Callable[[], object],
@@ -515,60 +595,35 @@ def register_source(
     licence: str = "registered by the user",
     overwrite: bool = False,
 ) -> SourceSpec:
-    """Make ``name`` a testbed source, so that ``Recipe(tasks=(name, ...))`` builds over it.
+    """Make ``name`` a testbed source, so that a recipe's ``tasks=(name, ...)`` builds over it.
 
-    ``loader()`` returns a mapping with ``train_images`` (``uint8`` ``(N, H, W)`` grey or
-    ``(N, H, W, 3)`` colour) and ``train_labels`` (integers ``0..C-1``), and optionally
-    ``test_images`` / ``test_labels`` (an official test split; without it the build keeps a
-    seeded ``test_fraction`` for testing), ``class_names`` (default ``"0".."C-1"``) and
-    ``train_exclude`` (indices never trained on). It is called once per process; its arrays'
-    SHA-256 enters the testbed's cache key, so other data build another testbed. Registration
-    lasts for the process: building and benchmarking a built testbed folder need nothing else
-    (test sets and heads are saved in it), re-deriving its training split (LOT) needs the source
-    registered again."""
+    ``loader()`` returns a mapping with the training inputs and ``train_labels`` (integers
+    ``0..C-1``): ``train_images`` (``uint8`` ``(N, H, W)`` grey or ``(N, H, W, 3)`` colour) for
+    the image testbed, or ``train_texts`` (a sequence of ``str``) for the text testbed
+    (:mod:`.text_build`). Optional: ``test_images`` / ``test_texts`` with ``test_labels`` (a
+    split of the source's own; without it the build keeps a seeded ``test_fraction`` for
+    testing), ``class_names`` (default ``"0".."C-1"``) and ``train_exclude`` (indices never
+    trained on). It is called once per process; its data's SHA-256 enters the testbed's cache
+    key, so other data build another testbed. Registration lasts for the process: building and
+    benchmarking a built testbed folder need nothing else (test sets and heads are saved in
+    it), re-deriving its training split (LOT) needs the source registered again."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"source name must be letters, digits, '_' or '-', not {name!r}")
     if name in SOURCES and not overwrite:
         raise ValueError(f"source {name!r} exists; pass overwrite=True to replace it")
     if not callable(loader):
-        raise TypeError("loader must be a callable returning the arrays")
+        raise TypeError("loader must be a callable returning the data")
 
-    def read(_files: tuple[Path, ...]) -> SourceData:
+    def read(_files: tuple[Path, ...]) -> SourceData | TextSourceData:
         if name not in _REGISTERED:
-            out = loader()
-            if isinstance(out, SourceData):
-                out = {k: getattr(out, k) for k in out.__dataclass_fields__ if k != "name"}
-            if not isinstance(out, dict) or not {"train_images", "train_labels"} <= set(out):
-                raise ValueError(
-                    f"source {name!r}: the loader must return a dict with at least "
-                    "'train_images' and 'train_labels'"
-                )
-            unknown = set(out) - {
-                "train_images", "train_labels", "test_images", "test_labels",
-                "class_names", "train_exclude", "files",
-            }  # fmt: skip
-            if unknown:
-                raise ValueError(f"source {name!r}: unknown keys {sorted(unknown)}")
-            if (out.get("test_images") is None) != (out.get("test_labels") is None):
-                raise ValueError(f"source {name!r}: give both test_images and test_labels")
-            y = np.asarray(out["train_labels"])
-            yt = out.get("test_labels")
-            n_classes = int(max(y.max(initial=-1), -1 if yt is None else np.max(yt)) + 1)
-            names = out.get("class_names") or tuple(str(i) for i in range(n_classes))
-            _REGISTERED[name] = SourceData(
-                name,
-                np.asarray(out["train_images"]),
-                y,
-                None if out.get("test_images") is None else np.asarray(out["test_images"]),
-                None if yt is None else np.asarray(yt),
-                tuple(str(c) for c in names),
-                tuple(Path(f) for f in out.get("files", ())),
-                None if out.get("train_exclude") is None else np.asarray(out["train_exclude"]),
-            )
+            _REGISTERED[name] = _user_data(name, loader())
         return _REGISTERED[name]
 
     def fingerprint() -> list[str]:
         d = load_source(name)
+        if d.modality == "text":
+            digest = _texts_sha256(d.train_texts, d.train_labels, d.test_texts, d.test_labels)
+            return ["registered-text:" + digest]
         return [
             "registered:"
             + _arrays_sha256(d.train_images, d.train_labels, d.test_images, d.test_labels)
@@ -577,10 +632,47 @@ def register_source(
     _REGISTERED.pop(name, None)
     spec = SourceSpec(
         name, description or f"user source {name!r}", "registered", "register_source(...)",
-        licence, lambda: (), read, fingerprint,
+        licence, lambda: (), read, fingerprint, None,
     )  # fmt: skip
     SOURCES[name] = spec
     return spec
+
+
+def _user_data(name: str, out) -> SourceData | TextSourceData:
+    """Check and convert what a registered source's loader returned."""
+    if isinstance(out, (SourceData, TextSourceData)):
+        out = {k: getattr(out, k) for k in out.__dataclass_fields__ if k != "name"}
+    if not isinstance(out, dict):
+        raise ValueError(f"source {name!r}: the loader must return a dict")
+    kinds = [m for m, (train, _) in _USER_KEYS.items() if train in out]
+    if len(kinds) != 1 or "train_labels" not in out:
+        raise ValueError(
+            f"source {name!r}: the loader must return 'train_labels' and exactly one of "
+            "'train_images' (images) or 'train_texts' (texts)"
+        )
+    modality = kinds[0]
+    train_key, test_key = _USER_KEYS[modality]
+    allowed = {train_key, test_key, "train_labels", "test_labels", "class_names",
+               "train_exclude", "files"}  # fmt: skip
+    unknown = set(out) - allowed
+    if unknown:
+        raise ValueError(f"source {name!r}: unknown keys {sorted(unknown)} for {modality} data")
+    if (out.get(test_key) is None) != (out.get("test_labels") is None):
+        raise ValueError(f"source {name!r}: give both {test_key} and test_labels")
+    y = np.asarray(out["train_labels"])
+    yt = out.get("test_labels")
+    n_classes = int(max(y.max(initial=-1), -1 if yt is None else np.max(yt)) + 1)
+    names = tuple(str(c) for c in (out.get("class_names") or range(n_classes)))
+    exclude = None if out.get("train_exclude") is None else np.asarray(out["train_exclude"])
+    files = tuple(Path(f) for f in out.get("files", ()))
+    yt = None if yt is None else np.asarray(yt)
+    if modality == "text":
+        test = None if out.get(test_key) is None else _texts(out[test_key], test_key)
+        return TextSourceData(
+            name, _texts(out[train_key], train_key), y, test, yt, names, files, exclude
+        )
+    test = None if out.get(test_key) is None else np.asarray(out[test_key])
+    return SourceData(name, np.asarray(out[train_key]), y, test, yt, names, files, exclude)
 
 
 def _spec(name: str) -> SourceSpec:
@@ -595,20 +687,25 @@ def locate_source(name: str) -> tuple[Path, ...]:
     return _spec(name).locate()
 
 
-def load_source(name: str) -> SourceData:
-    """Read a source into uint8 arrays (raises :class:`SourceMissingError` if not installed)."""
+def load_source(name: str) -> SourceData | TextSourceData:
+    """Read a source: ``uint8`` image arrays, or texts (raises :class:`SourceMissingError` if
+    not installed)."""
     spec = _spec(name)
     data = spec.read(spec.locate())
-    _check(name, data.train_images, data.train_labels, data.num_classes)
-    if data.test_images is not None:
-        _check(name, data.test_images, data.test_labels, data.num_classes)
+    check = _check if data.modality == "image" else _check_texts
+    check(name, data.train_inputs, data.train_labels, data.num_classes)
+    if data.test_inputs is not None:
+        check(name, data.test_inputs, data.test_labels, data.num_classes)
     return data
 
 
-def available_sources() -> dict[str, str | None]:
-    """``{name: None}`` for installed sources, ``{name: reason}`` for missing ones."""
+def available_sources(modality: str | None = None) -> dict[str, str | None]:
+    """``{name: None}`` for installed sources, ``{name: reason}`` for missing ones (only those
+    of ``modality``, ``"image"`` or ``"text"``, when given)."""
     out: dict[str, str | None] = {}
     for name, spec in SOURCES.items():
+        if modality is not None and spec.modality not in (None, modality):
+            continue
         try:
             spec.locate()
             out[name] = None
