@@ -13,6 +13,7 @@ downloaded from a hub. :func:`register_source` adds a user's own data.
   :func:`load_testbed`.
 """
 
+from . import text_sources  # noqa: F401  (registers the text sources)
 from .backbone import check_backbone, convert_backbone, find_onnx_model, load_backbone
 from .build import (
     DEFAULT_TASKS,
@@ -27,7 +28,6 @@ from .build import (
     preprocess,
     testbed_dir,
 )
-from . import text_sources  # noqa: F401  (registers the text sources)
 from .sources import (
     SOURCES,
     SourceMissingError,

@@ -70,7 +70,14 @@ from .backbone import (
     find_onnx_model,
     load_backbone,
 )
-from .sources import SourceData, TextSourceData, cache_root, file_sha256, load_source, source_fingerprint
+from .sources import (
+    SourceData,
+    TextSourceData,
+    cache_root,
+    file_sha256,
+    load_source,
+    source_fingerprint,
+)
 
 __all__ = [
     "BUILD_VERSION",

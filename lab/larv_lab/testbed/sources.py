@@ -315,7 +315,9 @@ def _check(name: str, images: np.ndarray, labels: np.ndarray, n_classes: int) ->
 
 def _check_texts(name: str, texts: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
     if texts.ndim != 1 or len(texts) != len(labels):
-        raise ValueError(f"{name}: expected N texts and N labels, got {texts.shape} / {labels.shape}")
+        raise ValueError(
+            f"{name}: expected N texts and N labels, got {texts.shape} / {labels.shape}"
+        )
     if labels.dtype.kind not in "iu":
         raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):

