@@ -28,7 +28,9 @@ def test_held_out_split_is_disjoint_from_training_and_test(ci_testbed):
         assert len(y) == min(12, len(rest))
         images, labels = B.held_out_split(data, ci_testbed.recipe, 12)
         assert np.array_equal(labels, y.numpy())
-        torch.testing.assert_close(x, B.preprocess(images, ci_testbed.resolution), rtol=0, atol=0)
+        torch.testing.assert_close(
+            x["pixel_values"], B.preprocess(images, ci_testbed.resolution), rtol=0, atol=0
+        )
     report = pool.evaluate(ci_testbed.load_pretrained())
     assert "validation" in report["average"]["split"]
     assert not getattr(pool, "per_sample_evaluations", None)  # nothing recorded per sample

@@ -154,7 +154,7 @@ def test_register_source_validates(registered):
     with pytest.raises(TypeError, match="callable"):
         S.register_source("x", 3)
     S.register_source("bad_keys", lambda: {"images": np.zeros((1, 2, 2), np.uint8)})
-    with pytest.raises(ValueError, match="'train_images' and 'train_labels'"):
+    with pytest.raises(ValueError, match="'train_labels' and exactly one of 'train_images'"):
         S.load_source("bad_keys")
     S.register_source("bad_shape", lambda: {"train_images": np.zeros((2, 4, 4, 2), np.uint8),
                                             "train_labels": np.array([0, 1])})  # fmt: skip

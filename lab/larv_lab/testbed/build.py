@@ -564,11 +564,35 @@ def _finetune(
     desc: str,
 ) -> dict:
     """Fine-tune every backbone parameter against the frozen head, in place."""
+    model = TestbedClassifier(backbone, head, recipe.pooling).to(device)
+    params = [p for p in backbone.parameters() if p.requires_grad]
+
+    def inputs(idx: np.ndarray) -> dict:
+        return {"pixel_values": preprocess(images[idx], recipe.resolution).to(device)}
+
+    stats = train_against_head(model, params, inputs, labels, recipe, seed, device, progress, desc)
+    backbone.eval()
+    return stats
+
+
+def train_against_head(
+    model: nn.Module,
+    params: list,
+    inputs,
+    labels: np.ndarray,
+    recipe,
+    seed: int,
+    device,
+    progress: bool,
+    desc: str,
+) -> dict:
+    """The fine-tuning loop both testbeds share: ``recipe.finetune_steps`` AdamW steps (linear
+    warm-up, cosine decay, gradient clipping) on ``params`` of ``model(**inputs(idx))`` against
+    ``labels[idx]``, batches drawn without replacement from a seeded permutation (refreshed
+    when it runs out). Returns the first and the final (mean of the last 20) losses."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = TestbedClassifier(backbone, head, recipe.pooling).to(device)
     model.train()
-    params = [p for p in backbone.parameters() if p.requires_grad]
     opt = _adamw(params, recipe.finetune_lr, recipe.finetune_weight_decay)
     steps, warm = recipe.finetune_steps, recipe.warmup_steps
 
@@ -579,7 +603,7 @@ def _finetune(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     y_all = torch.as_tensor(labels, dtype=torch.long)
-    n, bs = len(images), min(recipe.finetune_batch_size, len(images))
+    n, bs = len(labels), min(recipe.finetune_batch_size, len(labels))
     order, pos = rng.permutation(n), 0
     losses: list[float] = []
     bar = _progress(range(steps), progress, desc=desc, unit="step")
@@ -588,8 +612,7 @@ def _finetune(
             order, pos = rng.permutation(n), 0
         idx = np.sort(order[pos : pos + bs])
         pos += bs
-        pixels = preprocess(images[idx], recipe.resolution).to(device)
-        loss = nn.functional.cross_entropy(model(pixels), y_all[idx].to(device))
+        loss = nn.functional.cross_entropy(model(**inputs(idx)), y_all[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
@@ -599,7 +622,7 @@ def _finetune(
         losses.append(float(loss.detach()))
         if progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    backbone.eval()
+    model.eval()
     tail = losses[-max(1, min(20, len(losses))) :] if losses else [float("nan")]
     return {
         "first_loss": losses[0] if losses else None,
@@ -850,6 +873,8 @@ class Testbed:
     head_paths: dict[str, Path]
     test_set_paths: dict[str, Path]
     report: dict = field(repr=False)
+
+    modality = "image"
 
     @property
     def resolution(self) -> int:

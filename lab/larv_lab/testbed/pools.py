@@ -1,8 +1,9 @@
-"""FusionBench model pool and task pool for the real-weights testbed, so that
+"""FusionBench model pool and task pool for the real-weights testbeds, so that
 
     fusion_bench method=larv_ties modelpool=LarvTestbed/quick taskpool=LarvTestbed/quick
 
-merges the fine-tuned DINOv2 backbones and evaluates every task with its own frozen head.
+merges the fine-tuned DINOv2 backbones (or, for a text testbed such as ``text_ci``, the
+fine-tuned MiniLM encoders) and evaluates every task with its own frozen head.
 (FusionBench's own DINOv2 pool needs Python ≥ 3.12 and a classification model with one shared
 head; here each task keeps its head and only the backbone is merged, as with CLIP's zero-shot
 heads.)
@@ -28,6 +29,8 @@ from fusion_bench_larv.clip_taskpool import evaluation_tasks
 from .backbone import load_backbone
 from .build import Testbed, _split, build_testbed, held_out_split, load_testbed, preprocess
 from .sources import load_source, source_fingerprint
+from .text_backbone import load_text_backbone
+from .text_build import TEXT_RECIPES, TextTestbed, build_text_testbed, load_text_testbed
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,29 @@ def open_testbed(
     cache_dir: str | None = None,
     testbed_dir: str | None = None,
     build_if_missing: bool = False,
-) -> Testbed:
-    """A built testbed, from an explicit folder or by recipe name (built on demand if asked)."""
+) -> Testbed | TextTestbed:
+    """A built testbed, image or text, from an explicit folder (its ``testbed.json`` says which)
+    or by recipe name (built on demand if asked)."""
     if testbed_dir is not None:
-        return load_testbed(Path(testbed_dir))
+        meta = Path(testbed_dir) / "testbed.json"
+        text = meta.is_file() and json.loads(meta.read_text()).get("modality") == "text"
+        return (load_text_testbed if text else load_testbed)(Path(testbed_dir))
+    text = recipe in TEXT_RECIPES
+    load, build = (load_text_testbed, build_text_testbed) if text else (load_testbed, build_testbed)
     try:
-        return load_testbed(recipe, cache_dir)
+        return load(recipe, cache_dir)
     except FileNotFoundError:
         if not build_if_missing:
             raise
-        return build_testbed(recipe, cache_dir)
+        return build(recipe, cache_dir)
+
+
+def encode_inputs(testbed: Testbed | TextTestbed, raw) -> dict[str, torch.Tensor]:
+    """A testbed's raw inputs (uint8 images, or texts) as the keyword arguments its classifier
+    takes (``pixel_values``, or ``input_ids`` and ``attention_mask``)."""
+    if testbed.modality == "text":
+        return testbed.encode(raw)
+    return {"pixel_values": preprocess(raw, testbed.resolution)}
 
 
 def source_as_built(testbed: Testbed, task: str):
@@ -121,7 +137,7 @@ class TestbedModelPool(BaseModelPool):
             )
         models = {"_pretrained_": str(self.testbed.pretrained_dir)}
         models.update({t: str(self.testbed.finetuned_dirs[t]) for t in tasks})
-        if kwargs.get("train_datasets") is None:
+        if kwargs.get("train_datasets") is None and self.testbed.modality == "image":
             kwargs["train_datasets"] = {
                 t: {
                     "_target_": f"{__name__}.load_testbed_train_set",
@@ -134,7 +150,8 @@ class TestbedModelPool(BaseModelPool):
 
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
         if isinstance(model_name_or_config, str) and model_name_or_config in self._models:
-            return load_backbone(self._models[model_name_or_config])
+            load = load_text_backbone if self.testbed.modality == "text" else load_backbone
+            return load(self._models[model_name_or_config])
         return super().load_model(model_name_or_config, *args, **kwargs)
 
     def load_train_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
@@ -188,18 +205,20 @@ class TestbedTaskPool(BaseTaskPool):
         self.batch_size = batch_size or self.testbed.recipe.eval_batch_size
         self.device = device
         self.split, self.val_size = split, val_size
-        self._held_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held_out: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
 
-    def examples(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The task's pre-processed images and labels of this pool's split."""
+    def examples(self, task: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The task's inputs of this pool's split, encoded as the classifier takes them
+        (:func:`encode_inputs`), and their labels."""
         if self.split == "test":
-            return self.testbed.pixel_values(task)
+            raw, labels = self.testbed.test_set(task)
+            return encode_inputs(self.testbed, raw), torch.from_numpy(labels).long()
         if task not in self._held_out:
-            images, labels = held_out_split(
+            raw, labels = held_out_split(
                 source_as_built(self.testbed, task), self.testbed.recipe, self.val_size
             )
             self._held_out[task] = (
-                preprocess(images, self.testbed.resolution),
+                encode_inputs(self.testbed, raw),
                 torch.from_numpy(labels).long(),
             )
         return self._held_out[task]
@@ -226,9 +245,9 @@ class TestbedTaskPool(BaseTaskPool):
             x, y = self.examples(task)
             hits, loss_sum = [], 0.0
             for start in range(0, len(y), self.batch_size):
-                xb = x[start : start + self.batch_size].to(device)
-                yb = y[start : start + self.batch_size].to(device)
-                logits = clf(xb)
+                batch = slice(start, start + self.batch_size)
+                logits = clf(**{k: v[batch].to(device) for k, v in x.items()})
+                yb = y[batch].to(device)
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
                 hits.append((logits.argmax(-1) == yb).cpu())
             hit = torch.cat(hits).numpy()

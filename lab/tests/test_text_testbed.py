@@ -1,0 +1,183 @@
+"""The text testbed: its package-shipped sources, the pinned MiniLM backbone, a user's own text
+source (the docs/own-data.md example at tiny size), full and LoRA builds, and a LARV merge of
+them through FusionBench's own command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from larv_lab.testbed import sources as S
+from larv_lab.testbed import text_backbone as TB
+from larv_lab.testbed import text_build as T
+from larv_lab.testbed.text_sources import TEXT_SOURCES, TEXT_TASKS
+from larv_lab.tiny_clip import run_fusion_bench
+
+
+def _need(*names: str) -> None:
+    for name in names:
+        try:
+            S.locate_source(name)
+        except S.SourceMissingError as exc:
+            pytest.skip(f"source {name} missing (lab/scripts/install_testbed_sources.sh): {exc}")
+
+
+def _need_backbone() -> None:
+    try:
+        TB.find_text_backbone()
+    except S.SourceMissingError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("name", TEXT_TASKS)
+def test_text_source_reads_distinct_texts_with_its_classes(name):
+    _need(name)
+    d = S.load_source(name)
+    assert d.modality == "text" and TEXT_SOURCES[name].modality == "text"
+    texts = list(d.train_texts) + ([] if d.test_texts is None else list(d.test_texts))
+    assert len(set(texts)) == len(texts)  # deduplicated, and no test text is a training text
+    assert all(isinstance(t, str) and t == t.strip() and t for t in texts)
+    counts = np.bincount(d.train_labels, minlength=d.num_classes)
+    assert counts.min() >= 50, counts  # every class can feed a head and a test set
+    assert len(d.train_texts) + (0 if d.test_texts is None else len(d.test_texts)) >= 2000
+
+
+def test_sotu_test_sentences_come_from_other_speeches():
+    _need("sotu_era")
+    d = S.load_source("sotu_era")
+    # every fourth address per era is a test speech: about a quarter of the sentences
+    share = len(d.test_texts) / (len(d.test_texts) + len(d.train_texts))
+    assert 0.15 < share < 0.35
+    assert np.bincount(d.test_labels).min() > 500
+
+
+def test_backbone_files_are_checked_against_their_pinned_hashes(monkeypatch):
+    _need_backbone()
+    folder = TB.find_text_backbone()
+    assert (folder / "model.safetensors").is_file()
+    monkeypatch.setitem(TB.MINILM_FILES, "config.json", "0" * 64)
+    with pytest.raises(S.SourceMissingError, match="not the pinned"):
+        TB.find_text_backbone()
+
+
+def test_sentence_features_hand_case():
+    # two tokens (1, 0) and (0, 2) and a padded token: mean (.5, 1), normalised
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    out = T.sentence_features(hidden, mask)
+    expected = torch.tensor([[0.5, 1.0]]) / (0.5**2 + 1.0) ** 0.5
+    torch.testing.assert_close(out, expected)
+
+
+def test_register_source_takes_texts_and_checks_them():
+    with pytest.raises(ValueError, match="exactly one of"):
+        S._user_data("x", {"train_texts": ["a"], "train_images": np.zeros((1, 2, 2), np.uint8),
+                           "train_labels": [0]})  # fmt: skip
+    with pytest.raises(ValueError, match="not str"):
+        S._user_data("x", {"train_texts": ["a", 3], "train_labels": [0, 1]})
+    with pytest.raises(ValueError, match="unknown keys"):
+        S._user_data("x", {"train_texts": ["a"], "train_labels": [0], "test_images": []})
+    d = S._user_data("x", {"train_texts": ["a", "b"], "train_labels": [0, 1]})
+    assert d.modality == "text" and d.class_names == ("0", "1") and d.test_texts is None
+
+
+# --------------------------------------------------------------------------- builds
+
+
+def _greetings():
+    """The docs/own-data.md text example's loader, with hand-written data."""
+    hello = ["hello there", "good morning", "hi, how are you", "greetings, friend", "hey you"]
+    bye = ["goodbye now", "see you later", "farewell, friend", "bye for now", "take care"]
+    texts = [f"{t} ({i})" for i in range(4) for t in hello + bye]
+    return {
+        "train_texts": texts,
+        "train_labels": [0, 0, 0, 0, 0, 1, 1, 1, 1, 1] * 4,
+        "class_names": ["greeting", "farewell"],
+    }
+
+
+@pytest.fixture(scope="module")
+def text_testbeds(tmp_path_factory):
+    """A user text source beside a packaged one, built with full and with LoRA tuning."""
+    _need_backbone()
+    _need("sms_spam")
+    S.register_source("greetings", _greetings, licence="CC0", overwrite=True)
+    cache = tmp_path_factory.mktemp("text_testbeds")
+    recipe = T.TextRecipe(
+        name="mine", tasks=("greetings", "sms_spam"), max_length=16, n_train=24, n_test=12,
+        head_shots=3, finetune_steps=3, finetune_batch_size=8, warmup_steps=1, finetune_lr=1e-4,
+    )  # fmt: skip
+    full = T.build_text_testbed(recipe, cache, num_threads=2, progress=False)
+    lora = T.build_text_testbed(
+        recipe.replace(name="mine_lora", tuning="lora", lora_rank=2, finetune_lr=1e-2),
+        cache, num_threads=2, progress=False,
+    )  # fmt: skip
+    return full, lora
+
+
+def test_a_registered_text_source_builds_and_resumes(text_testbeds):
+    full, _ = text_testbeds
+    assert full.tasks == ("greetings", "sms_spam")
+    assert full.class_names["greetings"] == ("greeting", "farewell")
+    texts, labels = full.test_set("greetings")
+    assert len(texts) == 12 and set(labels.tolist()) <= {0, 1}
+    rep = full.report["tasks"]["greetings"]
+    assert rep["n_train"] == 24 and 0.0 <= rep["finetuned_acc"] <= 1.0
+    # the head is frozen and the fine-tuned encoder moved, but not its word embeddings
+    pre = dict(full.load_pretrained().named_parameters())
+    ft = dict(full.load_finetuned("greetings").named_parameters())
+    assert torch.equal(
+        pre["embeddings.word_embeddings.weight"], ft["embeddings.word_embeddings.weight"]
+    )
+    assert not torch.equal(pre["encoder.layer.0.attention.self.query.weight"],
+                           ft["encoder.layer.0.attention.self.query.weight"])  # fmt: skip
+    # cached: the same recipe opens the same folder without building
+    again = T.build_text_testbed(full.recipe, full.root.parent, progress=False)
+    assert again.root == full.root and again.report == full.report
+    # the accuracy the build reported is what the testbed's evaluation gives
+    acc = full.evaluate(full.load_finetuned("greetings"), "greetings")
+    assert acc == pytest.approx(rep["finetuned_acc"])
+
+
+def test_lora_task_vectors_are_low_rank_on_the_linears_only(text_testbeds):
+    _, lora = text_testbeds
+    pre = dict(lora.load_pretrained().named_parameters())
+    moved = 0
+    for name, p in lora.load_finetuned("sms_spam").named_parameters():
+        delta = (p - pre[name]).detach()
+        is_linear = name.endswith(".weight") and any(
+            f".{t}.weight" in f".{name}" for t in T.LORA_TARGETS
+        ) and ".layer." in name  # fmt: skip
+        if not is_linear:
+            assert torch.count_nonzero(delta) == 0, name
+            continue
+        moved += int(torch.count_nonzero(delta) > 0)
+        assert torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= lora.recipe.lora_rank, name
+    assert moved == 6 * 6  # q, k, v, attention output, intermediate, output in six layers
+
+
+def test_fusion_bench_merges_the_text_testbed_with_larv(text_testbeds, tmp_path):
+    # the built folder holds heads and test sets: the subprocess needs no registration
+    full, _ = text_testbeds
+    log_dir = tmp_path / "logs"
+    root = str(full.root)
+    report = run_fusion_bench(
+        [
+            "method=larv_ta",
+            "modelpool=LarvTestbed/text_ci",
+            "taskpool=LarvTestbed/text_ci",
+            f"modelpool.testbed_dir={root}",
+            f"taskpool.testbed_dir={root}",
+        ],
+        cwd=tmp_path,
+        log_dir=log_dir,
+    )
+    for task in full.tasks:
+        assert 0.0 <= float(report[task]["accuracy"]) <= 1.0
+    layers = json.loads((log_dir / "larv_layers.json").read_text())
+    # MiniLM: six encoder layers, tiered gate 2/2/2
+    assert [rec["prefix"] for rec in layers["layers"]] == [f"encoder.layer.{i}." for i in range(6)]
+    assert sorted(rec["s"] for rec in layers["layers"]) == [0.5, 0.5, 1.0, 1.0, 1.5, 1.5]
