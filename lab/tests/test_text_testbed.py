@@ -72,6 +72,18 @@ def test_sentence_features_hand_case():
     torch.testing.assert_close(out, expected)
 
 
+def test_a_text_source_cannot_build_an_image_testbed_nor_the_reverse(tmp_path):
+    from larv_lab.testbed import build as B
+
+    _need("sms_spam")
+    with pytest.raises(ValueError, match="is a text source"):
+        B._build_task(tmp_path, "sms_spam", B.RECIPES["ci"], None, "cpu", False)
+    S.register_source("tiny_grey", lambda: {"train_images": np.zeros((4, 8, 8), np.uint8),
+                                            "train_labels": [0, 1, 0, 1]}, overwrite=True)  # fmt: skip
+    with pytest.raises(ValueError, match="needs a text source"):
+        T._build_task(tmp_path, "tiny_grey", T.TEXT_RECIPES["text_ci"], None, None, "cpu", False)
+
+
 def test_register_source_takes_texts_and_checks_them():
     with pytest.raises(ValueError, match="exactly one of"):
         S._user_data("x", {"train_texts": ["a"], "train_images": np.zeros((1, 2, 2), np.uint8),

@@ -684,6 +684,10 @@ def _task_done(root: Path, task: str) -> bool:
 def _build_task(root: Path, task: str, recipe: Recipe, pretrained, device, progress: bool) -> dict:
     t0 = time.perf_counter()
     data = load_source(task)
+    if data.modality != "image":
+        raise ValueError(
+            f"task {task!r} is a {data.modality} source: build it with text_build.TextRecipe"
+        )
     train_x, train_y, test_x, test_y = _split(data, recipe)
     seed = _task_seed(recipe.seed, task)
     torch.manual_seed(seed)
