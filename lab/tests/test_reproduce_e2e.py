@@ -5,9 +5,9 @@ the real ``fusion_bench`` CLI) → collate → tables and figures, read back and
   started again, which must run only the missing cells; then the tables are checked against
   the reports FusionBench wrote.
 - tiny CLIP suite: the benchmark's cells (TA base and tiered, pretrained and fine-tuned rows)
-  under the Hydra multirun launcher and the in-process launcher give the same files and numbers.
-- tiny CLIP suite: TA base and tiered cells through ``hydra-submitit-launcher``'s
-  ``submitit_local`` (the cluster path minus the scheduler) give the basic launcher's files.
+  under the Hydra multirun launcher and the in-process launcher give the same files and numbers,
+  and the TA cells through ``hydra-submitit-launcher``'s ``submitit_local`` (the cluster path
+  minus the scheduler) give the basic launcher's files.
 - real-weights testbed (``ci``): Table 6 / Figure 4 cells with the joblib launcher.
 """
 
@@ -161,7 +161,7 @@ def test_tiny_clip_sweep_resumes_after_interruption_and_collates(tiny_clip_suite
     assert {float(r["s"]) for r in layer_rows if r["variant"] == "larv-tiered"} == {0.5, 1.0, 1.5}
 
 
-def test_inprocess_and_hydra_launchers_agree(tiny_clip_suite, tmp_path):
+def test_inprocess_hydra_and_submitit_launchers_agree(tiny_clip_suite, tmp_path):
     args = ["bench", "--pools", f"tiny_clip:{tiny_clip_suite.root}",
             "--merger", "ta", "pretrained", "finetuned", "--variant", "base", "tiered",
             "-o", "fabric.accelerator=cpu", "-o", "seed=0", "--no-collate"]  # fmt: skip
@@ -197,34 +197,30 @@ def test_inprocess_and_hydra_launchers_agree(tiny_clip_suite, tmp_path):
     for name in ("reproduce_suite.yaml", "cell/ta__larv-tiered.yaml"):
         texts = [(d / "_sweeps" / "bench" / name).read_text() for d in (hydra, inproc)]
         assert texts[0].replace(str(hydra), str(inproc)) == texts[1]
+    _submitit_local_matches(args, hydra, tmp_path / "submitit")
 
 
-def test_submitit_local_launcher_matches_the_basic_launcher(tiny_clip_suite, tmp_path):
+def _submitit_local_matches(args: list[str], basic: Path, sub: Path) -> None:
     """The cluster path (``hydra-submitit-launcher``; ``submitit_local`` is ``submitit_slurm``
     without the scheduler: the same pickled Hydra job run by submitit in its own process) gives
-    the basic launcher's files, number for number."""
+    the basic launcher's files, number for number, for the TA cells."""
     pytest.importorskip(
         "hydra_plugins.hydra_submitit_launcher", reason="pip install '.[cluster]' (or '.[test]')"
     )
-    args = ["bench", "--pools", f"tiny_clip:{tiny_clip_suite.root}", "--merger", "ta",
-            "--variant", "base", "tiered", "-o", "fabric.accelerator=cpu", "-o", "seed=0",
-            "--no-collate", "--quiet"]  # fmt: skip
-    basic, sub = tmp_path / "basic", tmp_path / "submitit"
-    for out, launcher in ((basic, []), (sub, ["--launcher", "submitit_local", "--jobs", "1"])):
-        rc = subprocess.run(
-            [sys.executable, "-m", "larv_lab.reproduce", *args, "--out", str(out),
-             *launcher],
-            env=_env(), capture_output=True, text=True,
-        )  # fmt: skip
-        assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
+    ta_args = [a for a in args if a not in ("pretrained", "finetuned")]
+    rc = subprocess.run(
+        [sys.executable, "-m", "larv_lab.reproduce", *ta_args, "--out", str(sub), "--quiet",
+         "--launcher", "submitit_local", "--jobs", "1"],
+        env=_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
     assert "hydra/launcher=submitit_local hydra.sweeper.max_batch_size=1" in rc.stdout
     sweep = sub / "_sweeps" / "bench"
     log = (sweep / "sweep.log").read_text()
     # --jobs 1: the sweeper hands submitit one job at a time, each run in its own process
     assert log.count("Submitit 'local' sweep output dir") == 2, log[-3000:]
     assert len(list((sweep / "hydra" / ".submitit").glob("*/*_result.pkl"))) == 2
-
-    cells = _cells([*args, "--out", str(sub)])
+    cells = _cells([*ta_args, "--out", str(sub)])
     assert [str(c.rel_dir) for c in cells] == ["bench/ta/base", "bench/ta/larv-tiered"]
     for c in cells:
         a, b = c.run_dir(basic), c.run_dir(sub)
