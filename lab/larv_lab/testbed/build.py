@@ -244,9 +244,11 @@ def _fingerprints(recipe: Recipe) -> dict:
     }
 
 
-def _key(recipe: Recipe, fingerprints: dict) -> str:
+def _key(recipe, fingerprints: dict, build_version: int = BUILD_VERSION) -> str:
+    """The cache key of a build: SHA-256 of the builder version, the recipe's content and the
+    fingerprints of everything read (both testbeds)."""
     blob = json.dumps(
-        {"build_version": BUILD_VERSION, "recipe": recipe.content(), "fingerprints": fingerprints},
+        {"build_version": build_version, "recipe": recipe.content(), "fingerprints": fingerprints},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -666,6 +668,27 @@ def _save_tensors(path: Path, tensors: dict, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def _save_dir(final: Path, write) -> None:
+    """``write(tmp)`` into a temporary sibling folder, then rename it to ``final`` (a reader
+    never sees a half-written model)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _cached(root: Path, key: str, force: bool) -> bool:
+    """Whether ``root`` holds the complete build of ``key``; ``force`` first removes every
+    build output (not the lock) so that the build starts again."""
+    if force:
+        for p in root.iterdir() if root.is_dir() else ():
+            if p.name != ".lock":
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    meta = root / "testbed.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("key") == key
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -722,12 +745,7 @@ def _build_task(root: Path, task: str, recipe: Recipe, pretrained, device, progr
         raise RuntimeError(f"{task}: the head changed during fine-tuning")
 
     # save: fine-tuned backbone atomically (tmp folder, then rename), head, test set, metrics
-    final = root / "finetuned" / task
-    tmp = root / "finetuned" / f".{task}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    backbone.cpu().save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    _save_dir(root / "finetuned" / task, backbone.cpu().save_pretrained)
     names = list(data.class_names)
     _save_tensors(
         root / "heads" / f"{task}.safetensors",
@@ -780,13 +798,8 @@ def build_testbed(
     key = _key(recipe, fingerprints)
     root = Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
     with _locked(root):
-        if force:
-            for sub in ("testbed.json", "report.json", "pretrained", "finetuned", "heads",
-                        "test_sets", "tasks"):  # fmt: skip
-                p = root / sub
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         meta_path = root / "testbed.json"
-        if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
+        if _cached(root, key, force):
             testbed = load_testbed(root)
             if progress:
                 print(testbed.summary() + "\n(cached: nothing was rebuilt)")
@@ -804,10 +817,8 @@ def build_testbed(
             if (root / "pretrained" / "model.safetensors").is_file():
                 pretrained = load_backbone(root / "pretrained")
             else:
-                tmp = root / ".pretrained.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                pretrained = convert_backbone(tmp)
-                os.replace(tmp, root / "pretrained")
+                _save_dir(root / "pretrained", convert_backbone)
+                pretrained = load_backbone(root / "pretrained")
             onnx_check: dict
             if not check_onnx:
                 onnx_check = {"skipped": "check_onnx=False"}

@@ -35,10 +35,8 @@ Determinism: as the image testbed (same thread count, ``torch.use_deterministic_
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,10 +47,13 @@ from torch import nn
 
 from .build import (
     _batches,
+    _cached,
     _head_from_tensors,
+    _key,
     _locked,
     _progress,
     _prototype_head,
+    _save_dir,
     _save_tensors,
     _shots,
     _split_indices,
@@ -193,22 +194,10 @@ def _fingerprints(recipe: TextRecipe) -> dict:
     }
 
 
-def _key(recipe: TextRecipe, fingerprints: dict) -> str:
-    blob = json.dumps(
-        {
-            "build_version": TEXT_BUILD_VERSION,
-            "recipe": recipe.content(),
-            "fingerprints": fingerprints,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def text_testbed_dir(recipe: str | TextRecipe, cache_dir: str | Path | None = None) -> Path:
     """The folder a text recipe builds into (needs its sources installed, to hash them)."""
     recipe = get_text_recipe(recipe)
-    key = _key(recipe, _fingerprints(recipe))
+    key = _key(recipe, _fingerprints(recipe), TEXT_BUILD_VERSION)
     return Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
 
 
@@ -389,11 +378,7 @@ def _build_task(
     if any(not torch.equal(head_before[k], head_after[k]) for k in head_before):
         raise RuntimeError(f"{task}: the head changed during fine-tuning")
 
-    final, tmp = root / "finetuned" / task, root / "finetuned" / f".{task}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.cpu().save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    _save_dir(root / "finetuned" / task, encoder.cpu().save_pretrained)
     names = list(data.class_names)
     _save_tensors(root / "heads" / f"{task}.safetensors", head_after,
                   {"task": task, "pooling": "mean_l2", "class_names": names})  # fmt: skip
@@ -442,16 +427,11 @@ def build_text_testbed(
     by an interrupted build are kept; ``force`` rebuilds from scratch."""
     recipe = get_text_recipe(recipe)
     fingerprints = _fingerprints(recipe)
-    key = _key(recipe, fingerprints)
+    key = _key(recipe, fingerprints, TEXT_BUILD_VERSION)
     root = Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
     with _locked(root):
-        if force:
-            for sub in ("testbed.json", "report.json", "tokenizer", "pretrained", "finetuned",
-                        "heads", "test_sets", "tasks"):  # fmt: skip
-                p = root / sub
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         meta_path = root / "testbed.json"
-        if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
+        if _cached(root, key, force):
             testbed = load_text_testbed(root)
             if progress:
                 print(testbed.summary() + "\n(cached: nothing was rebuilt)")
@@ -464,12 +444,9 @@ def build_text_testbed(
             (root / sub).mkdir(parents=True, exist_ok=True)
         with _torch_settings(num_threads, deterministic=True):
             source = find_text_backbone()
-            for sub, save in (("tokenizer", load_tokenizer), ("pretrained", load_text_backbone)):
+            for sub, load in (("tokenizer", load_tokenizer), ("pretrained", load_text_backbone)):
                 if not (root / sub).is_dir():
-                    tmp = root / f".{sub}.tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    save(source).save_pretrained(tmp)
-                    os.replace(tmp, root / sub)
+                    _save_dir(root / sub, load(source).save_pretrained)
             tokenizer = load_tokenizer(root / "tokenizer")
             pretrained = load_text_backbone(root / "pretrained").to(device).eval()
             tasks = {}
