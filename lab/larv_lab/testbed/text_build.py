@@ -214,6 +214,11 @@ def sentence_features(
     return nn.functional.normalize(mean, dim=-1)
 
 
+def _embed(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+    return sentence_features(out.last_hidden_state, attention_mask)
+
+
 class TextClassifier(nn.Module):
     """An encoder, the testbed's pooling and one task's (frozen) linear head."""
 
@@ -224,8 +229,7 @@ class TextClassifier(nn.Module):
         self.head.requires_grad_(False)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return sentence_features(out.last_hidden_state, attention_mask)
+        return _embed(self.backbone, input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask))
@@ -247,14 +251,10 @@ def _features(
     backbone, tokenizer, texts, recipe: TextRecipe, device, progress, desc
 ) -> torch.Tensor:
     backbone.eval()
-    model = TextClassifier(backbone, nn.Linear(1, 1))
     out = []
     for sl in _progress(list(_batches(len(texts), recipe.eval_batch_size)), progress, desc=desc):
-        out.append(
-            model.features(**_tokenize(tokenizer, texts[sl], recipe.max_length, device))
-            .float()
-            .cpu()
-        )
+        batch = _tokenize(tokenizer, texts[sl], recipe.max_length, device)
+        out.append(_embed(backbone, **batch).float().cpu())
     return torch.cat(out)
 
 
@@ -302,8 +302,6 @@ def _finetune(
     stats = train_against_head(model, params, inputs, labels, recipe, seed, device, progress, desc)
     stats["trained_parameters"] = int(sum(p.numel() for p in params))
     encoder = tuned.merge_and_unload() if recipe.tuning == "lora" else backbone
-    for p in encoder.parameters():
-        p.requires_grad_(True)
     return encoder.eval(), stats
 
 
