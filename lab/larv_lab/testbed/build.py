@@ -695,13 +695,26 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _task_done(root: Path, task: str) -> bool:
+def _task_done(root: Path, task: str, test_set_ext: str = "safetensors") -> bool:
     return (
         (root / "tasks" / f"{task}.json").is_file()
         and (root / "finetuned" / task / "model.safetensors").is_file()
         and (root / "heads" / f"{task}.safetensors").is_file()
-        and (root / "test_sets" / f"{task}.safetensors").is_file()
+        and (root / "test_sets" / f"{task}.{test_set_ext}").is_file()
     )
+
+
+def _build_or_reuse(root: Path, tasks, build_task, test_set_ext: str = "safetensors") -> dict:
+    """Every task's metrics: read back for a task an interrupted build finished (marked
+    ``reused``), else ``build_task(task)``. Both testbeds resume through this."""
+    out = {}
+    for task in tasks:
+        if _task_done(root, task, test_set_ext):
+            out[task] = json.loads((root / "tasks" / f"{task}.json").read_text())
+            out[task]["reused"] = True
+        else:
+            out[task] = build_task(task)
+    return out
 
 
 def _build_task(root: Path, task: str, recipe: Recipe, pretrained, device, progress: bool) -> dict:
@@ -834,13 +847,11 @@ def build_testbed(
                         raise RuntimeError(f"converted backbone does not match ONNX: {onnx_check}")
             pretrained = pretrained.to(device).eval()
             t_conv = time.perf_counter() - t_start
-            tasks = {}
-            for task in recipe.tasks:
-                if _task_done(root, task):
-                    tasks[task] = json.loads((root / "tasks" / f"{task}.json").read_text())
-                    tasks[task]["reused"] = True
-                else:
-                    tasks[task] = _build_task(root, task, recipe, pretrained, device, progress)
+            tasks = _build_or_reuse(
+                root,
+                recipe.tasks,
+                lambda task: _build_task(root, task, recipe, pretrained, device, progress),
+            )
         import transformers
 
         report = {

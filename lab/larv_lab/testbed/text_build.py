@@ -47,6 +47,7 @@ from torch import nn
 
 from .build import (
     _batches,
+    _build_or_reuse,
     _cached,
     _head_from_tensors,
     _key,
@@ -308,18 +309,6 @@ def _finetune(
 # --------------------------------------------------------------------------- build
 
 
-def _task_done(root: Path, task: str) -> bool:
-    return all(
-        p.is_file()
-        for p in (
-            root / "tasks" / f"{task}.json",
-            root / "finetuned" / task / "model.safetensors",
-            root / "heads" / f"{task}.safetensors",
-            root / "test_sets" / f"{task}.json",
-        )
-    )
-
-
 def _build_task(
     root: Path, task: str, recipe: TextRecipe, pretrained, tokenizer, device, progress
 ) -> dict:
@@ -447,15 +436,14 @@ def build_text_testbed(
                     _save_dir(root / sub, load(source).save_pretrained)
             tokenizer = load_tokenizer(root / "tokenizer")
             pretrained = load_text_backbone(root / "pretrained").to(device).eval()
-            tasks = {}
-            for task in recipe.tasks:
-                if _task_done(root, task):
-                    tasks[task] = json.loads((root / "tasks" / f"{task}.json").read_text())
-                    tasks[task]["reused"] = True
-                else:
-                    tasks[task] = _build_task(
-                        root, task, recipe, pretrained, tokenizer, device, progress
-                    )
+            tasks = _build_or_reuse(
+                root,
+                recipe.tasks,
+                lambda task: _build_task(
+                    root, task, recipe, pretrained, tokenizer, device, progress
+                ),
+                test_set_ext="json",
+            )
         import transformers
 
         versions = {"torch": torch.__version__, "transformers": transformers.__version__}
