@@ -27,6 +27,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -173,9 +174,15 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
                 )
         return None
 
-    def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> Any:
+    def run(
+        self, modelpool: BaseModelPool | Mapping[str, nn.Module], base_merge: Any = None
+    ) -> Any:
         """Run the base merger and rescale its merged task vector block by block; returns what
-        the base merger returned (its merged model modified in place)."""
+        the base merger returned (its merged model modified in place).
+
+        ``base_merge``: the base merger's output for this same model pool and base config,
+        computed earlier; a copy of it is rescaled instead of running the merger again (the
+        caller vouches that the configs match, as with :meth:`LARVAlgorithm.run`)."""
         if not isinstance(modelpool, BaseModelPool):
             if not isinstance(modelpool, Mapping):
                 raise LarvInputError(
@@ -226,8 +233,11 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
             del summed
 
         merger = base_method_name(self.base_method)
-        base = build_base_method(self.base_method, self._program, self._fabric_instance)
-        out = run_base_method(base, modelpool)
+        if base_merge is None:
+            base = build_base_method(self.base_method, self._program, self._fabric_instance)
+            out = run_base_method(base, modelpool)
+        else:
+            out = deepcopy(base_merge)
         merged = merged_module(out, merger, theta0, architecture)
         state = merged.state_dict()
         with torch.no_grad():
@@ -253,6 +263,7 @@ class LiNeSAlgorithm(BaseAlgorithm, LightningFabricMixin):
         self.last_report = {
             "method": "LiNeS",
             "base_method": base_method_report(self.base_method),
+            "base_merge": "computed" if base_merge is None else "reused",
             "num_tasks": count,
             "l1_sum_task_vectors": sum_l1,
             "l1_merged_task_vector": merged_l1,

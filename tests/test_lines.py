@@ -186,6 +186,20 @@ def test_end_to_end_task_arithmetic_tiny_model(tmp_path):
     ]  # fmt: skip
 
 
+def test_a_reused_base_merge_gives_the_same_model_and_is_left_untouched():
+    models = tiny_pool(seed=3)
+    base = {"_target_": TA, "scaling_factor": 1.0}
+    want = LiNeSAlgorithm(base_method=base, beta=0.7).run(fresh(models)).state_dict()
+    base_merge = instantiate(base).run(fresh(models))
+    kept = copy.deepcopy(base_merge.state_dict())
+    alg = LiNeSAlgorithm(base_method=base, beta=0.7)
+    got = alg.run(fresh(models), base_merge=base_merge).state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+        assert torch.equal(base_merge.state_dict()[k], kept[k])  # rescaled a copy
+    assert alg.last_report["base_merge"] == "reused"
+
+
 def test_beta_zero_over_task_arithmetic_is_the_simple_average():
     models = tiny_pool(seed=1)
     out = LiNeSAlgorithm(base_method={"_target_": TA, "scaling_factor": 1.0}, beta=0.0).run(

@@ -88,6 +88,32 @@ def test_lines_val_and_guarded_cells_choose_on_validation(ci_testbed, ci_testbed
 
 
 @pytest.mark.slow
+def test_lines_reuses_a_base_merge_only_of_the_identical_merger_config(
+    ci_testbed, ci_testbed_cache, tmp_path
+):
+    # LiNeS over Task Arithmetic runs TA at coefficient 1, not the base cell's TA: no reuse;
+    # over the simple average (no coefficient) the base cell's merge is LiNeS's own
+    from larv_lab.reproduce import experiments as X
+    from larv_lab.reproduce.inprocess import InProcessLauncher, SuiteSession
+    from larv_lab.reproduce.sweep import write_sweep
+
+    pool_spec = X.parse_pool(f"testbed:ci:{ci_testbed_cache}")
+    cells = X.map_pools([X.Cell(X.BENCH, m, v) for m in ("ta", "simple_average")
+                         for v in (X.BASE, X.LINES_VAL)], pool_spec)  # fmt: skip
+    launcher = InProcessLauncher(tmp_path, reuse_base_merge=["ta", "simple_average"])
+    session = SuiteSession(write_sweep(cells[0].suite, cells, tmp_path))
+    try:
+        same = {
+            c.merger: launcher._same_base_config(session, c, session.compose(c))
+            for c in cells
+            if c.variant == X.LINES_VAL
+        }
+    finally:
+        session.close()
+    assert same == {"ta": False, "simple_average": True}
+
+
+@pytest.mark.slow
 def test_adamerging_on_the_testbed(ci_testbed, tmp_path):
     """The lab's method config (its interpolations read the task pool's testbed) instantiated
     and run for three steps: λ moves, and the curve and λ are written."""

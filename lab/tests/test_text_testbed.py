@@ -193,3 +193,50 @@ def test_fusion_bench_merges_the_text_testbed_with_larv(text_testbeds, tmp_path)
     # MiniLM: six encoder layers, tiered gate 2/2/2
     assert [rec["prefix"] for rec in layers["layers"]] == [f"encoder.layer.{i}." for i in range(6)]
     assert sorted(rec["s"] for rec in layers["layers"]) == [0.5, 0.5, 1.0, 1.0, 1.5, 1.5]
+
+
+def test_the_task_pool_scores_every_text_as_if_it_were_alone(text_testbeds):
+    # the pool batches texts longest first and cuts each batch to its longest text; the oracle
+    # feeds each text alone, unpadded
+    from larv_lab.testbed.pools import TestbedTaskPool
+
+    full, _ = text_testbeds
+    model = full.load_finetuned("sms_spam")
+    pool = TestbedTaskPool(testbed_dir=str(full.root), batch_size=5, device="cpu")
+    report = pool.evaluate(model)
+    for task in full.tasks:
+        texts, labels = full.test_set(task)
+        clf = full.classifier(task, backbone=model)
+        hits, losses = [], []
+        with torch.no_grad():
+            for text, label in zip(texts, labels, strict=True):
+                logits = clf(**full.encode([text]))
+                hits.append(int(logits.argmax(-1)) == int(label))
+                losses.append(float(torch.nn.functional.cross_entropy(
+                    logits, torch.tensor([int(label)]))))  # fmt: skip
+        assert report[task]["accuracy"] == sum(hits) / len(hits)
+        assert report[task]["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_adamerging_runs_on_unlabelled_test_texts(text_testbeds, tmp_path):
+    # the lab's AdaMerging config over a text testbed: three steps move λ, curve and λ written
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from larv_lab import config_dir
+    from larv_lab.testbed.pools import TestbedModelPool
+
+    full, _ = text_testbeds
+    root = str(full.root)
+    method = OmegaConf.load(config_dir() / "method" / "LarvTestbed" / "adamerging.yaml")
+    doc = OmegaConf.create({"taskpool": {"recipe": "text_ci", "cache_dir": None,
+                                         "testbed_dir": root}, "method": method})  # fmt: skip
+    doc.method.max_steps, doc.method.batch_size = 3, 4
+    alg = instantiate(doc.method, _recursive_=False)
+    alg.report_dir = str(tmp_path)
+    alg.run(TestbedModelPool(testbed_dir=root))
+    curve = json.loads((tmp_path / "adamerging_curve.json").read_text())
+    assert curve["steps"] == 3 and all(np.isfinite(curve["curve"]))
+    weights = torch.load(tmp_path / "merging_weights.pt")
+    assert weights.shape[0] == len(full.tasks)
+    assert not torch.allclose(weights, torch.full_like(weights, 0.3))

@@ -7,7 +7,7 @@ One result type (:class:`Run`: a cell's per-task accuracy in %, read from Fusion
 
 Tables follow the paper's layouts: accuracy (%) with "(±Δ)" = variant − base merger in
 percentage points, and, where both cells recorded per-sample correctness (``per_sample.json``),
-"(±Δ [lo, hi])" with the paired bootstrap 95% interval over test images
+"(±Δ [lo, hi])" with the paired bootstrap 95% interval over test examples
 (:mod:`.intervals`; the average resamples within each task) and "*" after it when the interval
 excludes 0. Without per-sample files (older runs) a Δ has no interval, and the notes say so. The
 benchmark's table also sets LARV's rows against the same merger's linear depth ramp
@@ -61,7 +61,7 @@ ANCHORS_FILE = Path(__file__).with_name("paper_anchors.json")
 MAX = "larv-max"  # pseudo variant: the better gate per cell (oracle, as in the paper)
 FINETUNED = "finetuned"  # the reference whose average the benchmark's relative column divides by
 #: the benchmark's second reference: LARV's rows (:data:`VS_LINEAR`) are also compared with the
-#: same merger's plain linear depth ramp (``schedule: linear``), on the same test images
+#: same merger's plain linear depth ramp (``schedule: linear``), on the same test examples
 LINEAR = schedule("linear").slug
 VS_LINEAR = (
     *(v.slug for v in BENCH_VARIANTS if v.larv is not None and v.larv.get("gate") != "schedule"),
@@ -196,7 +196,7 @@ class Results:
         :func:`.intervals.paired_bootstrap`; several, the average's
         :func:`.intervals.average_bootstrap`; None: every task of the variant's run). None when
         a cell or a task's per-sample correctness is missing or the two do not pair (other test
-        images): never an interval from anything else."""
+        examples): never an interval from anything else."""
         other = against if isinstance(against, tuple) else (merger, against)
         run, base = self.get(suite, merger, variant), self.get(suite, *other)
         if run is None or base is None or (merger, variant) == other:
@@ -510,13 +510,13 @@ def _interval_notes(t: Table, res: Results) -> None:
     shown = any(r.get("lo") is not None for r in t.records)
     if shown:
         t.notes.append(
-            "[lo, hi] = paired bootstrap 95% interval of Δ over the test images: both cells' "
-            "per-sample correctness (per_sample.json), the same images resampled with "
+            "[lo, hi] = paired bootstrap 95% interval of Δ over the test examples: both cells' "
+            "per-sample correctness (per_sample.json), the same examples resampled with "
             f"replacement for both, B = {res.resamples} resamples, seed {res.seed}, percentile "
-            "interval; for an average, each task's images are resampled independently and the "
+            "interval; for an average, each task's examples are resampled independently and the "
             "per-task Δ averaged with equal task weights. * = the interval excludes 0."
             + (" The max† rows' intervals ignore that the gate was chosen on the same test "
-               "images." if any("†" in line for line in t.lines) else "")
+               "examples." if any("†" in line for line in t.lines) else "")
         )  # fmt: skip
     missing = sorted({f"{s}/{m}/{v}" for s, m, v in res.no_interval if any(
         r.get("suite") == s and r.get("merger") == m and r.get("variant") == v
@@ -527,7 +527,7 @@ def _interval_notes(t: Table, res: Results) -> None:
             + (", …" if len(missing) > 6 else "")
             + "): their cell or its base cell has no per-sample file (per_sample.json; runs "
             "from before it was recorded, or a task pool that does not record it), or the two "
-            "do not cover the same test images; their Δ is shown alone."
+            "do not cover the same test examples; their Δ is shown alone."
         )
 
 
@@ -620,15 +620,15 @@ LINEAR_COLUMN = "Avg. Δ vs linear"
 LINEAR_NOTE = (
     "Avg. Δ vs linear (LARV's rows only) = the row's average − the same merger's Linear row "
     "(the plain depth ramp 0.5 → 1.5, `schedule: linear`), in percentage points, on the same "
-    "test images, with the same paired bootstrap 95% interval; * = the interval excludes 0. The "
+    "test examples, with the same paired bootstrap 95% interval; * = the interval excludes 0. The "
     "(±Δ) in the other columns stay against the base merger. bench.csv carries it for every "
     "column (delta_linear, lo_linear, hi_linear, significant_linear)."
 )
 
 
 DATA_BLOCK = (
-    "*uses data: LiNeS and guarded LARV choose one value on labelled validation images, "
-    "AdaMerging adapts on unlabelled test images, LOT reads training exemplars; every row above "
+    "*uses data: LiNeS and guarded LARV choose one value on labelled validation examples, "
+    "AdaMerging adapts on unlabelled test examples, LOT reads training exemplars; every row above "
     "is data-free*"
 )
 
@@ -706,9 +706,9 @@ def suites_side_by_side(
 
 def versus_layerwise(t: Table, cells: Sequence[Cell], res: Results) -> None:
     """Append to ``t`` LARV tiered (data-free) against the layer-wise methods, per merger and
-    suite: the linear depth ramp (data-free), faithful LiNeS with β chosen on validation images,
+    suite: the linear depth ramp (data-free), faithful LiNeS with β chosen on validation examples,
     and layer-wise AdaMerging (unlabelled test inputs); then guarded LARV against LiNeS (both
-    choose one value on the same validation images). Average Δ with its paired interval."""
+    choose one value on the same validation examples). Average Δ with its paired interval."""
     have = {(c.merger, c.variant.slug) for c in cells}
     suites = _suites(cells)
     ada = ("testbed_adamerging", "base")
@@ -738,9 +738,9 @@ def versus_layerwise(t: Table, cells: Sequence[Cell], res: Results) -> None:
     t.lines += [
         "",
         "**LARV against the layer-wise methods** (average Δ in pp, paired bootstrap 95% "
-        "intervals on the same test images, * = excludes 0; LiNeS and guarded LARV choose one "
-        "value on labelled validation images held out from training; AdaMerging, one model over "
-        "Task Arithmetic's task vectors, adapts on the unlabelled test images)",
+        "intervals on the same test examples, * = excludes 0; LiNeS and guarded LARV choose one "
+        "value on labelled validation examples held out from training; AdaMerging, one model over "
+        "Task Arithmetic's task vectors, adapts on the unlabelled test examples)",
         "",
         *side.lines,
     ]
@@ -782,7 +782,7 @@ def table5_side_by_side(t: Table, cells: Sequence[Cell], res: Results) -> None:
     t.lines += [
         "",
         "**LARV against the linear depth ramp, beside the paper's Table 5** (average Δ in pp, "
-        "ours with paired bootstrap 95% intervals on the same test images; the paper's "
+        "ours with paired bootstrap 95% intervals on the same test examples; the paper's "
         '"Composite Score" row is its continuous gate, App. D.1, and carries no interval; '
         "max† = the better of tiered and continuous per cell, chosen on test accuracy as the "
         "paper's main tables do, so its interval ignores that choice)",

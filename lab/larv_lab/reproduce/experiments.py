@@ -304,14 +304,14 @@ LINES_VAL = Variant(
     {},
     method="lines",
     chooses="beta",
-    uses_data="labelled validation images",
+    uses_data="labelled validation examples",
 )
 GUARDED = Variant(
     "larv-guarded",
     "+LARV tiered, δ chosen on validation (guarded)",
     {"gate": "tiered"},
     chooses="delta",
-    uses_data="labelled validation images",
+    uses_data="labelled validation examples",
 )
 
 #: the benchmark's variants: alone, LARV's two gates, the continuous gate on median-normalized

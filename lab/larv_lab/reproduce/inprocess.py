@@ -13,7 +13,9 @@ task pool and fabric configs (they do; the launcher checks).
 
 ``reuse_base_merge``: for these mergers the base merge is computed once per suite and every LARV
 cell with ``placement: merged`` rescales a copy of it (``LARVAlgorithm.run(modelpool,
-base_merge=...)``) instead of running the base merger again; the cell's ``cell.json`` says
+base_merge=...)``) instead of running the base merger again, as does every LiNeS cell whose
+``base_method`` is exactly the base cell's method config (``LiNeSAlgorithm.run``; not over Task
+Arithmetic, whose coefficient LiNeS sets to 1); the cell's ``cell.json`` says
 ``"base_merge": "reused"`` (as does its ``larv_layers.json``), and its seconds then count LARV
 and the evaluation only.
 
@@ -247,6 +249,18 @@ class InProcessLauncher:
             self._base_merges = {cell.merger: self.merge(session, base, cfg)}
         return self._base_merges[cell.merger]
 
+    def _same_base_config(self, session: SuiteSession, cell: Cell, cfg) -> bool:
+        """Whether the cell's method wraps a ``base_method`` identical to the base cell's method
+        config (LiNeS over WUDI: yes; over Task Arithmetic: no, it sets the coefficient to 1)."""
+        from omegaconf import OmegaConf
+
+        if cell.variant.method is None or cfg.method.get("base_method") is None:
+            return False
+        base = session.compose(self._base_cell(cell)).method
+        return OmegaConf.to_container(cfg.method.base_method, resolve=True) == (
+            OmegaConf.to_container(base, resolve=True)
+        )
+
     def merge(self, session: SuiteSession, cell: Cell, cfg, base_merge: Any = None) -> Any:
         """Instantiate and run the cell's method as FusionBench's program does."""
         if cfg.get("seed") is not None:
@@ -270,11 +284,13 @@ class InProcessLauncher:
         run_dir = cell.run_dir(self.out)
         with fusion_bench_output(run_dir / LOG, self.echo):
             cfg = session.compose(cell)
-            reuse = (
-                self._reuses(cell)
-                and cell.variant.larv is not None
-                and cell.variant.method is None  # LARV's own config (LiNeS runs its own merge)
-                and cfg.method.get("placement", "merged") == "merged"
+            reuse = self._reuses(cell) and (
+                (
+                    cell.variant.larv is not None
+                    and cell.variant.method is None  # LARV's own config
+                    and cfg.method.get("placement", "merged") == "merged"
+                )  # another method (LiNeS) over exactly the base cell's merger config
+                or self._same_base_config(session, cell, cfg)
             )
             base_merge = self._base_merge(session, cell) if reuse else None
             t = time.time()

@@ -274,7 +274,7 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
     ax0.set_yticks(range(len(rows)), [f"{display_label(m)} + {labels[v]}" for m, v in rows],
                    fontsize=8)  # fmt: skip
     ax0.set_ylim(len(rows) - 0.5, -0.5)
-    title = f"Δ with 95% intervals over test images (B = {res.resamples}, seed {res.seed})"
+    title = f"Δ with 95% intervals over test examples (B = {res.resamples}, seed {res.seed})"
     if hollow:
         title += "\nhollow: no per-sample file, no interval"
     fig.suptitle(title, fontsize=10)
@@ -337,7 +337,7 @@ def adamerging_curves(cells: Sequence[Cell], out: Path, path: Path) -> tuple[Pat
     fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
     for c, rec in runs:
         ax.plot(range(1, len(rec["curve"]) + 1), rec["curve"], label=c.suite.label)
-    ax.set_xlabel("step (one batch of each task's unlabelled test images)")
+    ax.set_xlabel("step (one batch of each task's unlabelled test examples)")
     ax.set_ylabel("entropy, summed over the tasks")
     ax.set_title("Layer-wise AdaMerging (FusionBench's loop) on the testbed", fontsize=9)
     ax.legend(fontsize=8)

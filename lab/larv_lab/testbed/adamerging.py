@@ -2,8 +2,10 @@
 :class:`~fusion_bench.method.adamerging.layer_wise_adamerging.LayerWiseAdaMergingAlgorithm`.
 
 Only what the testbed needs is subclassed, as FusionBench's CLIP subclass does: the task's frozen
-head plays CLIP's zero-shot head (:meth:`compute_logits`), and the test images are read without
-their labels (:meth:`get_shuffled_test_loader_iter`, as FusionBench reads the CLIP test sets).
+head plays CLIP's zero-shot head (:meth:`compute_logits`, through the testbed's own classifier:
+image or text), and the test inputs are read without their labels
+(:meth:`get_shuffled_test_loader_iter`, as FusionBench reads the CLIP test sets; texts are
+batched as the task pool batches them, each batch cut to its longest text).
 Everything else, the per-parameter merge weights λ (one per fine-tuned model and parameter
 tensor, initialised to ``init_values``: Task Arithmetic's task vectors at that coefficient), the
 entropy loss summed over the tasks, Adam, the step loop and ``merge_and_unload``, is
@@ -29,8 +31,7 @@ from omegaconf import DictConfig
 
 from fusion_bench_larv.per_sample import program_report_dir
 
-from .build import pool_features
-from .pools import open_testbed
+from .pools import encode_inputs, open_testbed, trimmed
 
 __all__ = ["TestbedLayerWiseAdaMerging"]
 
@@ -38,7 +39,8 @@ CURVE = "adamerging_curve.json"
 
 
 class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
-    """FusionBench's layer-wise AdaMerging with the testbed's heads and unlabelled test images.
+    """FusionBench's layer-wise AdaMerging with the testbed's heads and unlabelled test inputs
+    (images or texts).
 
     Config keys: FusionBench's ``adamerging/clip`` keys (``init_values``, ``lr``, ``max_steps``,
     ``batch_size``, ``clamp_weights``, ``tie_weights``, ``strict``, ``optimizer``, ``weights``,
@@ -54,6 +56,7 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         self.report_dir: str | None = None
         self._iters: dict[str, Iterator] = {}
         self._heads: dict[str, torch.nn.Module] = {}
+        self._classifiers: dict[str, torch.nn.Module] = {}
         self._step_losses: list[float] = []
         self.curve: list[float] = []
 
@@ -74,20 +77,26 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
             self._iters[task] = self._shuffled(task)
         return self._iters[task]
 
-    def _shuffled(self, task: str) -> Iterator[tuple[torch.Tensor]]:
-        """Endless batches ``(images,)`` of the task's test images, reshuffled every pass
-        (seeded); the labels are never read."""
-        images, _ = self.testbed.pixel_values(task)
+    def _shuffled(self, task: str) -> Iterator[tuple[dict[str, torch.Tensor]]]:
+        """Endless batches ``(inputs,)`` of the task's test inputs, encoded as the classifier
+        takes them, reshuffled every pass (seeded); the labels are never read."""
+        raw, _ = self.testbed.test_set(task)
+        x = encode_inputs(self.testbed, raw)
         g = torch.Generator().manual_seed(int(self.config.get("seed", 0)))
         size = int(self.config.batch_size)
         while True:
-            order = torch.randperm(len(images), generator=g)
+            order = torch.randperm(len(raw), generator=g)
             for start in range(0, len(order) - size + 1, size):
-                yield (images[order[start : start + size]].to(self.fabric.device),)
+                batch = trimmed({k: v[order[start : start + size]] for k, v in x.items()})
+                yield ({k: v.to(self.fabric.device) for k, v in batch.items()},)
 
-    def compute_logits(self, module, images: torch.Tensor, task: str) -> torch.Tensor:
-        hidden = module(pixel_values=images).last_hidden_state
-        logits = self._heads[task](pool_features(hidden, self.testbed.pooling))
+    def compute_logits(self, module, inputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        clf = self._classifiers.get(task)
+        if clf is None or clf.backbone is not module:
+            clf = self.testbed.classifier(task, backbone=module)
+            clf.head = self._heads[task]  # on the device already
+            self._classifiers[task] = clf
+        logits = clf(**inputs)
         # the loss the base loop takes from these logits, kept for the curve
         self._step_losses.append(float(entropy_loss(logits.detach())))
         if len(self._step_losses) == len(self.modelpool.model_names):
