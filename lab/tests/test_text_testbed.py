@@ -240,3 +240,27 @@ def test_adamerging_runs_on_unlabelled_test_texts(text_testbeds, tmp_path):
     weights = torch.load(tmp_path / "merging_weights.pt")
     assert weights.shape[0] == len(full.tasks)
     assert not torch.allclose(weights, torch.full_like(weights, 0.3))
+
+
+def test_wudi_skips_the_matrices_no_task_tuned(text_testbeds, tmp_path):
+    # the text pools name the frozen word embeddings; WUDI's objective is 0/0 on a zero task
+    # vector (and its 30522 x 30522 products would not fit in memory): larv_wudi hands the
+    # pool's list to WUDI's exclude_keys, and the merge stays finite
+    full, _ = text_testbeds
+    root = str(full.root)
+    report = run_fusion_bench(
+        [
+            "method=larv_wudi",
+            "method.base_method.iter_num=2",
+            "modelpool=LarvTestbed/text_ci",
+            "taskpool=LarvTestbed/text_ci",
+            f"modelpool.testbed_dir={root}",
+            f"taskpool.testbed_dir={root}",
+        ],
+        cwd=tmp_path,
+        log_dir=tmp_path / "logs",
+    )
+    for task in full.tasks:
+        assert np.isfinite(float(report[task]["loss"]))
+    layers = json.loads((tmp_path / "logs" / "larv_layers.json").read_text())
+    assert layers["base_method"]["exclude_keys"] == ["embeddings.word_embeddings.weight"]

@@ -151,9 +151,13 @@ class TestbedModelPool(BaseModelPool):
         testbed_dir: str | None = None,
         tasks: Sequence[str] | None = None,
         build_if_missing: bool = False,
+        untuned_parameters: Sequence[str] | None = None,
         **kwargs: Any,
     ):
         self.testbed = open_testbed(recipe, cache_dir, testbed_dir, build_if_missing)
+        #: parameters no task's fine-tuning moves (their task vectors are zero), as the pool's
+        #: config names them; ``larv_wudi.yaml`` hands them to WUDI's ``exclude_keys``
+        self.untuned_parameters = list(untuned_parameters or ())
         tasks = list(tasks) if tasks is not None else list(self.testbed.tasks)
         unknown = [t for t in tasks if t not in self.testbed.finetuned_dirs]
         if unknown:
