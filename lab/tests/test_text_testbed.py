@@ -172,13 +172,17 @@ def test_lora_task_vectors_are_low_rank_on_the_linears_only(text_testbeds):
 
 
 def test_fusion_bench_merges_the_text_testbed_with_larv(text_testbeds, tmp_path):
-    # the built folder holds heads and test sets: the subprocess needs no registration
+    # the built folder holds heads and test sets: the subprocess needs no registration. Over
+    # WUDI: the text pools name the frozen word embeddings, and larv_wudi hands them to WUDI's
+    # exclude_keys (its objective is 0/0 on a zero task vector, and its 30522 x 30522 products
+    # would not fit in memory), so the merge stays finite
     full, _ = text_testbeds
     log_dir = tmp_path / "logs"
     root = str(full.root)
     report = run_fusion_bench(
         [
-            "method=larv_ta",
+            "method=larv_wudi",
+            "method.base_method.iter_num=2",
             "modelpool=LarvTestbed/text_ci",
             "taskpool=LarvTestbed/text_ci",
             f"modelpool.testbed_dir={root}",
@@ -189,7 +193,9 @@ def test_fusion_bench_merges_the_text_testbed_with_larv(text_testbeds, tmp_path)
     )
     for task in full.tasks:
         assert 0.0 <= float(report[task]["accuracy"]) <= 1.0
+        assert np.isfinite(float(report[task]["loss"]))
     layers = json.loads((log_dir / "larv_layers.json").read_text())
+    assert layers["base_method"]["exclude_keys"] == ["embeddings.word_embeddings.weight"]
     # MiniLM: six encoder layers, tiered gate 2/2/2
     assert [rec["prefix"] for rec in layers["layers"]] == [f"encoder.layer.{i}." for i in range(6)]
     assert sorted(rec["s"] for rec in layers["layers"]) == [0.5, 0.5, 1.0, 1.0, 1.5, 1.5]
@@ -240,27 +246,3 @@ def test_adamerging_runs_on_unlabelled_test_texts(text_testbeds, tmp_path):
     weights = torch.load(tmp_path / "merging_weights.pt")
     assert weights.shape[0] == len(full.tasks)
     assert not torch.allclose(weights, torch.full_like(weights, 0.3))
-
-
-def test_wudi_skips_the_matrices_no_task_tuned(text_testbeds, tmp_path):
-    # the text pools name the frozen word embeddings; WUDI's objective is 0/0 on a zero task
-    # vector (and its 30522 x 30522 products would not fit in memory): larv_wudi hands the
-    # pool's list to WUDI's exclude_keys, and the merge stays finite
-    full, _ = text_testbeds
-    root = str(full.root)
-    report = run_fusion_bench(
-        [
-            "method=larv_wudi",
-            "method.base_method.iter_num=2",
-            "modelpool=LarvTestbed/text_ci",
-            "taskpool=LarvTestbed/text_ci",
-            f"modelpool.testbed_dir={root}",
-            f"taskpool.testbed_dir={root}",
-        ],
-        cwd=tmp_path,
-        log_dir=tmp_path / "logs",
-    )
-    for task in full.tasks:
-        assert np.isfinite(float(report[task]["loss"]))
-    layers = json.loads((tmp_path / "logs" / "larv_layers.json").read_text())
-    assert layers["base_method"]["exclude_keys"] == ["embeddings.word_embeddings.weight"]
