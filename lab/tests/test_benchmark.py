@@ -102,6 +102,13 @@ def test_benchmark_grid_in_process_on_tiny_clip(tiny_clip_suite, tmp_path):
     lines_row = "| Task Arithmetic + depth ramp α + β·ℓ/(L−1) (`lines` schedule, α = 0.5, β = 1) |"
     assert lines_row in table
     assert "LiNeS" not in table
+    # the questions block: one merger, its tiered Δ's interval placed above / on / below 0
+    ci = res.interval("bench", "ta", "larv-tiered")
+    where = [ci.lo > 0, ci.lo <= 0 <= ci.hi, ci.hi < 0]
+    assert f"| LARV tiered − base merger | {' / '.join(str(int(w)) for w in where)} of 1 |" in table
+    c = [rec["c"] for rec in tiered.layers["layers"]]
+    assert f"{min(c):.3f}–{max(c):.3f}" in table  # one merger: its own c_ℓ range
+    table = table.split("**The questions")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 1 + 2 + 3  # header, suite, 2 references, 3 variants
     with Image.open(tmp_path / "artefacts" / "fig2_bench.png") as img:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -746,6 +747,64 @@ def versus_layerwise(t: Table, cells: Sequence[Cell], res: Results) -> None:
     ]
 
 
+def verdict_counts(res: Results, suite: str, mergers: Sequence[str], variant: str,
+                   against: str) -> str:  # fmt: skip
+    """``above / includes 0 / below`` (with ``of n``): how many of ``mergers`` have the average
+    Δ of ``variant`` − ``against`` (paired interval) above 0, including 0, below 0; mergers
+    without both cells are left out."""
+    cis = [res.interval(suite, m, variant, None, against) for m in mergers]
+    cis = [ci for ci in cis if ci is not None]
+    if not cis:
+        return "—"
+    up = sum(ci.lo > 0 for ci in cis)
+    down = sum(ci.hi < 0 for ci in cis)
+    return f"{up} / {len(cis) - up - down} / {down} of {len(cis)}"
+
+
+def conflict_spread(res: Results, suite: str, mergers: Sequence[str]) -> str:
+    """c_ℓ over depth in the suite's LARV tiered cells: the range of the per-layer median over
+    the mergers, and max / min (1.00 = flat)."""
+    per_layer: dict[int, list[float]] = {}
+    for m in mergers:
+        run = res.get(suite, m, TIERED.slug)
+        for rec in (run.layers or {}).get("layers", []) if run else []:
+            per_layer.setdefault(int(rec["index"]), []).append(float(rec["c"]))
+    if not per_layer:
+        return "—"
+    med = [statistics.median(v) for _, v in sorted(per_layer.items())]
+    lo, hi = min(med), max(med)
+    return f"{lo:.3f}–{hi:.3f} (×{hi / lo:.2f})" if lo > 0 else f"{lo:.3f}–{hi:.3f}"
+
+
+def questions(t: Table, cells: Sequence[Cell], res: Results) -> None:
+    """Append to ``t`` the benchmark's questions, one column per suite, counted over the
+    data-free mergers: does LARV tiered beat the base merger, the linear depth ramp, faithful
+    LiNeS (β on validation), and is c_ℓ flat with depth?"""
+    free, _ = _mergers_by_data(cells)
+    have = {c.variant.slug for c in cells}
+    if TIERED.slug not in have:
+        return
+    suites = _suites(cells)
+    side = Table(t.name, t.title, [s.label for s in suites])
+    side.header("Question")
+    rows = [("LARV tiered − base merger", "base"),
+            ("LARV tiered − linear depth ramp", LINEAR),
+            ("LARV tiered − LiNeS (β on validation; uses data)", LINES_VAL.slug)]  # fmt: skip
+    for label, against in rows:
+        if against == "base" or against in have:
+            side.row(label, [verdict_counts(res, s.key, free, TIERED.slug, against)
+                             for s in suites])  # fmt: skip
+    side.row("c_ℓ over depth: range of the per-layer median (max / min)",
+             [conflict_spread(res, s.key, free) for s in suites])  # fmt: skip
+    t.lines += [
+        "",
+        "**The questions, per suite** (data-free mergers; mergers whose average Δ has its paired "
+        "95% interval above 0 / including 0 / below 0; c_ℓ from LARV tiered's per-layer report)",
+        "",
+        *side.lines,
+    ]
+
+
 #: the paper's Table 5 "Composite Score" row is its continuous gate (App. D.1); its anchors are
 #: stored under the pseudo variant ``larv-best``
 PAPER_TABLE5_SUITES = ("clip-vit-base-patch32_TA8", "clip-vit-base-patch16_TA8",
@@ -1057,6 +1116,7 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
             t = per_task_table("bench", title, cells, res, None, order, relative=True, linear=True)
             if len(_suites(cells)) > 1:
                 suites_side_by_side(t, cells, res, order)
+            questions(t, cells, res)
             written += regime_cards(t, cells, res, folder)
             p, curves = plots.adamerging_curves(cells, out, folder / "adamerging_curve.png")
             written += [p] if p else []
