@@ -246,3 +246,25 @@ def test_adamerging_runs_on_unlabelled_test_texts(text_testbeds, tmp_path):
     weights = torch.load(tmp_path / "merging_weights.pt")
     assert weights.shape[0] == len(full.tasks)
     assert not torch.allclose(weights, torch.full_like(weights, 0.3))
+
+
+def test_held_out_validation_texts_are_neither_trained_nor_tested(text_testbeds):
+    # LiNeS and guarded LARV choose on these: the texts of the training pool the build did not
+    # draw (the image testbed's rule, build.held_out_split)
+    from larv_lab.testbed import build as B
+    from larv_lab.testbed.pools import TestbedTaskPool
+
+    full, _ = text_testbeds
+    pool = TestbedTaskPool(testbed_dir=str(full.root), split="validation", val_size=3)
+    data = S.load_source("greetings")
+    train_x, _, test_x, _, train_idx, test_idx, _ = B._split_indices(data, full.recipe)
+    val_texts, val_labels = B.held_out_split(data, full.recipe, 3)
+    assert len(val_texts) == 3
+    assert not set(val_texts) & set(train_x[train_idx]) and not set(val_texts) & set(
+        test_x[test_idx]
+    )
+    x, y = pool.examples("greetings")
+    assert y.tolist() == val_labels.tolist()
+    assert torch.equal(x["input_ids"], full.encode(val_texts)["input_ids"])
+    report = pool.evaluate(full.load_pretrained())
+    assert "validation" in report["average"]["split"]
