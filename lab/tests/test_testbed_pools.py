@@ -83,7 +83,9 @@ def test_demo_prints_a_measured_comparison(ci_testbed, tmp_path, capsys):
     assert " ".join(f"{rec['s']:.2f}" for rec in layers["layers"]) in printed
     # the collated per-task table: every Δ with its paired 95% interval (average and every task)
     table = (out / "artefacts" / "bench.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert "| LARV tiered − base merger |" in table  # the questions block, after the table
+    rows = [line for line in table.split("**The questions")[0].splitlines()
+            if line.startswith("| ")]  # fmt: skip
     assert len(rows) == 1 + 1 + 2 + 2
     tiered_row = next(row for row in rows if "+ LARV tiered" in row)
     assert tiered_row.count(" [") == len(TASKS) + 1
