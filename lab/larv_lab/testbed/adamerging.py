@@ -55,7 +55,6 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         #: where the curve and λ go; default the program's report folder (set by launchers)
         self.report_dir: str | None = None
         self._iters: dict[str, Iterator] = {}
-        self._heads: dict[str, torch.nn.Module] = {}
         self._classifiers: dict[str, torch.nn.Module] = {}
         self._step_losses: list[float] = []
         self.curve: list[float] = []
@@ -69,8 +68,6 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
 
     def on_test_time_adaptation_start(self):
         self._started = time.perf_counter()
-        for task in self.modelpool.model_names:
-            self._heads[task] = self.testbed.head(task).to(self.fabric.device)
 
     def get_shuffled_test_loader_iter(self, task: str) -> Iterator:
         if task not in self._iters:
@@ -94,7 +91,7 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         clf = self._classifiers.get(task)
         if clf is None or clf.backbone is not module:
             clf = self.testbed.classifier(task, backbone=module)
-            clf.head = self._heads[task]  # on the device already
+            clf.head.to(self.fabric.device)  # the merged module is there already
             self._classifiers[task] = clf
         logits = clf(**inputs)
         # the loss the base loop takes from these logits, kept for the curve
