@@ -268,3 +268,22 @@ def test_held_out_validation_texts_are_neither_trained_nor_tested(text_testbeds)
     assert torch.equal(x["input_ids"], full.encode(val_texts)["input_ids"])
     report = pool.evaluate(full.load_pretrained())
     assert "validation" in report["average"]["split"]
+
+
+def test_a_task_without_held_out_texts_is_left_out_of_validation(text_testbeds, monkeypatch):
+    # a task whose training pool the build used up (n_train >= its pool) has no validation texts:
+    # the validation pool scores the other tasks instead of tokenizing an empty list
+    from larv_lab.testbed import pools as P
+
+    full, _ = text_testbeds
+    real = P.held_out_split
+
+    def none_for_greetings(data, recipe, n_val):
+        x, y = real(data, recipe, n_val)
+        return (x[:0], y[:0]) if data.name == "greetings" else (x, y)
+
+    monkeypatch.setattr(P, "held_out_split", none_for_greetings)
+    pool = P.TestbedTaskPool(testbed_dir=str(full.root), split="validation", val_size=3)
+    assert len(pool.examples("greetings")[1]) == 0
+    report = pool.evaluate(full.load_pretrained())
+    assert "greetings" not in report and "sms_spam" in report

@@ -246,10 +246,9 @@ class TestbedTaskPool(BaseTaskPool):
             raw, labels = held_out_split(
                 source_as_built(self.testbed, task), self.testbed.recipe, self.val_size
             )
-            self._held_out[task] = (
-                encode_inputs(self.testbed, raw),
-                torch.from_numpy(labels).long(),
-            )
+            # a task whose training pool the build used up has none (a tokenizer fails on [])
+            x = encode_inputs(self.testbed, raw) if len(labels) else {}
+            self._held_out[task] = (x, torch.from_numpy(labels).long())
         return self._held_out[task]
 
     def _device(self) -> torch.device:
@@ -268,7 +267,7 @@ class TestbedTaskPool(BaseTaskPool):
             without = [t for t in tasks if len(self.examples(t)[1]) == 0]
             tasks = [t for t in tasks if t not in without]
             if not tasks:
-                raise ValueError("no task of this testbed has held-out validation images")
+                raise ValueError("no task of this testbed has held-out validation examples")
         for task in tasks:
             clf = self.testbed.classifier(task, backbone=model).to(device)
             x, y = self.examples(task)
