@@ -235,4 +235,10 @@ def test_registered_sources_build_a_testbed_and_run_the_benchmark(registered, tm
         assert "wudi" in card["missing_mergers"] and not card["all_met"]
     table = (out / "artefacts" / "bench.md").read_text()
     assert "user_colour" in table and table.count("Regime card") == 2
+    # run time from each cell.json, per suite: the sum of the four cells' own seconds
+    for suite in suites:
+        secs = [json.loads(f.read_text())["launch"]["seconds"]
+                for f in (out / "runs" / suite).glob("*/*/cell.json")]  # fmt: skip
+        assert len(secs) == 4
+        assert f"4 of 4 cells timed, {sum(secs):,.0f} s in all" in table
     assert (out / "artefacts" / "forest_bench.png").stat().st_size > 0

@@ -56,7 +56,7 @@ from .experiments import (
     schedule,
 )
 from .registry import display_label, registry
-from .sweep import LAYERS, REPORT, read_json
+from .sweep import CELL, LAYERS, REPORT, read_json
 
 ANCHORS_FILE = Path(__file__).with_name("paper_anchors.json")
 MAX = "larv-max"  # pseudo variant: the better gate per cell (oracle, as in the paper)
@@ -1072,6 +1072,27 @@ def regime_cards(t: Table, cells: Sequence[Cell], res: Results, folder: Path) ->
     return written
 
 
+def run_times(t: Table, cells: Sequence[Cell], out: Path) -> None:
+    """Append to ``t``'s notes, per suite, the cells' run time as the launcher measured it
+    (``cell.json``'s ``launch.seconds``: the merge and the evaluation), in all and the slowest."""
+    for suite in _suites(cells):
+        timed = []
+        for c in cells:
+            if c.suite.key == suite.key:
+                secs = ((read_json(c.run_dir(out) / CELL) or {}).get("launch") or {}).get("seconds")
+                if isinstance(secs, (int, float)):
+                    timed.append((float(secs), c))
+        if not timed:
+            continue
+        slow_s, slow = max(timed, key=lambda x: x[0])
+        n = sum(c.suite.key == suite.key for c in cells)
+        t.notes.append(
+            f"Run time ({suite.label}, `cell.json`): {len(timed)} of {n} cells timed, "
+            f"{sum(s for s, _ in timed):,.0f} s in all; the slowest, "
+            f"{slow.merger}/{slow.variant.slug}, {slow_s:,.0f} s."
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
     """Write every artefact of the experiments in ``groups`` into ``<out>/artefacts``."""
@@ -1118,6 +1139,7 @@ def collate(out: Path, groups: Mapping[str, Sequence[Cell]]) -> list[Path]:
                 suites_side_by_side(t, cells, res, order)
             questions(t, cells, res)
             written += regime_cards(t, cells, res, folder)
+            run_times(t, cells, out)
             p, curves = plots.adamerging_curves(cells, out, folder / "adamerging_curve.png")
             written += [p] if p else []
             for label, steps, seconds in curves:
