@@ -25,11 +25,14 @@ COLUMNS = {
 }
 
 
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def markdown_table(lines: list[str], first_header: str) -> tuple[list[str], dict[str, list[str]]]:
     """The first table whose header starts with ``| first_header |``: its column headers (after
     the first) and ``{row label: cells}``."""
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
-    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
     header = cells(lines[start])[1:]
     rows = {}
     for line in lines[start + 2 :]:

@@ -52,6 +52,7 @@ from .experiments import (
     Cell,
     Suite,
     ablation,
+    by_suite,
     custom,
     schedule,
 )
@@ -1075,19 +1076,18 @@ def regime_cards(t: Table, cells: Sequence[Cell], res: Results, folder: Path) ->
 def run_times(t: Table, cells: Sequence[Cell], out: Path) -> None:
     """Append to ``t``'s notes, per suite, the cells' run time as the launcher measured it
     (``cell.json``'s ``launch.seconds``: the merge and the evaluation), in all and the slowest."""
-    for suite in _suites(cells):
+    for scells in by_suite(cells).values():
         timed = []
-        for c in cells:
-            if c.suite.key == suite.key:
-                secs = ((read_json(c.run_dir(out) / CELL) or {}).get("launch") or {}).get("seconds")
-                if isinstance(secs, (int, float)):
-                    timed.append((float(secs), c))
+        for c in scells:
+            secs = ((read_json(c.run_dir(out) / CELL) or {}).get("launch") or {}).get("seconds")
+            if isinstance(secs, (int, float)):
+                timed.append((float(secs), c))
         if not timed:
             continue
         slow_s, slow = max(timed, key=lambda x: x[0])
-        n = sum(c.suite.key == suite.key for c in cells)
         t.notes.append(
-            f"Run time ({suite.label}, `cell.json`): {len(timed)} of {n} cells timed, "
+            f"Run time ({scells[0].suite.label}, `cell.json`): {len(timed)} of {len(scells)} "
+            "cells timed, "
             f"{sum(s for s, _ in timed):,.0f} s in all; the slowest, "
             f"{slow.merger}/{slow.variant.slug}, {slow_s:,.0f} s."
         )
