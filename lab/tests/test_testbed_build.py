@@ -193,6 +193,13 @@ def test_interrupted_build_resumes_per_task(built, tmp_path, monkeypatch):
     assert calls == [task]
     weights, redone = _state(testbed.finetuned_dirs[task]), _state(again.finetuned_dirs[task])
     assert all(torch.equal(weights[k], redone[k]) for k in weights)
+    # the report's total still covers the whole build: this run plus the reused tasks' own times
+    secs, tasks = again.report["seconds"], again.report["tasks"]
+    task_secs = {t: sum(m["seconds"].values()) for t, m in tasks.items()}
+    assert [t for t, m in tasks.items() if not m.get("reused")] == [task]
+    assert secs["total"] >= sum(task_secs.values()) and secs["this_run"] >= task_secs[task]
+    assert secs["total"] > secs["this_run"]
+    assert "resumed" in again.summary().splitlines()[-1]
 
 
 def test_load_testbed_errors(tmp_path):

@@ -138,6 +138,10 @@ def test_a_registered_text_source_builds_and_resumes(text_testbeds):
     assert len(texts) == 12 and set(labels.tolist()) <= {0, 1}
     rep = full.report["tasks"]["greetings"]
     assert rep["n_train"] == 24 and 0.0 <= rep["finetuned_acc"] <= 1.0
+    # a build in one run: its total is that run's time, and the summary says so
+    secs = full.report["seconds"]
+    assert secs["total"] == secs["this_run"] > 0
+    assert full.summary().splitlines()[-1] == f"build time {secs['total']:.1f} s"
     # the head is frozen and the fine-tuned encoder moved, but not its word embeddings
     pre = dict(full.load_pretrained().named_parameters())
     ft = dict(full.load_finetuned("greetings").named_parameters())

@@ -61,6 +61,8 @@ from .build import (
     _task_seed,
     _torch_settings,
     _write_json,
+    build_seconds,
+    build_time_line,
     default_cache_dir,
     train_against_head,
 )
@@ -466,7 +468,7 @@ def build_text_testbed(
                 "device": str(device),
                 "num_threads": num_threads,
                 "versions": versions,
-                "seconds": {"total": time.perf_counter() - t_start},
+                "seconds": build_seconds(time.perf_counter() - t_start, tasks),
                 "tasks": tasks,
             },
         )
@@ -573,7 +575,7 @@ class TextTestbed:
                 f"{m['gain']:>+8.4f}{sum(m['seconds'].values()):>9.1f}"
                 + ("  (cached)" if m.get("reused") else "")
             )
-        lines.append(f"build time {rep['seconds']['total']:.1f} s")
+        lines.append(build_time_line(rep["seconds"]))
         return "\n".join(lines)
 
 
