@@ -88,6 +88,14 @@ def _writable(cls: type) -> frozenset[str]:
     return frozenset(n for n in (*dir(cls), *annotated) if not n.startswith("_"))
 
 
+def _warn(messages: list[str], stacklevel: int) -> None:
+    """Each LARV warning to the log and as a :class:`LarvWarning`; ``stacklevel`` counts from
+    here to the caller of ``LARVAlgorithm.run``, whom the warning names."""
+    for msg in messages:
+        log.warning("LARV: %s", msg)
+        warnings.warn(msg, LarvWarning, stacklevel=stacklevel)
+
+
 class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
     """LARV over any task-vector merger.
 
@@ -281,9 +289,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
         result = compute_larv_scales(theta0, merged.state_dict(), s, device=self._device())
         log.info("LARV scales per layer: %s (diagnostics %.1f s)",
                  [round(x, 4) for x in result.scales], result.seconds)  # fmt: skip
-        for msg in result.warnings:
-            log.warning("LARV: %s", msg)
-            warnings.warn(msg, LarvWarning, stacklevel=2)
+        _warn(result.warnings, stacklevel=3)  # _warn, run, run's caller
 
         if s.placement == "task_vectors":
             del out, merged
@@ -322,9 +328,7 @@ class LARVAlgorithm(BaseAlgorithm, LightningFabricMixin):
             log.info("LARV scales per layer, task %s: %s", task, [round(x, 4) for x in res.scales])
         log.info("LARV per-task diagnostics: %d tasks, %.1f s", len(result.tasks or {}),
                  result.seconds)  # fmt: skip
-        for msg in result.warnings:
-            log.warning("LARV: %s", msg)
-            warnings.warn(msg, LarvWarning, stacklevel=3)
+        _warn(result.warnings, stacklevel=4)  # _warn, _run_per_task, run, run's caller
         scales = {task: res.param_scale for task, res in (result.tasks or {}).items()}
         out = self._run_base(PoolView(modelpool, theta0, scales, checked=checked))
         merged_module(out, merger, theta0, architecture)  # one model of θ_0's architecture

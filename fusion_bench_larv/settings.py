@@ -7,7 +7,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .gates import DEFAULT_LEVELS, SCHEDULES, TIER_LEVELS, W_NORMALIZATIONS
@@ -95,7 +95,6 @@ class LarvSettings:
     eps: float = 1e-8
     report_name: str = "larv_layers.json"
     stats_cache_dir: str | None = None  # opt-in disk cache of θ_0's statistics
-    extra: dict = field(default_factory=dict, repr=False)  # not a config key; kept for reports
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,8 +113,8 @@ class LarvSettings:
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
-        """The public config keys (every field but ``extra``)."""
-        return tuple(f.name for f in fields(cls) if f.name != "extra")
+        """The public config keys (every field)."""
+        return tuple(f.name for f in fields(cls))
 
     @classmethod
     def from_mapping(cls, values: dict, also_allowed: Iterable[str] = ()) -> LarvSettings:
@@ -132,7 +131,6 @@ class LarvSettings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("extra")
         d["levels"] = list(d["levels"])
         if d["schedule_scales"] is not None:
             d["schedule_scales"] = list(d["schedule_scales"])

@@ -567,3 +567,18 @@ def test_base_method_helpers_work_without_importing_the_adapter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     name, imported = proc.stdout.strip().splitlines()[-2:]
     assert name.startswith("TaskArithmeticAlgorithm (fusion_bench.method.") and imported == "False"
+
+
+@pytest.mark.parametrize("diagnostics", ["merged", "per_task"])
+def test_a_zero_update_warns_at_the_caller_of_run(models, diagnostics):
+    """Fine-tuned models equal to θ_0: the diagnostics' warning reaches the log and names the
+    line that called ``run`` (this file), on both diagnostics routes."""
+    pretrained, _ = models
+    pool = fresh_pool((pretrained, {k: pretrained for k in "ab"}))
+    alg = LARVAlgorithm(
+        base_method=BASES["larv_ta"], gate="tiered", diagnostics=diagnostics,
+        placement="task_vectors",
+    )  # fmt: skip
+    with pytest.warns(LarvWarning, match="zero everywhere") as caught:
+        alg.run(pool)
+    assert {w.filename for w in caught if issubclass(w.category, LarvWarning)} == {__file__}
