@@ -200,3 +200,23 @@ def test_two_suites_side_by_side_and_in_one_forest_plot(tmp_path):
         f"{lb.hi:+.1f}]* |"
     )
     assert (tmp_path / "artefacts" / "forest_bench.png").stat().st_size > 0
+
+
+def test_every_benchmark_row_has_its_run_time_group():
+    """The run-time notes group rows by what a budget could keep or drop; each bench variant
+    lands where its definition says (data-using rows apart, ablations and per-task apart)."""
+    suite = X.EXPERIMENTS["bench"].suites[0]
+    group = {v.slug: collate.time_group(X.Cell(suite, "ta", v)) for v in X.BENCH_VARIANTS}
+    assert group["base"] == "base mergers and references"
+    assert {
+        group[s] for s in ("larv-tiered", "larv-continuous", "sched-linear", "sched-lines")
+    } == {"LARV gates and depth schedules"}
+    assert (
+        group["larv-tiered-r0e0c1"]
+        == group["larv-tiered-per-task"]
+        == ("ablation and per-task rows")
+    )
+    assert group["lines-val"] == group["larv-guarded"] == "LiNeS and guarded LARV (validation data)"
+    ada = X.Cell(suite, "testbed_adamerging", X.BASE)
+    assert collate.time_group(ada) == "AdaMerging (test inputs)"
+    assert set(group.values()) | {collate.time_group(ada)} == set(collate.TIME_GROUPS)

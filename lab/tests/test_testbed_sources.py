@@ -241,4 +241,11 @@ def test_registered_sources_build_a_testbed_and_run_the_benchmark(registered, tm
                 for f in (out / "runs" / suite).glob("*/*/cell.json")]  # fmt: skip
         assert len(secs) == 4
         assert f"4 of 4 cells timed, {sum(secs):,.0f} s in all" in table
+        # and per row group: the LARV cell apart from the base rows and references
+        larv = json.loads((out / "runs" / suite / "ta/larv-tiered/cell.json").read_text())
+        larv_s = larv["launch"]["seconds"]
+        assert (
+            f"by rows (cells): base mergers and references {sum(secs) - larv_s:,.0f} s (3); "
+            f"LARV gates and depth schedules {larv_s:,.0f} s (1); the slowest"
+        ) in table
     assert (out / "artefacts" / "forest_bench.png").stat().st_size > 0

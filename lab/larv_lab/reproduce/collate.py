@@ -1073,9 +1073,32 @@ def regime_cards(t: Table, cells: Sequence[Cell], res: Results, folder: Path) ->
     return written
 
 
+#: run-time groups, in the order the notes list them: what a time budget could keep or drop
+TIME_GROUPS = (
+    "base mergers and references",
+    "LARV gates and depth schedules",
+    "ablation and per-task rows",
+    "LiNeS and guarded LARV (validation data)",
+    "AdaMerging (test inputs)",
+)
+
+
+def time_group(c: Cell) -> str:
+    """The :data:`TIME_GROUPS` entry of a cell's row."""
+    v = c.variant
+    if c.merger == "testbed_adamerging":
+        return TIME_GROUPS[4]
+    if v.uses_data:
+        return TIME_GROUPS[3]
+    if v.larv is None and v.method is None:
+        return TIME_GROUPS[0]
+    return TIME_GROUPS[2] if v.mergers is not None else TIME_GROUPS[1]
+
+
 def run_times(t: Table, cells: Sequence[Cell], out: Path) -> None:
     """Append to ``t``'s notes, per suite, the cells' run time as the launcher measured it
-    (``cell.json``'s ``launch.seconds``: the merge and the evaluation), in all and the slowest."""
+    (``cell.json``'s ``launch.seconds``: the merge and the evaluation): in all, per
+    :func:`time_group` and the slowest cell."""
     for scells in by_suite(cells).values():
         timed = []
         for c in scells:
@@ -1084,12 +1107,13 @@ def run_times(t: Table, cells: Sequence[Cell], out: Path) -> None:
                 timed.append((float(secs), c))
         if not timed:
             continue
+        groups = {g: [s for s, c in timed if time_group(c) == g] for g in TIME_GROUPS}
+        parts = [f"{g} {sum(v):,.0f} s ({len(v)})" for g, v in groups.items() if v]
         slow_s, slow = max(timed, key=lambda x: x[0])
         t.notes.append(
             f"Run time ({scells[0].suite.label}, `cell.json`): {len(timed)} of {len(scells)} "
-            "cells timed, "
-            f"{sum(s for s, _ in timed):,.0f} s in all; the slowest, "
-            f"{slow.merger}/{slow.variant.slug}, {slow_s:,.0f} s."
+            f"cells timed, {sum(s for s, _ in timed):,.0f} s in all; by rows (cells): "
+            f"{'; '.join(parts)}; the slowest, {slow.merger}/{slow.variant.slug}, {slow_s:,.0f} s."
         )
 
 
