@@ -248,3 +248,34 @@ def test_missing_source_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr("larv_lab.testbed.sources.OPENCV_DOC_DIGITS", tmp_path / "absent.png")
     with pytest.raises(SourceMissingError, match="opencv-doc"):
         load_source("opencv_digits")
+
+
+def test_task_vector_entries_script_on_a_hand_made_testbed():
+    """lab/scripts/task_vector_entries.py: the median |τ| over the nonzero entries of the 2-D
+    tensors only (a 1-D bias's update and zero entries left out), hand-derived."""
+    import importlib.util
+    import math
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "task_vector_entries", Path(__file__).parents[1] / "scripts" / "task_vector_entries.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def linear(weight, bias):
+        m = torch.nn.Linear(2, 2)
+        m.weight.data, m.bias.data = torch.tensor(weight), torch.tensor(bias)
+        return m
+
+    zero = [[0.0, 0.0], [0.0, 0.0]]
+    models = {"a": linear([[1.0, -2.0], [3.0, 0.0]], [9.0, 9.0]), "b": linear(zero, [5.0, 0.0])}
+    testbed = SimpleNamespace(
+        tasks=("a", "b"),
+        load_pretrained=lambda: linear(zero, [0.0, 0.0]),
+        load_finetuned=lambda t: models[t],
+    )
+    med = script.median_entries(testbed)
+    assert med["a"] == 2.0  # median of |1|, |−2|, |3| (the zero and the bias left out)
+    assert math.isnan(med["b"])  # no nonzero 2-D entry: the median of nothing
