@@ -6,8 +6,10 @@ lr 1e-5 for ``iter_num`` steps, started from the sum of the task vectors).
     python lab/scripts/task_vector_entries.py full text_full text_lora
 
 Prints, per recipe and task, the median |τ| over the nonzero entries of those tensors, and WUDI's
-reach in units of it: an Adam step moves an entry by about lr at most, so FusionBench's defaults
-(400 steps at 1e-5) move it by about 4e-3 from the sum it starts at.
+reach in units of it: an Adam step moves an entry by about lr at most, so ``iter_num`` steps move
+it by about ``iter_num × lr`` from the sum it starts at. Both are read, not restated: ``iter_num``
+from this plugin's ``larv_wudi`` config, lr from FusionBench's ``wudi_merging`` source, where it
+is a literal (400 × 1e-5 = 4e-3 in FusionBench 0.2.33).
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ def median_entries(testbed) -> dict[str, float]:
     return out
 
 
+def wudi_settings() -> tuple[int, float]:
+    """(iter_num, lr) of the WUDI runs: ``iter_num`` from ``config/method/larv_wudi.yaml``, lr
+    from the ``torch.optim.Adam(..., lr=...)`` call in FusionBench's ``wudi_merging``."""
+    import inspect
+    import re
+
+    from fusion_bench.method.wudi.wudi import wudi_merging
+    from omegaconf import OmegaConf
+
+    from fusion_bench_larv.config_paths import larv_config_dir
+
+    iter_num = OmegaConf.load(larv_config_dir() / "method" / "larv_wudi.yaml").base_method.iter_num
+    found = re.search(r"Adam\([^)]*\blr=([0-9.eE+-]+)", inspect.getsource(wudi_merging))
+    if found is None:
+        raise RuntimeError("no Adam(..., lr=...) in FusionBench's wudi_merging: read it by hand")
+    return int(iter_num), float(found.group(1))
+
+
 def main(argv: list[str] | None = None) -> int:
     from larv_lab.testbed.pools import open_testbed
 
@@ -38,11 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("recipes", nargs="+", help="built testbed recipes (e.g. full text_full)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
+    iter_num, lr = wudi_settings()
+    reach = iter_num * lr
     for recipe in args.recipes:
         med = median_entries(open_testbed(recipe, args.cache_dir))
         typical = sorted(med.values())[len(med) // 2]
         print(f"{recipe}: median |τ| per task " + " ".join(f"{m:.1e}" for m in med.values()))
-        print(f"  WUDI's reach at its defaults, 400 × 1e-5 = 4e-3: {4e-3 / typical:.1f} × that")
+        print(
+            f"  WUDI's reach, iter_num × lr = {iter_num} × {lr:g} = {reach:.1e}: "
+            f"{reach / typical:.1f} × that"
+        )
     return 0
 
 

@@ -279,3 +279,28 @@ def test_task_vector_entries_script_on_a_hand_made_testbed():
     med = script.median_entries(testbed)
     assert med["a"] == 2.0  # median of |1|, |−2|, |3| (the zero and the bias left out)
     assert math.isnan(med["b"])  # no nonzero 2-D entry: the median of nothing
+
+
+def test_task_vector_entries_reads_wudis_settings_from_the_configs_and_fusionbench():
+    """The script's WUDI reach uses the iter_num our larv_wudi config sets and the lr literal in
+    FusionBench's wudi_merging, read from their sources (checked against them independently)."""
+    import importlib.util
+    import inspect
+    import re
+    from pathlib import Path
+
+    from fusion_bench.method.wudi.wudi import wudi_merging
+    from omegaconf import OmegaConf
+
+    from fusion_bench_larv.config_paths import larv_config_dir
+
+    spec = importlib.util.spec_from_file_location(
+        "task_vector_entries", Path(__file__).parents[1] / "scripts" / "task_vector_entries.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    iter_num, lr = script.wudi_settings()
+    cfg = OmegaConf.load(larv_config_dir() / "method" / "larv_wudi.yaml")
+    assert iter_num == cfg.base_method.iter_num
+    source = inspect.getsource(wudi_merging).replace(" ", "")
+    assert lr in {float(x) for x in re.findall(r"lr=([^,)]+)", source)}

@@ -1074,25 +1074,27 @@ def regime_cards(t: Table, cells: Sequence[Cell], res: Results, folder: Path) ->
 
 
 #: run-time groups, in the order the notes list them: what a time budget could keep or drop
-TIME_GROUPS = (
-    "base mergers and references",
-    "LARV gates and depth schedules",
-    "ablation and per-task rows",
-    "LiNeS and guarded LARV (validation data)",
-    "AdaMerging (test inputs)",
-)
+TIME_GROUPS = {
+    "base": "base mergers and references",
+    "larv": "LARV gates and depth schedules",
+    "ablation": "ablation and per-task rows",
+    "data": "LiNeS and guarded LARV (validation data)",
+    "adamerging": "AdaMerging (test inputs)",
+}
 
 
 def time_group(c: Cell) -> str:
-    """The :data:`TIME_GROUPS` entry of a cell's row."""
+    """The :data:`TIME_GROUPS` label of a cell's row."""
     v = c.variant
     if c.merger == "testbed_adamerging":
-        return TIME_GROUPS[4]
-    if v.uses_data:
-        return TIME_GROUPS[3]
-    if v.larv is None and v.method is None:
-        return TIME_GROUPS[0]
-    return TIME_GROUPS[2] if v.mergers is not None else TIME_GROUPS[1]
+        key = "adamerging"
+    elif v.uses_data:
+        key = "data"
+    elif v.larv is None and v.method is None:
+        key = "base"
+    else:
+        key = "ablation" if v.mergers is not None else "larv"
+    return TIME_GROUPS[key]
 
 
 def run_times(t: Table, cells: Sequence[Cell], out: Path) -> None:
@@ -1107,7 +1109,7 @@ def run_times(t: Table, cells: Sequence[Cell], out: Path) -> None:
                 timed.append((float(secs), c))
         if not timed:
             continue
-        groups = {g: [s for s, c in timed if time_group(c) == g] for g in TIME_GROUPS}
+        groups = {g: [s for s, c in timed if time_group(c) == g] for g in TIME_GROUPS.values()}
         parts = [f"{g} {sum(v):,.0f} s ({len(v)})" for g, v in groups.items() if v]
         slow_s, slow = max(timed, key=lambda x: x[0])
         t.notes.append(
