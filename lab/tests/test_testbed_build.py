@@ -250,19 +250,25 @@ def test_missing_source_says_how_to_install(tmp_path, monkeypatch):
         load_source("opencv_digits")
 
 
+def _task_vector_entries_script():
+    """lab/scripts/task_vector_entries.py as a module (the lab's scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "task_vector_entries.py"
+    spec = importlib.util.spec_from_file_location("task_vector_entries", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_task_vector_entries_script_on_a_hand_made_testbed():
     """lab/scripts/task_vector_entries.py: the median |τ| over the nonzero entries of the 2-D
     tensors only (a 1-D bias's update and zero entries left out), hand-derived."""
-    import importlib.util
     import math
-    from pathlib import Path
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location(
-        "task_vector_entries", Path(__file__).parents[1] / "scripts" / "task_vector_entries.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _task_vector_entries_script()
 
     def linear(weight, bias):
         m = torch.nn.Linear(2, 2)
@@ -284,21 +290,15 @@ def test_task_vector_entries_script_on_a_hand_made_testbed():
 def test_task_vector_entries_reads_wudis_settings_from_the_configs_and_fusionbench():
     """The script's WUDI reach uses the iter_num our larv_wudi config sets and the lr literal in
     FusionBench's wudi_merging, read from their sources (checked against them independently)."""
-    import importlib.util
     import inspect
     import re
-    from pathlib import Path
 
     from fusion_bench.method.wudi.wudi import wudi_merging
     from omegaconf import OmegaConf
 
     from fusion_bench_larv.config_paths import larv_config_dir
 
-    spec = importlib.util.spec_from_file_location(
-        "task_vector_entries", Path(__file__).parents[1] / "scripts" / "task_vector_entries.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _task_vector_entries_script()
     iter_num, lr = script.wudi_settings()
     cfg = OmegaConf.load(larv_config_dir() / "method" / "larv_wudi.yaml")
     assert iter_num == cfg.base_method.iter_num
