@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fusion_bench_larv import veneer
-from fusion_bench_larv.diagnostics import singular_values
-from fusion_bench_larv.layers import group_layers
+from fusion_bench_larv.core import veneer
+from fusion_bench_larv.core.diagnostics import singular_values
+from fusion_bench_larv.core.layers import group_layers
 
 SHAPES = [(12, 12), (40, 9), (9, 40), (33, 16)]
 

@@ -38,9 +38,9 @@ from fusion_bench.method.singular_value_calibration.task_arithmetic import (
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvInputError, LarvSettings
-from fusion_bench_larv.gates import continuous_gate, median, normalize_scores
-from fusion_bench_larv.layers import group_layers
-from fusion_bench_larv.validation import LarvWarning
+from fusion_bench_larv.core.gates import continuous_gate, median, normalize_scores
+from fusion_bench_larv.core.layers import group_layers
+from fusion_bench_larv.errors import LarvWarning
 
 # Each base method as the `larv_*` configs give it (paper hyperparameters; WUDI shortened).
 SVC = "fusion_bench.method.singular_value_calibration"
@@ -409,7 +409,7 @@ def test_base_method_must_have_target():
 
 def test_larv_inside_larv_is_refused():
     inner = {
-        "_target_": "fusion_bench_larv.algorithm.LARVAlgorithm",
+        "_target_": "fusion_bench_larv.LARVAlgorithm",
         "base_method": BASES["larv_ta"],
     }
     with pytest.raises(LarvConfigError, match="is itself LARV"):
@@ -449,7 +449,7 @@ def test_settings_are_held_once_and_read_through_attributes():
         assert getattr(alg, key) == getattr(alg.settings, key), key
         assert key not in vars(alg), key  # no copy on the instance that could drift
     cfg = alg.config  # FusionBench's serialisation reads the attributes
-    assert cfg._target_ == "fusion_bench_larv.algorithm.LARVAlgorithm"
+    assert cfg._target_ == "fusion_bench_larv.LARVAlgorithm"
     assert cfg.gate == "continuous" and list(cfg.levels) == [0.4, 1.0, 1.6]
     assert {k: cfg[k] for k in LarvSettings.keys()} == alg.settings.to_dict()
     # replacing the settings object is seen through every attribute
@@ -523,7 +523,10 @@ def test_fusion_bench_program_sets_up_and_runs_the_adapter(models, tmp_path, mon
     }
     fabric = {"_target_": "lightning.Fabric", "accelerator": "cpu", "devices": 1, "loggers": logger}
     method = OmegaConf.create(
-        {"_target_": "fusion_bench_larv.algorithm.LARVAlgorithm", "base_method": BASES["larv_ta"]}
+        {
+            "_target_": "fusion_bench_larv.LARVAlgorithm",
+            "base_method": BASES["larv_ta"],
+        }
     )
     program = FabricModelFusionProgram(
         method=method, modelpool=None, fabric=OmegaConf.create(fabric), print_config=False
@@ -554,11 +557,11 @@ def test_written_setting_is_what_the_run_uses(models):
 def test_base_method_helpers_work_without_importing_the_adapter():
     # no import circle: the base-merger helpers (and the LARV-inside-LARV check) stand alone
     code = (
-        "import sys, fusion_bench_larv.base_method as bm\n"
+        "import sys, fusion_bench_larv.adapter.base_method as bm\n"
         "ta = {'_target_': 'fusion_bench.method.TaskArithmeticAlgorithm', 'scaling_factor': 0.3}\n"
         "bm.check_base_method(ta)\n"
         "print(bm.base_method_name(bm.build_base_method(ta)))\n"
-        "print('fusion_bench_larv.algorithm' in sys.modules)\n"
+        "print('fusion_bench_larv.adapter.algorithm' in sys.modules)\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(

@@ -1,4 +1,4 @@
-"""larv-compare (fusion_bench_larv.compare) on hand-made run folders: per_sample.json written with
+"""larv-compare (fusion_bench_larv.evaluation.compare) on hand-made run folders: per_sample.json written with
 per_sample.write beside a small program_report.json, as a recording task pool leaves them."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_bench_larv import compare as C
-from fusion_bench_larv import intervals as iv
-from fusion_bench_larv import per_sample
+from fusion_bench_larv.evaluation import compare as C
+from fusion_bench_larv.evaluation import intervals as iv
+from fusion_bench_larv.evaluation import per_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 N = {"t1": 100, "t2": 60}
@@ -150,7 +150,7 @@ def test_missing_per_sample_file_says_which_task_pool_records_it(tmp_path, capsy
     msg = str(e.value)
     assert "no per_sample.json" in msg and "program_report.json only" in msg
     assert "taskpool=CLIPVisionModelTaskPool/larv_recording_TA8" in msg
-    assert "fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool" in msg
+    assert "fusion_bench_larv.RecordingCLIPVisionModelTaskPool" in msg
     assert "larv_recording_TA8" in _refused(capsys, a, b)
     with pytest.raises(C.CompareError, match="no such run folder"):
         C.compare_runs(a, tmp_path / "nowhere")
@@ -221,7 +221,15 @@ def test_python_dash_m_runs_the_command(tmp_path):
     base = _base()
     a, b = _run(tmp_path / "a", base), _run(tmp_path / "b", _ten_more(base))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fusion_bench_larv.compare", str(a), str(b), "--resamples", "200"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusion_bench_larv.evaluation.compare",
+        str(a),
+        str(b),
+        "--resamples",
+        "200",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "B is better than A on average (interval excludes 0)"
@@ -232,7 +240,7 @@ def test_python_dash_m_runs_the_command(tmp_path):
 
 
 def test_the_plugin_module_does_not_import_the_lab():
-    code = "import sys, fusion_bench_larv.compare; print('larv_lab' in sys.modules)"
+    code = "import sys, fusion_bench_larv.evaluation.compare; print('larv_lab' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
@@ -245,7 +253,7 @@ def test_cli_into_a_closed_pipe_prints_no_traceback(tmp_path):
     read, write = os.pipe()
     os.close(read)  # no reader at all
     rc = subprocess.run(
-        [sys.executable, "-m", "fusion_bench_larv.compare", str(a), str(b), "--resamples", "200"],
+        [sys.executable, "-m", "fusion_bench_larv.evaluation.compare", str(a), str(b), "--resamples", "200"],
         stdout=write, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     os.close(write)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import SHAPES, naive_conflict, naive_reff, structured
 
-from fusion_bench_larv.diagnostics import (
+from fusion_bench_larv.core.diagnostics import (
     MatrixStats,
     SpectrumOptions,
     as_matrix,

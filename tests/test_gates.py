@@ -9,11 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion_bench_larv.gates import (
+from fusion_bench_larv.core.gates import (
     composite_score,
     continuous_gate,
     depth_prior,
-    depth_schedule,
     empirical_quantile,
     median,
     normalize_scores,
@@ -21,6 +20,7 @@ from fusion_bench_larv.gates import (
     standardize,
     tiered_gate,
 )
+from fusion_bench_larv.core.registry import depth_schedule
 
 
 def test_softplus_and_standardize():
@@ -373,7 +373,7 @@ def test_median_normalization_when_the_median_is_not_positive():
 # -- depth schedules ----------------------------------------------------------------------------
 def test_tier_levels_as_documented():
     # the tier2 / tier3 / tier6 / tier12 levels of docs/method.md, "Depth-only schedules"
-    from fusion_bench_larv.gates import TIER_LEVELS
+    from fusion_bench_larv.core.gates import TIER_LEVELS
 
     assert TIER_LEVELS["tier2"] == (0.5, 1.5)
     assert TIER_LEVELS["tier3"] == (0.5, 1.0, 1.5)
@@ -429,7 +429,7 @@ def test_schedule_needs_a_layer():
 def test_tier_mapping_is_proportional(num_layers, name):
     # every tier gets ⌊L/K⌋ or ⌈L/K⌉ consecutive layers, in order; with 2L > K both the first
     # and the last level are reached
-    from fusion_bench_larv.gates import TIER_LEVELS
+    from fusion_bench_larv.core.gates import TIER_LEVELS
 
     levels = TIER_LEVELS[name]
     k = len(levels)

@@ -168,12 +168,9 @@ def test_install_mode_gives_a_working_plugin(mode, dependencies, tmp_path):
     assert Path(probe["config"]).resolve() == want
     assert (want / "method" / "larv_ta.yaml").is_file()
 
-    # the CLI, from an unrelated directory
+    # the CLI, from an unrelated directory (the probe above has shown where the configs come from)
     fusion_bench = Path(sys.executable).parent / "fusion_bench"  # FusionBench's console script
     assert fusion_bench.is_file(), f"no fusion_bench script next to {sys.executable}"
-    info = _run([python, fusion_bench, "--info", "searchpath"], elsewhere).stdout
-    rows = [line for line in info.splitlines() if "fusion-bench-larv" in line]
-    assert any("fusion_bench_larv_config" in r or str(proj / "config") in r for r in rows), info
     out = _run([python, fusion_bench, *COMPOSE], elsewhere).stdout
     cfg = yaml.safe_load(out)
     assert cfg["method"]["_target_"] == "fusion_bench_larv.LARVAlgorithm"

@@ -1,13 +1,13 @@
-"""Paired intervals over test images (fusion_bench_larv.intervals) on hand-made cases,
-and the per-sample file format they read (fusion_bench_larv.per_sample)."""
+"""Paired intervals over test images (fusion_bench_larv.evaluation.intervals) on hand-made cases,
+and the per-sample file format they read (fusion_bench_larv.evaluation.per_sample)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fusion_bench_larv import intervals as iv
-from fusion_bench_larv import per_sample
+from fusion_bench_larv.evaluation import intervals as iv
+from fusion_bench_larv.evaluation import per_sample
 
 
 def _vectors(n: int, seed: int, p_a: float = 0.8, p_b: float = 0.7):

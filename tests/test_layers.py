@@ -6,7 +6,7 @@ import pytest
 from open_clip.transformer import VisionTransformer
 from transformers import CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
 
-from fusion_bench_larv.layers import KNOWN_LAYER_PATTERNS, LayerGroupingError, group_layers
+from fusion_bench_larv.core.layers import KNOWN_LAYER_PATTERNS, LayerGroupingError, group_layers
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,18 @@ from hydra.utils import instantiate
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench_larv.layers import group_layers
-from fusion_bench_larv.lines import (
+from fusion_bench_larv.core.layers import group_layers
+from fusion_bench_larv.core.settings import LarvConfigError
+from fusion_bench_larv.core.veneer import apply_scales
+from fusion_bench_larv.errors import LarvInputError, LarvWarning
+from fusion_bench_larv.methods.lines import (
     l1_norm,
     lines_alpha,
     lines_param_scales,
     lines_scales,
     sum_task_vectors,
 )
-from fusion_bench_larv.lines_algorithm import LiNeSAlgorithm
-from fusion_bench_larv.settings import LarvConfigError
-from fusion_bench_larv.validation import LarvInputError, LarvWarning
-from fusion_bench_larv.veneer import apply_scales
+from fusion_bench_larv.methods.lines_algorithm import LiNeSAlgorithm
 
 FB_CONFIG = str(Path(fusion_bench.__file__).resolve().parent.parent / "fusion_bench_config")
 TA = "fusion_bench.method.TaskArithmeticAlgorithm"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusion_bench_larv.lot import (
+from fusion_bench_larv.methods.lot import (
     LinearSpec,
     LOTAccumulator,
     NormSpec,
@@ -18,14 +18,14 @@ from fusion_bench_larv.lot import (
     lot_norm_scale,
     lot_norm_shift,
 )
-from fusion_bench_larv.lot_algorithm import (
+from fusion_bench_larv.methods.lot_algorithm import (
     LOTMergingAlgorithm,
     exemplar_indices,
 )
 
 D = torch.float64
 UNIT = {"gate": "schedule", "schedule": "uniform", "schedule_scales": [1.0]}
-LOT_TARGET = "fusion_bench_larv.lot_algorithm.LOTMergingAlgorithm"
+LOT_TARGET = "fusion_bench_larv.LOTMergingAlgorithm"
 
 
 # ------------------------------------------------------------------------------- the mathematics

@@ -15,8 +15,8 @@ from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from torch import nn
 
 from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvInputError, LarvSettings
-from fusion_bench_larv.pool_view import PoolView
-from fusion_bench_larv.veneer import compute_larv_scales
+from fusion_bench_larv.adapter.pool_view import PoolView
+from fusion_bench_larv.core.veneer import compute_larv_scales
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
 TIES = {
@@ -249,7 +249,7 @@ def test_pool_view_with_per_model_scales_refuses_a_model_without_scales(dense):
 
 
 def test_theta0_statistics_are_computed_once_for_all_tasks(dense, monkeypatch, tmp_path):
-    from fusion_bench_larv import veneer
+    from fusion_bench_larv.core import veneer
 
     calls = []
     real = veneer.theta0_statistics

@@ -19,17 +19,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fusion_bench_larv import LARVAlgorithm, LarvConfigError, LarvInputError, LarvSettings
-from fusion_bench_larv.diagnostics import commutator_conflict, effective_rank, rank_contrast
-from fusion_bench_larv.gates import (
+from fusion_bench_larv.core.diagnostics import commutator_conflict, effective_rank, rank_contrast
+from fusion_bench_larv.core.gates import (
     TIER_LEVELS,
     composite_score,
     continuous_gate,
-    depth_schedule,
     standardize,
     tiered_gate,
 )
-from fusion_bench_larv.layers import group_layers
-from fusion_bench_larv.veneer import apply_scales, compute_larv_scales
+from fusion_bench_larv.core.layers import group_layers
+from fusion_bench_larv.core.registry import depth_schedule
+from fusion_bench_larv.core.veneer import apply_scales, compute_larv_scales
 
 FAST = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip

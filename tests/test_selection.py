@@ -10,10 +10,10 @@ import torch
 from fusion_bench import BaseModelPool
 from test_lines import TA, fresh, sd, tiny_pool
 
-from fusion_bench_larv.algorithm import LARVAlgorithm
-from fusion_bench_larv.lines_algorithm import LiNeSAlgorithm
-from fusion_bench_larv.selection import check_validation, choose, validation_score
-from fusion_bench_larv.settings import LarvConfigError
+from fusion_bench_larv.adapter.algorithm import LARVAlgorithm
+from fusion_bench_larv.adapter.selection import check_validation, choose, validation_score
+from fusion_bench_larv.core.settings import LarvConfigError
+from fusion_bench_larv.methods.lines_algorithm import LiNeSAlgorithm
 
 
 class DistancePool:

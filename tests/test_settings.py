@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-from fusion_bench_larv.settings import LarvConfigError, LarvSettings
-from fusion_bench_larv.validation import LarvWarning
+from fusion_bench_larv.core.settings import LarvConfigError, LarvSettings
+from fusion_bench_larv.errors import LarvWarning
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_settings_are_read_only_once_built_and_replace_validates():
     with pytest.raises(LarvConfigError, match="`gate`"):
         dataclasses.replace(s, gate="nope")
     assert copy.deepcopy(s) == s == pickle.loads(pickle.dumps(s))
-    s.validate()  # validating again is allowed (it only normalises, idempotently)
+    s.normalise()  # checking again is allowed (it only normalises, idempotently)
 
 
 def test_from_mapping_names_every_unknown_key_and_rejects_extra():

@@ -1,4 +1,4 @@
-"""θ_0's per-matrix statistics (fusion_bench_larv.stats_cache): reuse within a process, the disk
+"""θ_0's per-matrix statistics (fusion_bench_larv.core.stats_cache): reuse within a process, the disk
 cache (content key, settings check, atomic write) and the same result warm as cold."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from oracles import make_pair
 
-from fusion_bench_larv.layers import group_layers
-from fusion_bench_larv.settings import LarvSettings
-from fusion_bench_larv.stats_cache import Theta0Stats, content_key
-from fusion_bench_larv.veneer import _LazyDelta, compute_larv_scales, layer_diagnostics
+from fusion_bench_larv.core.layers import group_layers
+from fusion_bench_larv.core.settings import LarvSettings
+from fusion_bench_larv.core.stats_cache import Theta0Stats, content_key
+from fusion_bench_larv.core.veneer import _LazyDelta, compute_larv_scales, layer_diagnostics
 
 
 # -- θ_0 statistics: reuse and disk cache ---------------------------------------------------------
@@ -96,7 +96,7 @@ def test_randomized_float64_warm_stats_give_the_cold_result(tail):
 
 
 def test_theta0_stats_store_and_stack_round_trip():
-    from fusion_bench_larv.diagnostics import SpectrumOptions, theta0_statistics
+    from fusion_bench_larv.core.diagnostics import SpectrumOptions, theta0_statistics
 
     x = torch.randn(3, 10, 4, dtype=torch.float64)
     s = theta0_statistics(x, SpectrumOptions())
@@ -114,7 +114,7 @@ def test_theta0_stats_store_and_stack_round_trip():
 
 
 def test_stats_cache_is_written_atomically(tmp_path, monkeypatch):
-    from fusion_bench_larv import stats_cache
+    from fusion_bench_larv.core import stats_cache
 
     theta0, _ = make_pair(num_layers=1)
     s = LarvSettings()

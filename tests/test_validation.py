@@ -1,7 +1,7 @@
-"""Run-time validation (fusion_bench_larv.validation, through the adapter): bad input gets a clear
+"""Run-time validation (fusion_bench_larv.core.inputs, through the adapter): bad input gets a clear
 error and nothing is lost.
 
-Run-time checks, dtypes and devices, determinism, atomic outputs (fusion_bench_larv.io) and
+Run-time checks, dtypes and devices, determinism, atomic outputs (fusion_bench_larv.core.io) and
 untouched caller models, safe loading. Construction-time validation is in test_settings.py,
 property-based tests in test_properties.py.
 
@@ -32,12 +32,13 @@ from fusion_bench_larv import (
     LarvWarning,
     LayerGroupingError,
 )
-from fusion_bench_larv import algorithm as algorithm_module
-from fusion_bench_larv import base_method as base_method_module
-from fusion_bench_larv import io as io_module
-from fusion_bench_larv.io import atomic_path, write_json_atomic
-from fusion_bench_larv.validation import check_finite
-from fusion_bench_larv.veneer import apply_scales, compute_larv_scales
+from fusion_bench_larv.adapter import algorithm as algorithm_module
+from fusion_bench_larv.adapter import base_method as base_method_module
+from fusion_bench_larv.adapter import wrapper as wrapper_module
+from fusion_bench_larv.core import io as io_module
+from fusion_bench_larv.core.inputs import check_finite
+from fusion_bench_larv.core.io import atomic_path, write_json_atomic
+from fusion_bench_larv.core.veneer import apply_scales, compute_larv_scales
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
 OLD_REPORT = b'{"old": "report from an earlier run"}\n'
@@ -433,8 +434,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_the_report_goes_through_the_one_atomic_write_helper():
-    # LARV's (and LiNeS's) report writer is base_method.write_report, which writes through io's
-    assert algorithm_module.write_report is base_method_module.write_report
+    # LARV's (and LiNeS's) report writer is the wrapper skeleton's, base_method.write_report,
+    # which writes through io's
+    assert wrapper_module.write_report is base_method_module.write_report
     assert base_method_module.write_json_atomic is io_module.write_json_atomic
 
 
@@ -504,7 +506,9 @@ def test_exception_mid_run_leaves_the_output_directory_as_it_was(out_dir, monkey
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(algorithm_module, stage, boom)
+    # each stage where the run calls it: LARV's scales, the skeleton's application of them
+    where = {"compute_larv_scales": algorithm_module, "apply_scales": wrapper_module}[stage]
+    monkeypatch.setattr(where, stage, boom)
     alg = LARVAlgorithm(base_method=TA, report_dir=str(out_dir))
     assert_fails_cleanly(alg, fresh_pool(pre, tuned), out_dir, RuntimeError, "interrupted")
 

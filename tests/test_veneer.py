@@ -9,9 +9,9 @@ import pytest
 import torch
 from oracles import make_pair, naive_layers
 
-from fusion_bench_larv import veneer
-from fusion_bench_larv.settings import LarvSettings
-from fusion_bench_larv.veneer import (
+from fusion_bench_larv.core import veneer
+from fusion_bench_larv.core.settings import LarvSettings
+from fusion_bench_larv.core.veneer import (
     _LazyDelta,
     apply_scales,
     compute_larv_scales,
@@ -381,7 +381,7 @@ def test_pipeline_and_rank_contrast_agree_on_zero_updates():
     # one matrix per layer (float64: updates near 1e-10·‖θ_0‖ are representable), with
     # ‖Δ‖ / ‖θ_0‖ on both sides of the 1e-10 threshold: the pipeline's e (and c) is 0 exactly where
     # rank_contrast's is and is_zero_update says so
-    from fusion_bench_larv.diagnostics import is_zero_update, rank_contrast
+    from fusion_bench_larv.core.diagnostics import is_zero_update, rank_contrast
 
     g = torch.Generator().manual_seed(4)
     ratios = [0.0, 0.5e-10, 0.9e-10, 1.1e-10, 3e-10, 1e-4]

@@ -83,7 +83,7 @@ say "mode: $([[ $DRY == 1 ]] && echo "dry run (CPU, tiny)" || echo "GPU") budget
 # wheel file prefixes (lab/scripts/gather_gpu_wheels.sh fetches them)
 CORE_WHL=(fusion_bench hydra_core omegaconf antlr4_python3_runtime bidict dill multiprocess datasets)
 FALLBACK_WHL=(transformers huggingface_hub tokenizers)
-SMOKE='import torch, transformers, fusion_bench, fusion_bench_larv.algorithm
+SMOKE='import torch, transformers, fusion_bench, fusion_bench_larv.adapter.algorithm
 from larv_lab.reproduce.registry import base_method_config
 from hydra.utils import instantiate
 for m in ("ta", "ties", "iso_c", "iso_cts", "tsvm", "wudi"):

@@ -37,16 +37,16 @@ from datetime import datetime, timezone
 
 import torch
 
-from fusion_bench_larv.diagnostics import (
+from fusion_bench_larv.core.diagnostics import (
     exact_energies,
     randomized_energies,
     singular_values,
     small_gram,
 )
-from fusion_bench_larv.layers import group_layers
-from fusion_bench_larv.settings import LarvSettings
-from fusion_bench_larv.stats_cache import Theta0Stats
-from fusion_bench_larv.veneer import (
+from fusion_bench_larv.core.layers import group_layers
+from fusion_bench_larv.core.settings import LarvSettings
+from fusion_bench_larv.core.stats_cache import Theta0Stats
+from fusion_bench_larv.core.veneer import (
     _LazyDelta,
     apply_scales,
     compute_larv_scales,

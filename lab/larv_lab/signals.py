@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion_bench_larv.layers import group_layers
+from fusion_bench_larv.core.layers import group_layers
 
 SIGNALS = ("depth", "e", "c", "update_norm", "cosine", "sign_conflict")
 SIGNAL_LABELS = {

@@ -16,7 +16,7 @@ cd "$ROOT"
 DIR="${1:-lab/benchmarks/wheels}"
 PY="${GATHER_PYTHON:-$ROOT/.venv/bin/python}"
 # the GPU machine lacks these (KINDS.md's package list; the import closure of fusion_bench,
-# fusion_bench_larv.algorithm and lab.bench_cost as measured in .venv)
+# fusion_bench_larv.adapter.algorithm and lab.bench_cost as measured in .venv)
 CORE=(fusion-bench hydra-core omegaconf antlr4-python3-runtime bidict dill multiprocess datasets)
 FALLBACK=(transformers huggingface-hub tokenizers)
 rm -rf "$DIR"

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_clip_suite(tmp_path_factory):
     """The tiny offline CLIP suite (real CLIPModel, local data sets, fine-tuned towers)."""
-    from larv_lab.tiny_clip import build_tiny_clip_suite
+    from larv_lab.testbed.tiny_clip import build_tiny_clip_suite
 
     return build_tiny_clip_suite(tmp_path_factory.mktemp("tiny_clip_suite"))
 

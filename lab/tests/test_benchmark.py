@@ -12,10 +12,11 @@ import sys
 import pytest
 from PIL import Image
 
-from fusion_bench_larv import per_sample
+from fusion_bench_larv.evaluation import per_sample
 from larv_lab.reproduce import __main__ as cli
 from larv_lab.reproduce import collate
 from larv_lab.reproduce.inprocess import InProcessLauncher
+from larv_lab.reproduce.results import Results
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def test_benchmark_grid_in_process_on_tiny_clip(tiny_clip_suite, tmp_path):
     assert launcher.run(cells) == cells
     collate.collate(tmp_path, groups)
     tasks = list(tiny_clip_suite.tasks)
-    res = collate.Results(cells, tmp_path)
+    res = Results(cells, tmp_path)
     # the reference rows agree with the suite's own measurement of the same models
     pre, ft = res.get("bench", "pretrained", "base"), res.get("bench", "finetuned", "base")
     for t in tasks:
@@ -124,7 +125,7 @@ def test_benchmark_grid_in_process_on_tiny_clip(tiny_clip_suite, tmp_path):
     assert again.ran == [("bench/ta/sched-lines", "fusion_bench_larv.LARVAlgorithm", False)]
     assert [p.stat().st_mtime_ns for p in reports[:-1]] == stamps[:-1]
     assert (
-        collate.Results(cells, tmp_path).get("bench", "ta", "sched-lines").acc
+        Results(cells, tmp_path).get("bench", "ta", "sched-lines").acc
         == res.get("bench", "ta", "sched-lines").acc
     )
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from fusion_bench_larv.settings import LarvSettings
-from fusion_bench_larv.veneer import compute_larv_scales
-from larv_lab.tiny_clip import run_fusion_bench
+from fusion_bench_larv.core.settings import LarvSettings
+from fusion_bench_larv.core.veneer import compute_larv_scales
+from larv_lab.testbed.tiny_clip import run_fusion_bench
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The recording CLIP task pool (fusion_bench_larv.clip_taskpool): FusionBench's report number for
+"""The recording CLIP task pool (fusion_bench_larv.evaluation.clip_taskpool): FusionBench's report number for
 number, plus per-sample correctness whose mean is the reported accuracy; its configs are
 FusionBench's but for the class; through the CLI its per_sample.json lands beside the report."""
 
@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from fusion_bench_larv import per_sample
-from fusion_bench_larv.clip_taskpool import RecordingCLIPVisionModelTaskPool
+from fusion_bench_larv.evaluation import per_sample
+from fusion_bench_larv.evaluation.clip_taskpool import RecordingCLIPVisionModelTaskPool
 
-RECORDING = "fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool"
+RECORDING = "fusion_bench_larv.RecordingCLIPVisionModelTaskPool"
 
 
 @pytest.mark.parametrize("tasks", ["TA8", "TALL14", "TALL20"])
@@ -81,7 +81,7 @@ def test_same_report_and_per_sample_correctness(tiny_clip_suite):
 
 @pytest.mark.slow
 def test_cli_writes_per_sample_beside_the_report(tiny_clip_suite, tmp_path):
-    from larv_lab.tiny_clip import run_fusion_bench
+    from larv_lab.testbed.tiny_clip import run_fusion_bench
 
     log_dir = tmp_path / "logs"
     report = run_fusion_bench(

@@ -14,11 +14,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fusion_bench_larv import intervals as iv
-from fusion_bench_larv import per_sample
-from fusion_bench_larv.compare import compare
+from fusion_bench_larv.evaluation import intervals as iv
+from fusion_bench_larv.evaluation import per_sample
+from fusion_bench_larv.evaluation.compare import compare
 from larv_lab.reproduce import collate
 from larv_lab.reproduce import experiments as X
+from larv_lab.reproduce.results import Results
+from larv_lab.reproduce.timings import TIME_GROUPS, time_group
 
 N = {"t1": 400, "t2": 250}
 
@@ -172,7 +174,7 @@ def test_old_runs_without_per_sample_files_keep_the_plain_delta(tmp_path):
     wrong = {t: ~c for t, c in base.items()}
     entries = {t: per_sample.encode_task(c) for t, c in wrong.items()}
     per_sample.write(cell.run_dir(tmp_path) / per_sample.FILE, [entries])
-    res = collate.Results(cells, tmp_path)
+    res = Results(cells, tmp_path)
     assert res.get("bench", "ta", "base").per_sample is None
     assert res.interval("bench", "ta", "larv-tiered") is None
 
@@ -187,7 +189,7 @@ def test_two_suites_side_by_side_and_in_one_forest_plot(tmp_path):
     table = (tmp_path / "artefacts" / "bench.md").read_text()
     side = table.split("**Average per suite, side by side**")[1]
     assert "| Method | testbed:full | testbed:full_seed1 |" in side
-    res = collate.Results(cells, tmp_path)
+    res = Results(cells, tmp_path)
     s0s1 = ("full", "full_seed1")
     a, b = (res.interval(k, "ta", "larv-tiered") for k in s0s1)
     row = next(line for line in side.splitlines() if "+ LARV tiered" in line)
@@ -206,7 +208,7 @@ def test_every_benchmark_row_has_its_run_time_group():
     """The run-time notes group rows by what a budget could keep or drop; each bench variant
     lands where its definition says (data-using rows apart, ablations and per-task apart)."""
     suite = X.EXPERIMENTS["bench"].suites[0]
-    group = {v.slug: collate.time_group(X.Cell(suite, "ta", v)) for v in X.BENCH_VARIANTS}
+    group = {v.slug: time_group(X.Cell(suite, "ta", v)) for v in X.BENCH_VARIANTS}
     assert group["base"] == "base mergers and references"
     assert {
         group[s] for s in ("larv-tiered", "larv-continuous", "sched-linear", "sched-lines")
@@ -218,5 +220,5 @@ def test_every_benchmark_row_has_its_run_time_group():
     )
     assert group["lines-val"] == group["larv-guarded"] == "LiNeS and guarded LARV (validation data)"
     ada = X.Cell(suite, "testbed_adamerging", X.BASE)
-    assert collate.time_group(ada) == "AdaMerging (test inputs)"
-    assert set(group.values()) | {collate.time_group(ada)} == set(collate.TIME_GROUPS.values())
+    assert time_group(ada) == "AdaMerging (test inputs)"
+    assert set(group.values()) | {time_group(ada)} == set(TIME_GROUPS.values())

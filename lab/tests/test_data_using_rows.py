@@ -14,19 +14,20 @@ import torch
 @pytest.mark.slow
 def test_held_out_split_is_disjoint_from_training_and_test(ci_testbed):
     from larv_lab.testbed import build as B
+    from larv_lab.testbed import toolkit as K
     from larv_lab.testbed.pools import TestbedTaskPool
     from larv_lab.testbed.sources import load_source
 
     pool = TestbedTaskPool(testbed_dir=str(ci_testbed.root), split="validation", val_size=12)
     for task in ci_testbed.tasks:
         data = load_source(task)
-        train_x, _, test_x, _, train_idx, test_idx, rest = B._split_indices(data, ci_testbed.recipe)
+        train_x, _, test_x, _, train_idx, test_idx, rest = K.split_indices(data, ci_testbed.recipe)
         assert not set(rest.tolist()) & set(train_idx.tolist())  # never a training image
         if train_x is test_x:  # one pool split in two: never a test image either
             assert not set(rest.tolist()) & set(test_idx.tolist())
         x, y = pool.examples(task)
         assert len(y) == min(12, len(rest))
-        images, labels = B.held_out_split(data, ci_testbed.recipe, 12)
+        images, labels = K.held_out_split(data, ci_testbed.recipe, 12)
         assert np.array_equal(labels, y.numpy())
         torch.testing.assert_close(
             x["pixel_values"], B.preprocess(images, ci_testbed.resolution), rtol=0, atol=0

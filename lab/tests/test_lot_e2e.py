@@ -12,15 +12,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fusion_bench_larv import LARVAlgorithm
-from fusion_bench_larv.lot_algorithm import (
+from fusion_bench_larv.methods.lot_algorithm import (
     LOTMergingAlgorithm,
     find_lot_layers,
 )
-from larv_lab.tiny_clip import run_fusion_bench
+from larv_lab.testbed.tiny_clip import run_fusion_bench
 
 D = torch.float64
 UNIT = {"gate": "schedule", "schedule": "uniform", "schedule_scales": [1.0]}
-LOT_TARGET = "fusion_bench_larv.lot_algorithm.LOTMergingAlgorithm"
+LOT_TARGET = "fusion_bench_larv.LOTMergingAlgorithm"
 
 
 # ---------------------------------------------------------------------------- feature drift, real
@@ -131,12 +131,13 @@ def test_method_configs_compose(tiny_clip_suite):
 def test_testbed_train_set_is_the_builders_split(ci_testbed, monkeypatch):
     from larv_lab.testbed import build as B
     from larv_lab.testbed import pools
+    from larv_lab.testbed import toolkit as K
     from larv_lab.testbed.sources import load_source
 
     pool = pools.TestbedModelPool(testbed_dir=str(ci_testbed.root))
     assert pool.train_dataset_names == list(ci_testbed.tasks)
     for task in ci_testbed.tasks:
-        train_x, train_y, test_x, test_y = B._split(load_source(task), ci_testbed.recipe)
+        train_x, train_y, test_x, test_y = K.split(load_source(task), ci_testbed.recipe)
         # the same call re-derives the stored test set exactly: the split is the build's
         stored_x, stored_y = ci_testbed.test_set(task)
         assert np.array_equal(test_x, stored_x) and np.array_equal(test_y, stored_y)
@@ -191,7 +192,7 @@ def test_cli_larv_lot_on_tiny_clip(tiny_clip_suite, tmp_path):
 
     from transformers import CLIPVisionModel
 
-    from larv_lab.tiny_clip import zero_shot_accuracy
+    from larv_lab.testbed.tiny_clip import zero_shot_accuracy
 
     log_dir = tmp_path / "logs"
     report = run_fusion_bench(

@@ -21,7 +21,7 @@ from fusion_bench_larv.config_paths import larv_config_dir
 from larv_lab.reproduce import __main__ as cli
 from larv_lab.reproduce import experiments as X
 from larv_lab.reproduce import sweep
-from larv_lab.reproduce.collate import ANCHORS_FILE
+from larv_lab.reproduce.anchors import ANCHORS_FILE
 from larv_lab.reproduce.registry import (
     display_label,
     find_primary,
@@ -401,9 +401,10 @@ def test_median_normalized_continuous_variant_is_its_own_row():
 
 
 def test_median_normalized_continuous_row_in_the_bench_table(tmp_path):
-    # the bench table (collate.per_task_table, as `collate` calls it) from hand-written cell
+    # the bench table (layouts.per_task_table, as the collator calls it) from hand-written cell
     # reports: the variant gets a row of its own, labelled by the variant's own label
-    from larv_lab.reproduce import collate
+    from larv_lab.reproduce.layouts import per_task_table
+    from larv_lab.reproduce.results import Results
 
     cells = X.filter_cells(
         X.EXPERIMENTS["bench"].cells(),
@@ -420,9 +421,9 @@ def test_median_normalized_continuous_row_in_the_bench_table(tmp_path):
         a, b = acc[c.variant.slug]
         report = {"t1": {"accuracy": a}, "t2": {"accuracy": b}}
         (c.run_dir(tmp_path) / "program_report.json").write_text(json.dumps(report))
-    res = collate.Results(cells, tmp_path)
+    res = Results(cells, tmp_path)
     order = [v.slug for v in X.BENCH_VARIANTS]
-    table = collate.per_task_table("bench", "bench", cells, res, None, order).markdown()
+    table = per_task_table("bench", "bench", cells, res, None, order).markdown()
     rows = [line for line in table.splitlines() if line.startswith("| Task Arithmetic")]
     assert rows == [
         "| Task Arithmetic | 80.0 | 60.0 | 70.0 |",
@@ -456,3 +457,17 @@ def test_suite_filter_applies_to_the_mapped_suites():
             "--variant", "base", "--suite", "bench-testbed-full_seed1"]  # fmt: skip
     _, cells = cli.select(cli.build_parser().parse_args(args))
     assert [str(c.rel_dir) for c in cells] == ["bench-testbed-full_seed1/ta/base"]
+
+
+def test_the_collator_registry_holds_every_experiment_and_its_tables():
+    # collate.ARTEFACTS, the one registry of what each experiment writes: one entry per
+    # experiment, a table (TableSpec) per markdown file the experiment lists (the benchmark's is
+    # built by bench_table.bench_artefacts)
+    from larv_lab.reproduce.collate import ARTEFACTS, TableSpec
+
+    assert set(ARTEFACTS) == set(X.EXPERIMENTS)
+    for name, exp in X.EXPERIMENTS.items():
+        tables = {f"{a.name}.md" for a in ARTEFACTS[name] if isinstance(a, TableSpec)}
+        if name == "bench":
+            tables.add("bench.md")
+        assert tables == {f for f in exp.artefacts if f.endswith(".md")}, name

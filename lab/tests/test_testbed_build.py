@@ -16,6 +16,7 @@ import torch
 
 from larv_lab.testbed import build as B
 from larv_lab.testbed import missing_requirements
+from larv_lab.testbed import toolkit as K
 from larv_lab.testbed.sources import (
     SOURCES,
     SourceMissingError,
@@ -124,9 +125,9 @@ def test_heads_are_the_frozen_probes(built):
 def _check_heads(testbed, pre):
     for task in ("sklearn_digits", "opencv_digits"):
         data = load_source(task)
-        train_x, train_y, _, _ = B._split(data, CI)
+        train_x, train_y, _, _ = K.split(data, CI)
         feats = B._features(pre, train_x, CI, "cpu", False, "")
-        probe, _ = B._train_probe(feats, train_y, data.num_classes, CI, B._task_seed(CI.seed, task))
+        probe, _ = B._train_probe(feats, train_y, data.num_classes, CI, K.task_seed(CI.seed, task))
         head = testbed.head(task)
         assert torch.equal(head.weight, probe.weight) and torch.equal(head.bias, probe.bias)
         metrics = testbed.report["tasks"][task]
@@ -230,11 +231,11 @@ def test_sources_and_splits():
     mnist = load_source("mnist")
     assert len(mnist.train_exclude) == 5000
     excluded = {mnist.train_images[i].tobytes() for i in mnist.train_exclude}
-    train_x, _, test_x, _ = B._split(mnist, B.Recipe(n_train=3000, n_test=100))
+    train_x, _, test_x, _ = K.split(mnist, B.Recipe(n_train=3000, n_test=100))
     assert not excluded & {x.tobytes() for x in train_x}
     # sources without an official split: train and test drawn from disjoint pools
     digits = load_source("sklearn_digits")
-    train_x, _, test_x, _ = B._split(digits, B.Recipe(n_train=10_000, n_test=10_000))
+    train_x, _, test_x, _ = K.split(digits, B.Recipe(n_train=10_000, n_test=10_000))
     assert len(train_x) + len(test_x) == len(digits.train_images)
     assert len(test_x) == round(0.3 * len(digits.train_images))
 

@@ -12,6 +12,7 @@ import torch
 
 from larv_lab.testbed import build as B
 from larv_lab.testbed import sources as S
+from larv_lab.testbed import toolkit as K
 
 
 def _need(*names: str) -> None:
@@ -31,7 +32,7 @@ def test_prototype_head_hand_case():
     feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     labels = np.array([0, 0, 1, 1])
     recipe = B.Recipe(head="prototype", head_scale=10.0)
-    head, stats = B._prototype_head(feats, labels, 2, recipe)
+    head, stats = K.prototype_head(feats, labels, 2, recipe)
     r = 10.0 / math.sqrt(2.0)
     assert torch.allclose(head.weight, torch.tensor([[r, -r], [-r, r]]))
     assert torch.equal(head.bias, torch.zeros(2))
@@ -41,12 +42,12 @@ def test_prototype_head_hand_case():
 
 def test_shots_are_seeded_and_capped():
     labels = np.array([0] * 5 + [1] * 2 + [2] * 9)
-    idx = B._shots(labels, 3, shots=3, seed=7)
+    idx = K.shots(labels, 3, shots=3, seed=7)
     assert np.bincount(labels[idx]).tolist() == [3, 2, 3]  # class 1 has only two
-    assert np.array_equal(idx, B._shots(labels, 3, shots=3, seed=7))
-    assert not np.array_equal(idx, B._shots(labels, 3, shots=3, seed=8))
+    assert np.array_equal(idx, K.shots(labels, 3, shots=3, seed=7))
+    assert not np.array_equal(idx, K.shots(labels, 3, shots=3, seed=8))
     with pytest.raises(ValueError, match="class 3 has no training image"):
-        B._shots(labels, 4, shots=3, seed=0)
+        K.shots(labels, 4, shots=3, seed=0)
 
 
 def test_l2_pooling_has_unit_norm_and_keeps_direction():
@@ -102,7 +103,7 @@ def test_derived_sources_are_functions_of_their_base():
     assert np.array_equal(coarse.test_images, fashion.test_images)
     # another task name, another split: the derived task is not its base's copy
     r = B.RECIPES["ci"]
-    assert not np.array_equal(B._split(inv, r)[1], B._split(mnist, r)[1])
+    assert not np.array_equal(K.split(inv, r)[1], K.split(mnist, r)[1])
 
 
 # --------------------------------------------------------------------------- registered sources

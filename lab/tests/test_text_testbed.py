@@ -14,7 +14,7 @@ from larv_lab.testbed import sources as S
 from larv_lab.testbed import text_backbone as TB
 from larv_lab.testbed import text_build as T
 from larv_lab.testbed.text_sources import TEXT_SOURCES, TEXT_TASKS
-from larv_lab.tiny_clip import run_fusion_bench
+from larv_lab.testbed.tiny_clip import run_fusion_bench
 
 
 def _need(*names: str) -> None:
@@ -254,15 +254,15 @@ def test_adamerging_runs_on_unlabelled_test_texts(text_testbeds, tmp_path):
 
 def test_held_out_validation_texts_are_neither_trained_nor_tested(text_testbeds):
     # LiNeS and guarded LARV choose on these: the texts of the training pool the build did not
-    # draw (the image testbed's rule, build.held_out_split)
-    from larv_lab.testbed import build as B
+    # draw (the image testbed's rule, toolkit.held_out_split)
+    from larv_lab.testbed import toolkit as K
     from larv_lab.testbed.pools import TestbedTaskPool
 
     full, _ = text_testbeds
     pool = TestbedTaskPool(testbed_dir=str(full.root), split="validation", val_size=3)
     data = S.load_source("greetings")
-    train_x, _, test_x, _, train_idx, test_idx, _ = B._split_indices(data, full.recipe)
-    val_texts, val_labels = B.held_out_split(data, full.recipe, 3)
+    train_x, _, test_x, _, train_idx, test_idx, _ = K.split_indices(data, full.recipe)
+    val_texts, val_labels = K.held_out_split(data, full.recipe, 3)
     assert len(val_texts) == 3
     assert not set(val_texts) & set(train_x[train_idx]) and not set(val_texts) & set(
         test_x[test_idx]

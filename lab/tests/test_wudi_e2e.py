@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from transformers import CLIPVisionModel
 
 from fusion_bench_larv import LARVAlgorithm
-from larv_lab.tiny_clip import run_fusion_bench, zero_shot_accuracy
+from larv_lab.testbed.tiny_clip import run_fusion_bench, zero_shot_accuracy
 
 pytestmark = pytest.mark.slow
 

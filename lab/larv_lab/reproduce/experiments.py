@@ -62,7 +62,7 @@ GENERALIZATION_SEEN = ("sun397", "stanford-cars", "resisc45", "dtd", "svhn", "gt
 #: CLIP suite's cells record ``per_sample.json``, which the tables' paired intervals read (the
 #: ``larv_clip-*`` suite configs name it themselves; the suites on FusionBench's configs get it here)
 RECORDING_CLIP_TASKPOOL = {
-    "taskpool": {"_target_": "fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool"}
+    "taskpool": {"_target_": "fusion_bench_larv.RecordingCLIPVisionModelTaskPool"}
 }
 
 
@@ -248,7 +248,7 @@ SCHEDULE_LABELS = {
     "tier3": "Tier 3",
     "tier2": "Tier 2",
     # the ramp α + β·ℓ/(L−1) at its default (α, β) = (0.5, 1): the linear ramp again. Not LiNeS
-    # (faithful LiNeS: fusion_bench_larv.lines_algorithm.LiNeSAlgorithm, method=lines_ta)
+    # (faithful LiNeS: fusion_bench_larv.LiNeSAlgorithm, method=lines_ta)
     "lines": "depth ramp α + β·ℓ/(L−1) (`lines` schedule, α = 0.5, β = 1)",
 }
 
@@ -770,7 +770,7 @@ def parse_pool(spec: str) -> PoolSpec:
     kind, _, rest = spec.partition(":")
     if kind == "tiny_clip":
         root = Path(rest).expanduser().resolve()
-        from ..tiny_clip import MODELPOOL_CONFIG, TASKPOOL_CONFIG
+        from ..testbed.tiny_clip import MODELPOOL_CONFIG, TASKPOOL_CONFIG
 
         return PoolSpec(
             modelpool=MODELPOOL_CONFIG,

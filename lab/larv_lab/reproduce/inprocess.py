@@ -7,7 +7,7 @@ resolved as the ``fusion_bench`` CLI resolves it; the method is instantiated, ru
 FusionBench's ``FabricModelFusionProgram.run`` does (seed, ``on_run_start`` / ``run`` /
 ``on_run_end``, ``evaluate_merged_model``), and the cell's folder gets the same files
 (``program_report.json``, ``larv_layers.json``, ``cell.json``; ``per_sample.json`` from a
-recording task pool, :mod:`fusion_bench_larv.per_sample`). A cell whose report exists is
+recording task pool, :mod:`fusion_bench_larv.evaluation.per_sample`). A cell whose report exists is
 skipped (resume). Only the pools are shared: a suite's cells must compose identical model pool,
 task pool and fabric configs (they do; the launcher checks).
 
@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_bench_larv import per_sample
-from fusion_bench_larv.io import write_json_atomic
+from fusion_bench_larv.core.io import write_json_atomic
+from fusion_bench_larv.evaluation import per_sample
 
 from .experiments import BASE, Cell, by_suite
 from .sweep import CELL, PRIMARY, is_done, read_json, write_sweep

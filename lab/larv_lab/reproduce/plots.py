@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion_bench_larv.io import atomic_path
+from fusion_bench_larv.core.io import atomic_path
 
+from . import selection as sel
 from .experiments import CONTINUOUS, FIG4_LEVELS, TIERED, Cell, custom
 from .registry import display_label
 
@@ -39,30 +40,15 @@ def _plt():
     return plt
 
 
-def _suites(cells):
-    seen = {}
-    for c in cells:
-        seen.setdefault(c.suite.key, c.suite)
-    return list(seen.values())
-
-
-def _mergers(cells):
-    out = []
-    for c in cells:
-        if not c.is_reference and c.merger not in out:
-            out.append(c.merger)
-    return out
-
-
 def fig2(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
     """Figure 2, one PNG per suite (``fig2_<suite>.png``): e and c (from the tiered run's
     diagnostics, else the continuous run's) and s (tiered solid, continuous dashed) against
     depth, one colour per merger, the suite in the title."""
     plt = _plt()
     written = []
-    for s in _suites(cells):
+    for s in sel.suites(cells):
         lines = []  # (merger label, {gate: per-layer records})
-        for m in _mergers([c for c in cells if c.suite.key == s.key]):
+        for m in sel.mergers([c for c in cells if c.suite.key == s.key]):
             gates = {}
             for v in (TIERED, CONTINUOUS):
                 run = res.get(s.key, m, v.slug)
@@ -106,8 +92,8 @@ def fig3(cells: Sequence[Cell], res, folder: Path) -> list[Path]:
     plt = _plt()
     import numpy as np
 
-    suites = _suites(cells)
-    mergers = _mergers(cells)
+    suites = sel.suites(cells)
+    mergers = sel.mergers(cells)
     if not suites or not mergers:
         return []
     labels = [s.column or s.key for s in suites] + ["Avg."]
@@ -184,8 +170,8 @@ def fig4(cells: Sequence[Cell], res, path: Path) -> Path | None:
     plt = _plt()
     import numpy as np
 
-    suites = _suites(cells)
-    mergers = _mergers(cells)
+    suites = sel.suites(cells)
+    mergers = sel.mergers(cells)
     if not suites or not mergers:
         return None
     suite = suites[0].key
@@ -237,12 +223,10 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
     per-sample files is drawn hollow, without a bar (no interval is made up). When the cells
     hold the linear depth ramp (``sched-linear``), a second panel beside it shows LARV's rows
     against that ramp instead of the base merger (the same rows; the others stay empty)."""
-    from .collate import LINEAR, VS_LINEAR
-
     plt = _plt()
 
-    suites = _suites(cells)
-    mergers = _mergers(cells)
+    suites = sel.suites(cells)
+    mergers = sel.mergers(cells)
     # row labels as in the tables, without markdown's backticks
     labels = {c.variant.slug: c.variant.label.removeprefix("+").replace("`", "") for c in cells}
     have = {c.variant.slug for c in cells}
@@ -257,15 +241,15 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
     if not rows:
         return None
     panels = [("base", "Δ average accuracy vs the base merger (pp)")]
-    if LINEAR in have and any(v in VS_LINEAR for _, v in rows):
-        panels.append((LINEAR, "LARV's rows: Δ vs the same merger + Linear (depth ramp, pp)"))
+    if sel.LINEAR in have and any(v in sel.VS_LINEAR for _, v in rows):
+        panels.append((sel.LINEAR, "LARV's rows: Δ vs the same merger + Linear (depth ramp, pp)"))
     fig, axes = plt.subplots(
         1, len(panels), figsize=(10 + 4 * (len(panels) - 1), 1.6 + 0.32 * len(rows)),
         sharey=True, squeeze=False, layout="constrained",
     )  # fmt: skip
     hollow = False
     for ax, (against, xlabel) in zip(axes[0], panels, strict=True):
-        shown = rows if against == "base" else [(m, v) for m, v in rows if v in VS_LINEAR]
+        shown = rows if against == "base" else [(m, v) for m, v in rows if v in sel.VS_LINEAR]
         hollow |= _forest_panel(ax, plt, suites, rows, shown, res, against)
         ax.axvline(0.0, color="0.3", linewidth=1.0, linestyle="--")
         ax.set_xlabel(xlabel + ",\npaired bootstrap 95% interval", fontsize=9)

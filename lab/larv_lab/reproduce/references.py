@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from torch import nn
 
-from fusion_bench_larv.clip_taskpool import EVAL_TASKS
+from fusion_bench_larv.evaluation.clip_taskpool import EVAL_TASKS
 
 
 class _ModelsByName(dict):
@@ -37,7 +37,7 @@ class _ModelsByName(dict):
 
 class FineTunedModels(BaseAlgorithm):
     """The fine-tuned models themselves, by task, each tagged to be evaluated on its own task only
-    (:data:`fusion_bench_larv.clip_taskpool.EVAL_TASKS`; the testbed's and the recording CLIP task
+    (:data:`fusion_bench_larv.evaluation.clip_taskpool.EVAL_TASKS`; the testbed's and the recording CLIP task
     pools honour it): ``program_report.json`` is ``{task: <that model's report on that task>}``,
     the fine-tuned upper bound."""
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from fusion_bench_larv.io import write_json_atomic, write_text_atomic
+from fusion_bench_larv.core.io import write_json_atomic, write_text_atomic
 
 from .experiments import Cell, PoolSpec, Suite, flat_overrides
 from .registry import custom_config_root, find_primary

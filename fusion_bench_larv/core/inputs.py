@@ -1,57 +1,21 @@
-"""Input checks shared by the state-dict API (``veneer``) and the FusionBench adapter
-(``algorithm``): the error classes a user can meet at run time, "did you mean" suggestions for
-misspelt keys, and the finiteness / key / shape / layer-count checks on state dicts.
-
-No FusionBench imports (the maths must work without it). Construction-time problems with LARV's
-own keys are :class:`~fusion_bench_larv.settings.LarvConfigError`; problems with the *models*
-(what only a run can see) are :class:`LarvInputError`.
-"""
+"""Checks of the inputs a run is given (the models, as state dicts): finiteness, matching keys
+and shapes, usable scales, enough blocks. Each raises
+:class:`~fusion_bench_larv.errors.LarvInputError` naming the model and the tensor; no
+FusionBench imports."""
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .layers import LayerGroupingError, LayerGroups, group_layers
+from ..errors import LarvInputError, LarvLayerError, LayerGroupingError
+from .layers import LayerGroups, group_layers
 
 # LARV needs at least this many transformer blocks: with one block the "layer-wise" rescaling is a
 # single global scale (the tiered gate would shrink the whole update to levels[0]).
 MIN_LAYERS = 2
-
-
-class LarvInputError(ValueError):
-    """The models LARV was given cannot be merged as they are (found at run time, before anything
-    is written): no ``_pretrained_``, NaN/Inf weights, θ_0 and the merged model disagree in keys or
-    shapes, or no usable layer structure."""
-
-
-class LarvLayerError(LarvInputError, LayerGroupingError):
-    """No (or too few) transformer blocks found in the model; set ``layer_pattern``."""
-
-
-class LarvWarning(UserWarning):
-    """Something odd but not wrong (e.g. an all-zero merged update)."""
-
-
-def did_you_mean(word: str, candidates: Iterable[str], n: int = 1, prefix: str = "") -> str:
-    """`` (did you mean `x`?)`` for the closest candidate(s) (at most ``n``, each shown with
-    ``prefix``), or ``""`` when none is close."""
-    close = difflib.get_close_matches(str(word), sorted(set(candidates)), n=n, cutoff=0.6)
-    if not close:
-        return ""
-    shown = [f"`{prefix}{c}`" for c in close]
-    listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
-    return f" (did you mean {listed}?)"
-
-
-def unknown_keys_message(unknown: Iterable[str], allowed: Iterable[str], what: str) -> str:
-    """One line per unknown key with a suggestion, then the allowed keys."""
-    allowed = sorted(set(allowed))
-    lines = [f"`{k}`{did_you_mean(k, allowed)}" for k in sorted(unknown, key=str)]
-    return f"unknown {what} key(s): {', '.join(lines)}; allowed: {allowed}"
 
 
 def _tensor_problem(t: torch.Tensor) -> str | None:
@@ -148,7 +112,7 @@ def check_scales(
 
 
 def grouped_layers(names: Sequence[str], layer_pattern: str | None) -> LayerGroups:
-    """:func:`~fusion_bench_larv.layers.group_layers`, with a :class:`LarvLayerError` naming the
+    """:func:`~fusion_bench_larv.core.layers.group_layers`, with a :class:`LarvLayerError` naming the
     first parameter names and the ``layer_pattern`` option when no (or too few) blocks are found.
     Needs only θ_0's parameter names, so it can run before any merging."""
     names = list(names)

@@ -1,14 +1,14 @@
 """Compare two FusionBench runs image by image: per task, Δ = acc(B) − acc(A) with its paired
 bootstrap interval over the test images, and the average Δ over tasks (equal task weights) with
-its interval (:mod:`fusion_bench_larv.intervals`).
+its interval (:mod:`fusion_bench_larv.evaluation.intervals`).
 
 A run is a folder written by a recording task pool
-(:class:`~fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool`, the lab's testbed
+(:class:`~fusion_bench_larv.RecordingCLIPVisionModelTaskPool`, the lab's testbed
 task pool): FusionBench's ``program_report.json`` and ``per_sample.json``
-(:mod:`fusion_bench_larv.per_sample`), or the path of such a ``per_sample.json``::
+(:mod:`fusion_bench_larv.evaluation.per_sample`), or the path of such a ``per_sample.json``::
 
     larv-compare RUN_A RUN_B [--resamples 2000] [--seed 0] [--level 0.95] [--json]
-    python -m fusion_bench_larv.compare RUN_A RUN_B ...
+    python -m fusion_bench_larv.evaluation.compare RUN_A RUN_B ...
 
 Notation for one task t with n_t test images, a = A's correctness, b = B's (same images, same
 order): acc_A = Σ a_i / n_t, acc_B = Σ b_i / n_t, Δ_t = acc_B − acc_A = (n₁₀ − n₀₁) / n_t with
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CompareError
 from . import intervals as iv
 from . import per_sample as per_sample_mod
 
@@ -36,13 +37,9 @@ AVERAGE = "average"
 RECORDING_HINT = (
     "run FusionBench with a recording task pool: "
     "taskpool=CLIPVisionModelTaskPool/larv_recording_TA8 (or _TALL14, _TALL20), or "
-    "taskpool._target_=fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool over "
+    "taskpool._target_=fusion_bench_larv.RecordingCLIPVisionModelTaskPool over "
     "any CLIP task pool config; per_sample.json then lands beside program_report.json"
 )
-
-
-class CompareError(ValueError):
-    """Two runs cannot be compared image by image; the message says why and what to do."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,7 +60,7 @@ class Row:
 
     @property
     def significant(self) -> bool:
-        """The interval excludes 0 (the rule of :class:`~fusion_bench_larv.intervals.Interval`)."""
+        """The interval excludes 0 (the rule of :class:`~fusion_bench_larv.evaluation.intervals.Interval`)."""
         return iv.Interval(self.delta, self.lo, self.hi).significant
 
 

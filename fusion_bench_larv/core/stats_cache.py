@@ -4,7 +4,7 @@ opt-in (``stats_cache_dir``), kept on disk keyed by a hash of θ_0's content and
 that a sweep over mergers and gates pays for them once.
 
 A cache file holds plain tensors, strings and numbers only (``torch.save``), read back with
-``weights_only=True``; it is written atomically (:func:`~fusion_bench_larv.io.atomic_path`).
+``weights_only=True``; it is written atomically (:func:`~fusion_bench_larv.core.io.atomic_path`).
 """
 
 from __future__ import annotations

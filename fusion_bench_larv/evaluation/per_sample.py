@@ -1,8 +1,8 @@
 """Per-sample correctness of a task pool's evaluations: one bool per test image, in test-set order,
 per task, so that two runs on the same test images can be compared image by image (paired
-intervals, :mod:`fusion_bench_larv.intervals`).
+intervals, :mod:`fusion_bench_larv.evaluation.intervals`).
 
-A recording task pool (:class:`~fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool`,
+A recording task pool (:class:`~fusion_bench_larv.RecordingCLIPVisionModelTaskPool`,
 the testbed's ``TestbedTaskPool``) appends one evaluation per ``evaluate`` call to
 ``per_sample_evaluations`` and, when run by FusionBench's program, writes them all to
 ``per_sample.json`` beside the program's report (``report_save_path``) before the program writes
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import write_json_atomic
+from ..core.io import write_json_atomic
 
 FILE = "per_sample.json"
 FORMAT = "fusion_bench_larv.per_sample"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import LarvInputError
 from .diagnostics import (
     SpectrumOptions,
     as_matrix,
@@ -21,25 +22,17 @@ from .diagnostics import (
     skip_theta0_sketches,
     theta0_statistics,
 )
-from .gates import (
-    composite_score,
-    continuous_gate,
-    depth_prior,
-    depth_schedule,
-    median,
-    normalize_scores,
-    tiered_gate,
-)
-from .layers import LayerGroups
-from .settings import LarvSettings
-from .stats_cache import Theta0Stats, content_key, load_stats, save_stats
-from .validation import (
-    LarvInputError,
+from .gates import composite_score, depth_prior, median
+from .inputs import (
     check_finite,
     check_same_keys_and_shapes,
     check_scales,
     grouped_layers,
 )
+from .layers import LayerGroups
+from .registry import apply_gate
+from .settings import LarvSettings
+from .stats_cache import Theta0Stats, content_key, load_stats, save_stats
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -292,15 +285,8 @@ def _gate(
         e, c, settings.eta, settings.rho, settings.zeta,
         settings.use_info, settings.use_depth_prior, settings.use_conflict,
     )  # fmt: skip
-    thresholds = normalizer = None
-    if settings.gate == "tiered":
-        s, thresholds = tiered_gate(w, settings.alpha, settings.beta, settings.levels)
-    elif settings.gate == "continuous":
-        w_gate, normalizer = normalize_scores(w, settings.w_normalize)
-        s = continuous_gate(w_gate, settings.gamma)
-    else:
-        s = depth_schedule(settings.schedule, len(w), settings.schedule_scales)
-    return w, s, thresholds, normalizer
+    out = apply_gate(w, settings)
+    return w, out.scales, out.thresholds, out.normalizer
 
 
 def gate_scores(
@@ -324,12 +310,12 @@ def compute_larv_scales(
 ) -> LarvResult:
     """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (docs/method.md, "Pipeline" 2–4).
 
-    Raises :class:`~fusion_bench_larv.validation.LarvInputError` when θ_0 and the merged model
+    Raises :class:`~fusion_bench_larv.core.inputs.LarvInputError` when θ_0 and the merged model
     differ in keys or shapes or hold NaN/Inf, and its subclass ``LarvLayerError`` when fewer than
     two transformer blocks are found. Any dtype works: diagnostics run in float32 or wider.
 
     ``theta0_stats``: θ_0's per-matrix statistics to reuse (and to fill where missing), e.g. one
-    :class:`~fusion_bench_larv.stats_cache.Theta0Stats` shared by a sweep over mergers in one
+    :class:`~fusion_bench_larv.core.stats_cache.Theta0Stats` shared by a sweep over mergers in one
     process; ``settings.stats_cache_dir`` keeps them on disk instead.
 
     ``task``: the name of a fine-tuned model passed as ``merged`` (:func:`compute_per_task_scales`),

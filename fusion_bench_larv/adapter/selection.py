@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .settings import LarvConfigError
+from ..errors import LarvConfigError
 
 __all__ = ["build_taskpool", "check_validation", "choose", "taskpool_report", "validation_score"]
 

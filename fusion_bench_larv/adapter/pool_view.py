@@ -15,8 +15,9 @@ import torch
 from fusion_bench import BaseModelPool
 from torch import nn
 
-from .validation import LarvInputError, check_finite
-from .veneer import apply_scales
+from ..core.inputs import check_finite
+from ..core.veneer import apply_scales
+from ..errors import LarvInputError
 
 
 def in_memory_model(pool: BaseModelPool, name: str) -> nn.Module | None:
@@ -35,7 +36,7 @@ class PoolView(BaseModelPool):
 
     - every model the merger loads is checked for NaN/Inf (once per name; ``checked`` lists the
       names already checked), so a bad fine-tuned checkpoint is a clear
-      :class:`~fusion_bench_larv.validation.LarvInputError`, not a meaningless merge;
+      :class:`~fusion_bench_larv.core.inputs.LarvInputError`, not a meaningless merge;
     - with ``copy_instances`` the merger gets fresh copies of the caller's in-memory modules
       instead of the modules themselves;
     - with ``theta0`` and ``param_scale`` (``placement: task_vectors``) every loaded model is

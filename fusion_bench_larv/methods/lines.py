@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from .layers import LayerGroups
+from ..core.layers import LayerGroups
 
 __all__ = [
     "l1_norm",

@@ -19,9 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .io import write_json_atomic
-from .settings import LarvConfigError
-from .validation import LarvInputError, check_same_keys_and_shapes, did_you_mean
+from ..core.inputs import check_same_keys_and_shapes
+from ..core.io import write_json_atomic
+from ..core.keys import did_you_mean
+from ..errors import LarvConfigError, LarvInputError
 
 __all__ = [
     "FUSION_BENCH_META_KEYS",

@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import LayerGroupingError
+
 # The pattern matching the most keys is used for the whole model (ties: the earlier one).
 # Specific architectures come first so that nested indices (T5's `block.0.layer.1.`) are not
 # mistaken for blocks by the generic pattern.
@@ -31,10 +33,6 @@ POST_BLOCK_NAME = re.compile(
     r"(?:^|\.)(?:ln_post|post_layernorm|final_layer_norm|ln_f|fc_norm|norm|head|lm_head|proj|"
     r"text_projection|visual_projection|classifier)(?:\.|$)"
 )
-
-
-class LayerGroupingError(ValueError):
-    """No transformer block could be found (or a user pattern is malformed)."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Composite score, gates and depth-only schedules (docs/method.md, "Composite score and gates",
-"Median-normalized scores" and "Depth-only schedules"). Plain Python floats in, plain lists out.
+"""Composite score, gates and the shapes of the depth-only schedules (docs/method.md, "Composite
+score and gates", "Median-normalized scores" and "Depth-only schedules"). Plain Python floats in,
+plain lists out; the gates and schedules by name are in :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ TIER_LEVELS: dict[str, tuple[float, ...]] = {
 }
 # How the continuous gate reads w: `none` (the paper) or `median` (w / median w; not in the paper).
 W_NORMALIZATIONS = ("none", "median")
-SCHEDULES = ("uniform", "linear", "tier2", "tier3", "tier6", "tier12", "custom", "lines")
-# Default `schedule_scales` where a schedule takes them; `lines` defaults to the 0.5 -> 1.5 range.
-SCHEDULE_DEFAULT_SCALES: dict[str, tuple[float, ...]] = {
-    "uniform": (1.0,),
-    "custom": (0.5, 1.0, 1.5),
-    "lines": (0.5, 1.0),
-}
 
 
 def depth_prior(num_layers: int) -> list[float]:
     """r_ℓ = ℓ / L for ℓ = 1..L."""
     return [(i + 1) / num_layers for i in range(num_layers)]
+
+
+def depth_fraction(num_layers: int) -> list[float]:
+    """f_i = i / (L − 1) for i = 0..L−1 (the depth ramps' position: 0 at the first block, 1 at
+    the last); ½ for a single block."""
+    return [i / (num_layers - 1) if num_layers > 1 else 0.5 for i in range(num_layers)]
 
 
 def standardize(values: Sequence[float]) -> list[float]:
@@ -141,7 +141,7 @@ def normalize_scores(w: Sequence[float], how: str = "none") -> tuple[list[float]
     return [x / m for x in w], m
 
 
-def _tiers(num_layers: int, levels: Sequence[float]) -> list[float]:
+def tiers(num_layers: int, levels: Sequence[float]) -> list[float]:
     """Proportional mapping of L layers onto K = len(levels) tiers by each layer's centre:
     tier = ⌊(i + ½)·K/L⌋. Equals ⌊i·K/L⌋ when K divides L; otherwise it stays symmetric, gives
     every tier ⌊L/K⌋ or ⌈L/K⌉ layers and, when 2L > K, reaches both the first and the last level
@@ -150,30 +150,3 @@ def _tiers(num_layers: int, levels: Sequence[float]) -> list[float]:
     return [
         float(levels[min(k - 1, ((2 * i + 1) * k) // (2 * num_layers))]) for i in range(num_layers)
     ]
-
-
-def depth_schedule(
-    name: str, num_layers: int, scales: Sequence[float] | None = None
-) -> list[float]:
-    """Depth-only scales for L layers.
-
-    ``uniform`` (one scale), ``linear`` (0.5 → 1.5), ``tier2/3/6/12`` (fixed levels, or
-    ``scales`` of the same length), ``custom`` (s_shallow, s_middle, s_deep in thirds) and
-    ``lines`` (LiNeS: α + β·ℓ/(L−1) with ``scales`` = (α, β))."""
-    if num_layers < 1:
-        raise ValueError("a schedule needs at least one layer")
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
-    if scales is None:
-        scales = SCHEDULE_DEFAULT_SCALES.get(name)
-    frac = [i / (num_layers - 1) if num_layers > 1 else 0.5 for i in range(num_layers)]
-    if name == "uniform":
-        return [float(scales[0])] * num_layers
-    if name == "linear":
-        return [0.5 + f for f in frac]
-    if name == "lines":
-        a, b = scales
-        return [a + b * f for f in frac]
-    if name == "custom":
-        return _tiers(num_layers, scales)
-    return _tiers(num_layers, scales if scales is not None else TIER_LEVELS[name])

@@ -6,9 +6,9 @@ test loader, each seen through a thin wrapper that notes the batch's targets and
 the logits the classifier returned. The report is FusionBench's, number for number; in addition
 each evaluation's correctness per test image (test-set order) lands in ``per_sample_evaluations``
 and, under FusionBench's program, in ``per_sample.json`` beside the program's report
-(:mod:`fusion_bench_larv.per_sample`).
+(:mod:`fusion_bench_larv.evaluation.per_sample`).
 
-Select it with ``taskpool._target_=fusion_bench_larv.clip_taskpool.RecordingCLIPVisionModelTaskPool``
+Select it with ``taskpool._target_=fusion_bench_larv.RecordingCLIPVisionModelTaskPool``
 over any CLIP task pool config, or with this plugin's ``taskpool=CLIPVisionModelTaskPool/
 larv_recording_TA8`` (``_TALL14``, ``_TALL20``) configs.
 """

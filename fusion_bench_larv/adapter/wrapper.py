@@ -1,0 +1,282 @@
+"""The skeleton every wrapper of a base merger shares (LARV, guarded LARV, LiNeS): run the
+wrapped merger as FusionBench would, keep its output, rescale its merged update
+Δθ = θ_merged − θ_0 block by block in place, θ ← θ_0 + s_k·Δθ_k, and optionally choose one value
+v* of a grid on held-out labelled data first (:mod:`.selection`). A subclass states only what
+differs: its keys (:meth:`configure`), its scales (:meth:`scales`), the value a grid sets
+(:meth:`adopt`) and any work before the merge (:meth:`prepare`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from fusion_bench import BaseAlgorithm, BaseModelPool
+from fusion_bench.mixins import LightningFabricMixin
+from torch import nn
+
+from ..core.inputs import check_finite, grouped_layers
+from ..core.keys import unknown_keys_message
+from ..core.layers import LayerGroups
+from ..core.veneer import apply_scales
+from ..errors import LarvConfigError, LarvInputError, LarvWarning
+from .base_method import (
+    FUSION_BENCH_META_KEYS,
+    base_method_name,
+    base_method_report,
+    build_base_method,
+    check_base_method,
+    merged_module,
+    report_file,
+    rng_kept,
+    run_base_method,
+    write_report,
+)
+from .pool_view import PoolView, in_memory_model
+from .selection import build_taskpool, check_validation, choose, taskpool_report, validation_score
+
+__all__ = ["MergeContext", "UpdateRescaler"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeContext:
+    """What one run knows before the merge: the pool, LARV's own copy of θ_0 (every merger
+    overwrites the pretrained model it loads), its floating-point names and their blocks, the
+    models already checked for NaN/Inf, and what a subclass's :meth:`UpdateRescaler.prepare`
+    computed."""
+
+    pool: BaseModelPool
+    theta0: dict[str, torch.Tensor]
+    architecture: str
+    names: list[str]
+    groups: LayerGroups
+    merger: str
+    checked: set[str] = field(default_factory=set)
+    prepared: Any = None
+
+
+class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
+    """A base merger whose merged update is rescaled per parameter (see the module docstring).
+
+    Args:
+        base_method: the wrapped merger, a FusionBench method config with ``_target_`` (dict or
+            DictConfig), or an already built ``BaseAlgorithm``.
+        report_dir: where the JSON report goes; default: the program's log dir. Outside the CLI
+            with no log dir nothing is written and the report is kept in ``self.last_report``.
+        validation: null, or ``{taskpool: <task pool config on held-out labelled data>, grid:
+            [values]}``: the value :meth:`adopt` sets is chosen on that task pool (uses data).
+        **keys: the subclass's own keys (:attr:`own_keys`), handed to :meth:`configure`.
+    """
+
+    #: how messages and the report name the method ("LARV", "LiNeS")
+    method: ClassVar[str] = "wrapper"
+    #: the subclass's own config keys
+    own_keys: ClassVar[tuple[str, ...]] = ()
+    #: the value ``validation`` chooses: (its report name, its symbol in messages)
+    chosen: ClassVar[tuple[str, str]] = ("value", "v")
+
+    base_method: Any
+    report_dir: str | None
+    validation: tuple[Any, tuple[float, ...]] | None
+    last_report: dict | None
+
+    def __init__(
+        self, base_method: Any = None, report_dir: Any = None, validation: Any = None, **keys: Any
+    ):
+        meta = {k: keys.pop(k) for k in FUSION_BENCH_META_KEYS if k in keys}
+        # Hydra hands every composed key over as a kwarg: a typo (`gama`) must fail here, first,
+        # with a suggestion, before anything else is looked at
+        unknown = set(keys) - set(self.own_keys)
+        if unknown:
+            allowed = {*self.own_keys, "base_method", "report_dir", "validation"}
+            raise LarvConfigError(
+                unknown_keys_message(unknown, allowed, f"{self.method} method config")
+            )
+        check_base_method(base_method)
+        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
+            raise LarvConfigError(
+                f"{self.method} config `report_dir` = {report_dir!r} is not allowed: null (the "
+                "run's log dir) or a directory path"
+            )
+        self.base_method = base_method
+        self.report_dir = None if report_dir is None else os.fspath(report_dir)
+        self.validation = check_validation(validation, self.method, self.chosen[1])
+        self.last_report = None
+        self.configure(**keys)
+        super().__init__(**meta)
+
+    # -- what a subclass states -------------------------------------------------------------------
+    def configure(self, **keys: Any) -> None:
+        """Check and keep the subclass's own keys (``self.validation`` is already set)."""
+
+    @property
+    def layer_pattern(self) -> str | None:
+        """The regex that finds the blocks (null: auto-detect)."""
+        return None
+
+    @property
+    def report_name(self) -> str:
+        """The report's file name."""
+        raise NotImplementedError
+
+    def prepare(self, ctx: MergeContext) -> Any:
+        """Work on the pool before the merge (mergers may overwrite what they load); kept in
+        ``ctx.prepared``."""
+        return None
+
+    def scales(self, ctx: MergeContext, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+        """(parameter → scale, report fields) for the merged model ``state`` under the current
+        settings; any ``"warnings"`` among the fields are also raised as :class:`LarvWarning`."""
+        raise NotImplementedError
+
+    def adopt(self, value: float) -> None:
+        """Set the value a validation grid varies."""
+        raise NotImplementedError
+
+    def chosen_report(self, value: float) -> dict:
+        """Extra fields of the report's ``validation`` block for the chosen value."""
+        return {}
+
+    # -- the skeleton -------------------------------------------------------------------------------
+    def run(
+        self,
+        modelpool: BaseModelPool | Mapping[str, nn.Module],
+        base_merge: nn.Module | None = None,
+    ) -> Any:
+        """Merge with the base method, then rescale its merged update; returns what the base
+        merger returned (its merged model rescaled in place).
+
+        ``base_merge``: the base merger's output for this same model pool and base config,
+        computed earlier (e.g. once for a sweep); a copy of it is rescaled and the merger is not
+        run again. The caller vouches that the configs match; its module is left as it was.
+
+        Every input problem is a :class:`LarvInputError` raised before anything is written (and,
+        for in-memory models, before the base merger touches them)."""
+        ctx = self.open(modelpool)
+        ctx.prepared = self.prepare(ctx)
+        if base_merge is not None:
+            out = deepcopy(merged_module(base_merge, ctx.merger, ctx.theta0, ctx.architecture))
+        else:
+            # the view checks every model the base merger loads for NaN/Inf; choosing on
+            # validation evaluates several models, so the caller's in-memory ones stay untouched
+            view = PoolView(ctx.pool, copy_instances=self.validation is not None,
+                            checked=ctx.checked)  # fmt: skip
+            out = self.run_base(ctx, view)
+        merged = merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)
+        state = merged.state_dict()
+        check_finite(state, f"the output of {ctx.merger}")
+        chosen = None
+        if self.validation is not None:
+            chosen = self._choose(ctx, merged, state)
+        param_scale, fields = self.scales(ctx, state)
+        apply_scales(ctx.theta0, state, param_scale)
+        self.warn(fields.get("warnings", ()))
+        report = {**fields}
+        if base_merge is not None:
+            report["base_merge"] = "reused"  # the base merger was not run again here
+        elif chosen is not None:
+            report["base_merge"] = f"computed once, shared by every {self.chosen[1]}"
+        if chosen is not None:
+            report["validation"] = chosen
+        return self.finish(out, report)
+
+    def open(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> MergeContext:
+        """The pool (a mapping name → model becomes one), checked: a ``_pretrained_`` entry, every
+        in-memory model finite (before the merger may modify them), LARV's copy of θ_0, and its
+        blocks (found from θ_0's names alone, before the possibly long merge)."""
+        if not isinstance(modelpool, BaseModelPool):
+            if not isinstance(modelpool, Mapping):
+                raise LarvInputError(
+                    f"{self.method} needs a FusionBench model pool or a mapping name -> model, "
+                    f"got {type(modelpool).__name__}"
+                )
+            modelpool = BaseModelPool(dict(modelpool))
+        if not modelpool.has_pretrained:
+            raise LarvInputError(
+                f"{self.method} needs the pretrained model θ_0, but the model pool has no "
+                f"`_pretrained_` entry (models: {modelpool.all_model_names}). Add the base "
+                "checkpoint under `_pretrained_` in the model pool config."
+            )
+        checked = set()
+        for name in modelpool.all_model_names:
+            obj = in_memory_model(modelpool, name)
+            if obj is not None:
+                check_finite(obj.state_dict(), f"model `{name}`")
+                checked.add(name)
+        # loading θ_0 must not move the RNG the base merger draws from (rng_kept)
+        with rng_kept():
+            pretrained = modelpool.load_pretrained_model()
+            if "_pretrained_" not in checked:
+                check_finite(pretrained.state_dict(), "model `_pretrained_`")
+                checked.add("_pretrained_")
+            architecture = type(pretrained).__name__
+            theta0 = {k: v.detach().clone() for k, v in pretrained.state_dict().items()}
+            del pretrained
+        names = [k for k, v in theta0.items() if v.is_floating_point()]
+        groups = grouped_layers(names, self.layer_pattern)
+        merger = base_method_name(self.base_method)
+        return MergeContext(modelpool, theta0, architecture, names, groups, merger, checked)
+
+    def build_base_method(self) -> BaseAlgorithm:
+        """A fresh instance of the wrapped merger, set up the way FusionBench's program sets up a
+        top-level method (nested methods would otherwise never get the program's Fabric)."""
+        return build_base_method(self.base_method, self._program, self._fabric_instance)
+
+    def run_base(self, ctx: MergeContext, pool: BaseModelPool) -> Any:
+        """The wrapped merger run on ``pool`` as FusionBench's program runs a method."""
+        return run_base_method(self.build_base_method(), pool)
+
+    def _choose(self, ctx: MergeContext, merged: nn.Module, state: dict) -> dict:
+        """Every value of the validation grid applied to the merged update and scored on the
+        validation task pool; the best (the first among equals) is adopted. ``state`` is left
+        as the base merger made it."""
+        taskpool_cfg, grid = self.validation
+        name, symbol = self.chosen
+        pool = build_taskpool(taskpool_cfg)
+        kept = {k: state[k].clone() for k in ctx.names}
+        scores = []
+        for value in grid:
+            self.adopt(value)
+            param_scale, _ = self.scales(ctx, state)
+            apply_scales(ctx.theta0, state, param_scale)
+            scores.append(validation_score(pool.evaluate(merged)))
+            log.info("%s: %s = %g scores %.4f on validation", self.method, symbol, value,
+                     scores[-1])  # fmt: skip
+            for k in ctx.names:
+                state[k].copy_(kept[k])
+        best = grid[choose(scores)]
+        self.adopt(best)
+        return {"parameter": name, "grid": list(grid), "scores": scores, name: best,
+                **self.chosen_report(best), "taskpool": taskpool_report(taskpool_cfg)}  # fmt: skip
+
+    def warn(self, messages: Any, stacklevel: int = 3) -> None:
+        """Each message to the log and as a :class:`LarvWarning`; ``stacklevel`` counts the frames
+        from here to the caller of :meth:`run` that the warning names (warn, run, the caller)."""
+        for msg in messages:
+            log.warning("%s: %s", self.method, msg)
+            warnings.warn(msg, LarvWarning, stacklevel=stacklevel)
+
+    def finish(self, out: Any, report: dict) -> Any:
+        """Keep the report in ``last_report``, write it, return the merger's output."""
+        self.last_report = report
+        write_report(report, self.report_path(), self.method)
+        return out
+
+    def report_path(self) -> str | None:
+        return report_file(self.report_dir, self._program, self.report_name)
+
+    def base_method_report(self) -> dict:
+        """The wrapped merger's config as plain data (an instance: its class only)."""
+        return base_method_report(self.base_method)
+
+    def device(self) -> torch.device | None:
+        """The program's device (Fabric), if any."""
+        fabric = self._fabric_instance
+        return fabric.device if fabric is not None else None

@@ -1,0 +1,1 @@
+"""Evaluation: the recording CLIP task pool, per-sample files, paired intervals and ``larv-compare``."""
