@@ -2,8 +2,9 @@
 run it. It depends on the plugin; the plugin never imports it.
 
 - :mod:`.reproduce`: the paper's experiments and the benchmark, one command each;
-- :mod:`.testbed`: the real-weights, offline model-merging testbed (build, sources, pools);
-- :mod:`.tiny_clip`: a tiny, fully offline CLIP suite that FusionBench's CLI merges in seconds;
+- :mod:`.testbed`: the real-weights, offline model-merging testbeds (build, sources, pools) and
+  :mod:`.testbed.tiny_clip`, a tiny, fully offline CLIP suite that FusionBench's CLI merges in
+  seconds;
 - :mod:`.demo`: the main job (README, "Quick start"): merge with and without LARV, compare;
 - :mod:`.bench_cost`: LARV's cost on real-size towers with synthetic task vectors.
 

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         pools = f"testbed:{args.recipe}:{testbed.root.parent}"
     else:
-        from .tiny_clip import build_tiny_clip_suite
+        from .testbed.tiny_clip import build_tiny_clip_suite
 
         cache = args.cache_dir or Path.home() / ".cache" / "fusion_bench_larv" / "tiny_clip"
         with _to_file(build_log):

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from fusion_bench_larv import per_sample
-from larv_lab.tiny_clip import run_fusion_bench
+from fusion_bench_larv.evaluation import per_sample
+from larv_lab.testbed.tiny_clip import run_fusion_bench
 
 TASKS = ("mnist", "fashion_mnist", "animal_mnist", "sklearn_digits", "opencv_digits")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import CLIPProcessor, CLIPVisionModel
 
-from fusion_bench_larv.layers import group_layers
-from larv_lab.tiny_clip import (
+from fusion_bench_larv.core.layers import group_layers
+from larv_lab.testbed.tiny_clip import (
     build_tiny_clip_suite,
     run_fusion_bench,
     zero_shot_accuracy,

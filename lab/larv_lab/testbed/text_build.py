@@ -3,7 +3,7 @@
 The image testbed's recipe (:mod:`.build`), on text. Per task, seeded from ``recipe.seed`` and
 the task's name:
 
-1. **Split.** As the image testbed (:func:`.build._split_indices`): a source's own split when
+1. **Split.** As the image testbed (:func:`.toolkit.split_indices`): a source's own split when
    it has one (``sotu_era``: by speech), else a seeded ``test_fraction``; ``n_train`` /
    ``n_test`` texts drawn from the pools.
 2. **Tokenise.** The model's WordPiece tokenizer (lower-casing), truncated to ``max_length``
@@ -11,8 +11,8 @@ the task's name:
 3. **Head.** The paper's regime: a weak, fixed head that plays CLIP's zero-shot head, made from
    the *pretrained* encoder's sentence embeddings (mean of the last hidden states over the
    tokens, L2-normalised: the model's own sentence-transformers pooling) of ``head_shots``
-   labelled texts per class (:func:`.build._prototype_head`). Frozen from here on.
-4. **Fine-tune** against the frozen head (:func:`.build.train_against_head`):
+   labelled texts per class (:func:`.toolkit.prototype_head`). Frozen from here on.
+4. **Fine-tune** against the frozen head (:func:`.toolkit.train_against_head`):
    ``tuning="full"`` trains every encoder parameter but the word embeddings (frozen when
    ``freeze_word_embeddings``, the default: a task's vocabulary would otherwise move only the
    rows of its own words); ``tuning="lora"`` trains LoRA adapters (peft, rank ``lora_rank``,
@@ -34,45 +34,22 @@ Determinism: as the image testbed (same thread count, ``torch.use_deterministic_
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .build import (
-    _batches,
-    _build_or_reuse,
-    _cached,
-    _head_from_tensors,
-    _key,
-    _locked,
-    _progress,
-    _prototype_head,
-    _save_dir,
-    _save_tensors,
-    _shots,
-    _split_indices,
-    _task_seed,
-    _torch_settings,
-    _write_json,
-    build_seconds,
-    build_time_line,
-    default_cache_dir,
-    train_against_head,
-)
-from .sources import load_source, source_fingerprint
+from . import toolkit
 from .text_backbone import MINILM_FILES, find_text_backbone, load_text_backbone, load_tokenizer
 from .text_sources import TEXT_TASKS
 
 __all__ = [
     "TEXT_BUILD_VERSION",
     "TEXT_RECIPES",
+    "TEXT_TESTBEDS",
     "TextClassifier",
     "TextRecipe",
     "TextTestbed",
@@ -91,54 +68,27 @@ LORA_TARGETS = ("query", "key", "value", "dense")
 
 
 @dataclass(frozen=True)
-class TextRecipe:
-    """Everything that determines a text testbed's contents (``name`` is only a label)."""
+class TextRecipe(toolkit.BaseRecipe):
+    """Everything that determines a text testbed's contents (``name`` is only a label): the
+    fields every family shares (:class:`.toolkit.BaseRecipe`) and the text recipe's own."""
 
-    name: str = "custom"
     tasks: tuple[str, ...] = TEXT_TASKS
     max_length: int = 64  # tokens, [CLS] and [SEP] included
-    n_train: int = 2000  # per task, capped by the train pool
-    n_test: int = 1000  # per task, capped by the test pool
-    test_fraction: float = 0.3  # share of a source without a split of its own kept for testing
-    head_shots: int = 16  # labelled texts per class the prototype head is made from
-    head_scale: float = 20.0  # the head's logit scale (CLIP's learnt temperature's role)
     tuning: str = "full"  # "full" or "lora"
     freeze_word_embeddings: bool = True  # full tuning: the word-embedding table stays pretrained
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    finetune_steps: int = 300
-    finetune_batch_size: int = 32
     finetune_lr: float = 3e-5
-    finetune_weight_decay: float = 0.0
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
     eval_batch_size: int = 256
-    seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", tuple(self.tasks))
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be distinct and non-empty: {self.tasks}")
+        super().__post_init__()
         if self.tuning not in TUNINGS:
             raise ValueError(f"tuning must be one of {TUNINGS}, not {self.tuning!r}")
         if self.max_length < 3:
             raise ValueError("max_length must be >= 3 ([CLS], a token, [SEP])")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError("test_fraction must lie in (0, 1)")
-        if min(self.n_train, self.n_test, self.finetune_batch_size, self.head_shots) < 1:
-            raise ValueError("sizes must be positive")
-        if self.finetune_steps < 0 or self.lora_rank < 1 or not self.head_scale > 0:
-            raise ValueError("finetune_steps must be >= 0, lora_rank >= 1, head_scale > 0")
-
-    def content(self) -> dict:
-        """The fields that determine the outputs (all but ``name``)."""
-        d = asdict(self)
-        d.pop("name")
-        d["tasks"] = list(self.tasks)
-        return d
-
-    def replace(self, **changes) -> TextRecipe:
-        return dataclasses.replace(self, **changes)
+        if self.lora_rank < 1:
+            raise ValueError("lora_rank must be >= 1")
 
 
 #: the paper's regime on text, as :data:`.build.RECIPES`' ``full``: 8 tasks, 2000 train / 500
@@ -185,30 +135,28 @@ TEXT_RECIPES: dict[str, TextRecipe] = {
 }
 
 
-def get_text_recipe(recipe: str | TextRecipe) -> TextRecipe:
-    if isinstance(recipe, TextRecipe):
-        return recipe
-    try:
-        return TEXT_RECIPES[recipe]
-    except KeyError:
-        raise KeyError(
-            f"unknown text recipe {recipe!r}; known: {', '.join(TEXT_RECIPES)}"
-        ) from None
-
-
-def _fingerprints(recipe: TextRecipe) -> dict:
+def _backbone_fingerprint() -> dict:
     find_text_backbone()  # checks the pinned files
-    return {
-        "backbone_sha256": dict(MINILM_FILES),
-        "sources": {task: source_fingerprint(task) for task in recipe.tasks},
-    }
+    return {"backbone_sha256": dict(MINILM_FILES)}
+
+
+#: the text testbeds: their recipes, cache key, folders and backbone loader
+TEXT_TESTBEDS = toolkit.RecipeFamily(
+    label="text testbed", modality="text", recipe_type=TextRecipe, recipes=TEXT_RECIPES,
+    build_version=TEXT_BUILD_VERSION, backbone_fingerprint=_backbone_fingerprint,
+    load_backbone=load_text_backbone, how_to_build="load_text_testbed(..., build=True)",
+    test_set_ext="json", meta={"modality": "text"},
+)  # fmt: skip
+
+
+def get_text_recipe(recipe: str | TextRecipe) -> TextRecipe:
+    """``recipe`` itself, or the one of :data:`TEXT_RECIPES` of that name."""
+    return TEXT_TESTBEDS.get(recipe)
 
 
 def text_testbed_dir(recipe: str | TextRecipe, cache_dir: str | Path | None = None) -> Path:
     """The folder a text recipe builds into (needs its sources installed, to hash them)."""
-    recipe = get_text_recipe(recipe)
-    key = _key(recipe, _fingerprints(recipe), TEXT_BUILD_VERSION)
-    return Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
+    return TEXT_TESTBEDS.folder(recipe, cache_dir)
 
 
 # --------------------------------------------------------------------------- model pieces
@@ -229,20 +177,11 @@ def _embed(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     return sentence_features(out.last_hidden_state, attention_mask)
 
 
-class TextClassifier(nn.Module):
+class TextClassifier(toolkit.HeadClassifier):
     """An encoder, the testbed's pooling and one task's (frozen) linear head."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.head.requires_grad_(False)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return _embed(self.backbone, input_ids, attention_mask)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
 
 
 def _tokenize(tokenizer, texts, max_length: int, device) -> dict:
@@ -256,33 +195,27 @@ def _tokenize(tokenizer, texts, max_length: int, device) -> dict:
     }
 
 
-@torch.no_grad()
 def _features(
     backbone, tokenizer, texts, recipe: TextRecipe, device, progress, desc
 ) -> torch.Tensor:
-    backbone.eval()
-    out = []
-    for sl in _progress(list(_batches(len(texts), recipe.eval_batch_size)), progress, desc=desc):
-        batch = _tokenize(tokenizer, texts[sl], recipe.max_length, device)
-        out.append(_embed(backbone, **batch).float().cpu())
-    return torch.cat(out)
+    def embed(batch) -> torch.Tensor:
+        return _embed(backbone, **_tokenize(tokenizer, batch, recipe.max_length, device))
+
+    return toolkit.embed_all(backbone, embed, texts, recipe.eval_batch_size, progress, desc)
 
 
-@torch.no_grad()
 def evaluate_text(
     backbone, head: nn.Linear, tokenizer, texts, labels, max_length: int, batch_size: int = 256,
     device=None,
 ) -> float:  # fmt: skip
     """Accuracy of ``head(sentence_features(backbone(tokenize(texts))))``."""
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
-    was_training = backbone.training
-    model = TextClassifier(backbone, head.to(device)).eval()
-    correct = 0
-    for sl in _batches(len(texts), batch_size):
-        pred = model(**_tokenize(tokenizer, texts[sl], max_length, device)).argmax(-1).cpu()
-        correct += int((pred == torch.as_tensor(np.asarray(labels[sl]))).sum())
-    backbone.train(was_training)
-    return correct / max(len(texts), 1)
+    model = TextClassifier(backbone, head.to(device))
+
+    def predict(batch) -> torch.Tensor:
+        return model(**_tokenize(tokenizer, batch, max_length, device))
+
+    return toolkit.accuracy(backbone, predict, texts, labels, batch_size)
 
 
 def _finetune(
@@ -309,7 +242,9 @@ def _finetune(
     def inputs(idx: np.ndarray) -> dict:
         return _tokenize(tokenizer, texts[idx], recipe.max_length, device)
 
-    stats = train_against_head(model, params, inputs, labels, recipe, seed, device, progress, desc)
+    stats = toolkit.train_against_head(
+        model, params, inputs, labels, recipe, seed, device, progress, desc
+    )
     stats["trained_parameters"] = int(sum(p.numel() for p in params))
     encoder = tuned.merge_and_unload() if recipe.tuning == "lora" else backbone
     return encoder.eval(), stats
@@ -318,208 +253,84 @@ def _finetune(
 # --------------------------------------------------------------------------- build
 
 
+class _TextTask(toolkit.TaskSteps):
+    """The text recipe's own steps of a task's build (:func:`.toolkit.build_task`)."""
+
+    head_info = {"pooling": "mean_l2"}
+
+    def __init__(self, root, recipe, pretrained, tokenizer, device, progress):
+        super().__init__(root, recipe, pretrained, device, progress)
+        self.tokenizer = tokenizer
+
+    def features(self, texts, desc: str) -> torch.Tensor:
+        r = self.recipe
+        return _features(
+            self.pretrained, self.tokenizer, texts, r, self.device, self.progress, desc
+        )
+
+    def evaluate(self, encoder, head, texts, labels) -> float:
+        r = self.recipe
+        return evaluate_text(
+            encoder, head, self.tokenizer, texts, labels, r.max_length, r.eval_batch_size,
+            self.device,
+        )  # fmt: skip
+
+    def finetune(self, task, backbone, head, texts, labels, seed):
+        return _finetune(
+            backbone, head, self.tokenizer, texts, labels, self.recipe, seed, self.device,
+            self.progress, f"{task}: fine-tune",
+        )  # fmt: skip
+
+    def save_test_set(self, path, task, texts, labels, class_names) -> None:
+        texts = [str(t) for t in texts]
+        toolkit.write_json(
+            path,
+            {"task": task, "class_names": class_names, "labels": labels.tolist(), "texts": texts},
+        )
+
+
 def _build_task(
     root: Path, task: str, recipe: TextRecipe, pretrained, tokenizer, device, progress
 ) -> dict:
-    t0 = time.perf_counter()
-    data = load_source(task)
-    if data.modality != "text":
-        raise ValueError(
-            f"task {task!r}: the text testbed needs a text source, not {data.modality}"
-        )
-    train_x, train_y, test_x, test_y, train_idx, test_idx, _ = _split_indices(data, recipe)
-    train_x, train_y = train_x[train_idx], np.ascontiguousarray(train_y[train_idx])
-    test_x, test_y = test_x[test_idx], np.ascontiguousarray(test_y[test_idx])
-    seed = _task_seed(recipe.seed, task)
-    torch.manual_seed(seed)
-
-    t1 = time.perf_counter()
-    shots = _shots(train_y, data.num_classes, recipe.head_shots, seed)
-    feats = _features(
-        pretrained, tokenizer, train_x[shots], recipe, device, progress, f"{task}: head"
-    )
-    head, head_stats = _prototype_head(feats, train_y[shots], data.num_classes, recipe)
-    head = head.to(device)
-    pre_acc = evaluate_text(
-        pretrained,
-        head,
-        tokenizer,
-        test_x,
-        test_y,
-        recipe.max_length,
-        recipe.eval_batch_size,
-        device,
-    )
-    head_before = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-
-    t2 = time.perf_counter()
-    backbone = load_text_backbone(root / "pretrained").to(device)
-    encoder, ft_stats = _finetune(
-        backbone,
-        head,
-        tokenizer,
-        train_x,
-        train_y,
-        recipe,
-        seed,
-        device,
-        progress,
-        f"{task}: fine-tune",
-    )
-    t3 = time.perf_counter()
-    ft_acc = evaluate_text(
-        encoder, head, tokenizer, test_x, test_y, recipe.max_length, recipe.eval_batch_size, device
-    )
-    head_after = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    if any(not torch.equal(head_before[k], head_after[k]) for k in head_before):
-        raise RuntimeError(f"{task}: the head changed during fine-tuning")
-
-    _save_dir(root / "finetuned" / task, encoder.cpu().save_pretrained)
-    names = list(data.class_names)
-    _save_tensors(root / "heads" / f"{task}.safetensors", head_after,
-                  {"task": task, "pooling": "mean_l2", "class_names": names})  # fmt: skip
-    _write_json(
-        root / "test_sets" / f"{task}.json",
-        {
-            "task": task,
-            "class_names": names,
-            "labels": test_y.tolist(),
-            "texts": [str(t) for t in test_x],
-        },
-    )
-    metrics = {
-        "task": task,
-        "num_classes": data.num_classes,
-        "class_names": names,
-        "n_train": len(train_y),
-        "n_test": len(test_y),
-        **head_stats,
-        "pretrained_probe_acc": pre_acc,
-        "finetuned_acc": ft_acc,
-        "gain": ft_acc - pre_acc,
-        **ft_stats,
-        "seconds": {
-            "load_split": t1 - t0,
-            "head": t2 - t1,
-            "finetune": t3 - t2,
-            "eval_save": time.perf_counter() - t3,
-        },
-    }
-    _write_json(root / "tasks" / f"{task}.json", metrics)
-    return metrics
+    steps = _TextTask(root, recipe, pretrained, tokenizer, device, progress)
+    return toolkit.build_task(TEXT_TESTBEDS, task, steps)
 
 
 def build_text_testbed(
-    recipe: str | TextRecipe = "text_ci",
-    cache_dir: str | Path | None = None,
-    *,
-    num_threads: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    force: bool = False,
+    recipe: str | TextRecipe = "text_ci", cache_dir: str | Path | None = None, **options
 ) -> TextTestbed:
     """Build the text testbed of ``recipe`` under ``cache_dir`` (default
-    :func:`.build.default_cache_dir`), or return the cached one when complete. Tasks finished
-    by an interrupted build are kept; ``force`` rebuilds from scratch."""
+    :func:`.toolkit.default_cache_dir`), or return the cached one when complete. Tasks finished
+    by an interrupted build are kept. ``options``: :func:`.toolkit.run_build`'s
+    (``num_threads``, ``device``, ``progress``, ``force``: rebuild from scratch)."""
     recipe = get_text_recipe(recipe)
-    fingerprints = _fingerprints(recipe)
-    key = _key(recipe, fingerprints, TEXT_BUILD_VERSION)
-    root = Path(cache_dir or default_cache_dir()) / f"{recipe.name}-{key[:16]}"
-    with _locked(root):
-        meta_path = root / "testbed.json"
-        if _cached(root, key, force):
-            testbed = load_text_testbed(root)
-            if progress:
-                print(testbed.summary() + "\n(cached: nothing was rebuilt)")
-            return testbed
 
-        t_start = time.perf_counter()
-        num_threads = num_threads or max(1, min(2, os.cpu_count() or 1))
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for sub in ("finetuned", "heads", "test_sets", "tasks"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        with _torch_settings(num_threads, deterministic=True):
-            source = find_text_backbone()
-            for sub, load in (("tokenizer", load_tokenizer), ("pretrained", load_text_backbone)):
-                if not (root / sub).is_dir():
-                    _save_dir(root / sub, load(source).save_pretrained)
-            tokenizer = load_tokenizer(root / "tokenizer")
-            pretrained = load_text_backbone(root / "pretrained").to(device).eval()
-            tasks = _build_or_reuse(
-                root,
-                recipe.tasks,
-                lambda task: _build_task(
-                    root, task, recipe, pretrained, tokenizer, device, progress
-                ),
-                test_set_ext="json",
-            )
-        import transformers
-
-        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-        if recipe.tuning == "lora":
-            import peft
-
-            versions["peft"] = peft.__version__
-        _write_json(
-            root / "report.json",
-            {
-                "recipe": asdict(recipe),
-                "key": key,
-                "device": str(device),
-                "num_threads": num_threads,
-                "versions": versions,
-                "seconds": build_seconds(time.perf_counter() - t_start, tasks),
-                "tasks": tasks,
-            },
+    def prepare(root: Path, device: torch.device, progress: bool) -> toolkit.Prepared:
+        source = find_text_backbone()
+        for sub, load in (("tokenizer", load_tokenizer), ("pretrained", load_text_backbone)):
+            if not (root / sub).is_dir():
+                toolkit.save_dir(root / sub, load(source).save_pretrained)
+        tokenizer = load_tokenizer(root / "tokenizer")
+        pretrained = load_text_backbone(root / "pretrained").to(device).eval()
+        return toolkit.Prepared(
+            lambda task: _build_task(root, task, recipe, pretrained, tokenizer, device, progress)
         )
-        _write_json(
-            meta_path,
-            {
-                "build_version": TEXT_BUILD_VERSION,
-                "modality": "text",
-                "key": key,
-                "recipe": asdict(recipe),
-                "fingerprints": fingerprints,
-                "tasks": list(recipe.tasks),
-                "class_names": {t: tasks[t]["class_names"] for t in recipe.tasks},
-            },
-        )
-        testbed = load_text_testbed(root)
-    if progress:
-        print(testbed.summary())
-    return testbed
+
+    packages = ("torch", "transformers") + (("peft",) if recipe.tuning == "lora" else ())
+    return toolkit.run_build(
+        TEXT_TESTBEDS, recipe, cache_dir, prepare, load_text_testbed, packages=packages, **options
+    )
 
 
 # --------------------------------------------------------------------------- loading
 
 
 @dataclass
-class TextTestbed:
+class TextTestbed(toolkit.BuiltTestbed):
     """A complete text testbed folder: paths, plus helpers that load its pieces."""
 
-    root: Path
-    recipe: TextRecipe
-    key: str
-    tasks: tuple[str, ...]
-    class_names: dict[str, tuple[str, ...]]
-    report: dict = field(repr=False)
+    family = TEXT_TESTBEDS
     _tokenizer: object = field(default=None, init=False, repr=False, compare=False)
-
-    modality = "text"
-
-    @property
-    def pretrained_dir(self) -> Path:
-        return self.root / "pretrained"
-
-    @property
-    def finetuned_dirs(self) -> dict[str, Path]:
-        return {t: self.root / "finetuned" / t for t in self.tasks}
-
-    def load_pretrained(self):
-        return load_text_backbone(self.pretrained_dir)
-
-    def load_finetuned(self, task: str):
-        return load_text_backbone(self.finetuned_dirs[task])
 
     def tokenizer(self):
         """The testbed's tokenizer (loaded once)."""
@@ -532,15 +343,9 @@ class TextTestbed:
         longest, truncated to the recipe's ``max_length``)."""
         return _tokenize(self.tokenizer(), texts, self.recipe.max_length, "cpu")
 
-    def head(self, task: str) -> nn.Linear:
-        from safetensors.torch import load_file
-
-        t = load_file(str(self.root / "heads" / f"{task}.safetensors"))
-        return _head_from_tensors(t["weight"], t["bias"])
-
     def test_set(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """``(texts: object (N,) of str, labels: int64 (N,))``."""
-        d = json.loads((self.root / "test_sets" / f"{task}.json").read_text())
+        d = json.loads(self.test_set_paths[task].read_text())
         texts = np.empty(len(d["texts"]), dtype=object)
         texts[:] = d["texts"]
         return texts, np.asarray(d["labels"], np.int64)
@@ -565,53 +370,19 @@ class TextTestbed:
             f"recipe {r.name}: {r.tuning} tuning, {r.max_length} tokens, {r.finetune_steps} steps "
             f"x {r.finetune_batch_size}, lr {r.finetune_lr:g}; device {rep.get('device')}, "
             f"{rep.get('num_threads')} threads",
-            f"{'task':<18}{'classes':>8}{'train':>7}{'test':>6}{'pretrained':>12}"
-            f"{'fine-tuned':>12}{'gain':>8}{'seconds':>9}",
+            *toolkit.task_table(rep["tasks"], 18, "pretrained", 12),
+            toolkit.build_time_line(rep["seconds"]),
         ]
-        for t, m in rep["tasks"].items():
-            lines.append(
-                f"{t:<18}{m['num_classes']:>8}{m['n_train']:>7}{m['n_test']:>6}"
-                f"{m['pretrained_probe_acc']:>12.4f}{m['finetuned_acc']:>12.4f}"
-                f"{m['gain']:>+8.4f}{sum(m['seconds'].values()):>9.1f}"
-                + ("  (cached)" if m.get("reused") else "")
-            )
-        lines.append(build_time_line(rep["seconds"]))
         return "\n".join(lines)
 
 
 def load_text_testbed(
-    cache_dir_or_recipe: str | Path | TextRecipe,
-    cache_dir: str | Path | None = None,
-    *,
-    build: bool = False,
-    **build_kwargs,
+    cache_dir_or_recipe: str | Path | TextRecipe, cache_dir: str | Path | None = None, **options
 ) -> TextTestbed:
     """Open a built text testbed: a folder holding ``testbed.json``, or a recipe (a
     :class:`TextRecipe` or a name in :data:`TEXT_RECIPES`) looked up under ``cache_dir``; an
-    unbuilt recipe raises ``FileNotFoundError`` unless ``build=True``."""
-    if isinstance(cache_dir_or_recipe, TextRecipe) or cache_dir_or_recipe in TEXT_RECIPES:
-        recipe = get_text_recipe(cache_dir_or_recipe)  # type: ignore[arg-type]
-        if build:
-            return build_text_testbed(recipe, cache_dir, **build_kwargs)
-        root = text_testbed_dir(recipe, cache_dir)
-        if not (root / "testbed.json").is_file():
-            raise FileNotFoundError(
-                f"text testbed {recipe.name!r} is not built in {root.parent}; build it with "
-                "load_text_testbed(..., build=True)"
-            )
-    else:
-        root = Path(cache_dir_or_recipe).expanduser()
-        if not (root / "testbed.json").is_file():
-            raise FileNotFoundError(f"{root} is not a complete testbed (no testbed.json)")
-    meta = json.loads((root / "testbed.json").read_text())
-    if meta.get("modality") != "text":
-        raise ValueError(f"{root} is an image testbed; open it with load_testbed")
-    tasks = tuple(meta["tasks"])
-    return TextTestbed(
-        root=root,
-        recipe=TextRecipe(**meta["recipe"]),
-        key=meta["key"],
-        tasks=tasks,
-        class_names={t: tuple(meta["class_names"][t]) for t in tasks},
-        report=json.loads((root / "report.json").read_text()),
+    unbuilt recipe raises ``FileNotFoundError`` unless ``build=True`` is among ``options``
+    (then it is built with the other options, see :func:`build_text_testbed`)."""
+    return TEXT_TESTBEDS.load(
+        cache_dir_or_recipe, cache_dir, TextTestbed, build_text_testbed, **options
     )

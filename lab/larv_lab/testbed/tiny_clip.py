@@ -438,7 +438,7 @@ def _write_configs(suite: TinyClipSuite, batch_size: int) -> None:
     finetuned, data = suite.finetuned_paths, suite.dataset_paths
 
     header = (
-        "# Written by larv_lab.tiny_clip.build_tiny_clip_suite; do not edit.\n"
+        "# Written by larv_lab.testbed.tiny_clip.build_tiny_clip_suite; do not edit.\n"
         "# Every path is local: runs fully offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1).\n"
     )
     modelpool = {
