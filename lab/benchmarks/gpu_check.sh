@@ -131,7 +131,7 @@ say "CUDA tests, ${t}s"
 # -o addopts="": pyproject.toml's addopts start pytest-xdist workers, which this one test neither
 # needs nor finds on the GPU machine
 timeout "$t" "$VPY" -m pytest -o addopts="" --import-mode=importlib -p no:cacheprovider -q -rA \
-  "tests/test_validation.py::test_cpu_and_cuda_give_the_same_scales" --junitxml="$JUNIT" \
+  "tests/test_inputs.py::test_cpu_and_cuda_give_the_same_scales" --junitxml="$JUNIT" \
   || note_fail "CUDA tests (rc $?)"
 if [[ "$DRY" != 1 ]] && [[ -f "$JUNIT" ]] && grep -q '<skipped' "$JUNIT"; then
   note_fail "a CUDA test was skipped on the GPU machine"

@@ -224,20 +224,20 @@ def test_recipe_validation():
 def test_sources_and_splits():
     for name in [n for n, spec in SOURCES.items() if spec.modality == "image"]:
         data = load_source(name)
-        assert data.train_images.dtype == np.uint8 and data.train_images.ndim == 3
+        assert data.train_inputs.dtype == np.uint8 and data.train_inputs.ndim == 3
         assert data.num_classes == (4 if name == "fashion_coarse" else 10)  # super-classes
         assert np.bincount(data.train_labels, minlength=data.num_classes).min() > 0
     # no MNIST image that OpenCV's digits.png was made from is ever trained on
     mnist = load_source("mnist")
     assert len(mnist.train_exclude) == 5000
-    excluded = {mnist.train_images[i].tobytes() for i in mnist.train_exclude}
+    excluded = {mnist.train_inputs[i].tobytes() for i in mnist.train_exclude}
     train_x, _, test_x, _ = K.split(mnist, B.Recipe(n_train=3000, n_test=100))
     assert not excluded & {x.tobytes() for x in train_x}
     # sources without an official split: train and test drawn from disjoint pools
     digits = load_source("sklearn_digits")
     train_x, _, test_x, _ = K.split(digits, B.Recipe(n_train=10_000, n_test=10_000))
-    assert len(train_x) + len(test_x) == len(digits.train_images)
-    assert len(test_x) == round(0.3 * len(digits.train_images))
+    assert len(train_x) + len(test_x) == len(digits.train_inputs)
+    assert len(test_x) == round(0.3 * len(digits.train_inputs))
 
 
 def test_missing_source_says_how_to_install(tmp_path, monkeypatch):

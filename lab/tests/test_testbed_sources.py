@@ -91,16 +91,16 @@ def test_regime_recipes_are_the_same_regime():
 def test_derived_sources_are_functions_of_their_base():
     _need("mnist", "fashion_mnist")
     mnist, inv = S.load_source("mnist"), S.load_source("mnist_inverted")
-    assert np.array_equal(inv.test_images, 255 - mnist.test_images)
+    assert np.array_equal(inv.test_inputs, 255 - mnist.test_inputs)
     assert np.array_equal(inv.train_labels, mnist.train_labels)
     assert np.array_equal(inv.train_exclude, mnist.train_exclude)
     fashion, rot = S.load_source("fashion_mnist"), S.load_source("fashion_rot90")
-    assert np.array_equal(rot.train_images[5], np.rot90(fashion.train_images[5]))
+    assert np.array_equal(rot.train_inputs[5], np.rot90(fashion.train_inputs[5]))
     coarse = S.load_source("fashion_coarse")
     assert coarse.class_names == ("upper body", "lower or full body", "footwear", "bag")
     for new, olds in enumerate(S.FASHION_COARSE.values()):
         assert set(fashion.test_labels[coarse.test_labels == new]) == set(olds)
-    assert np.array_equal(coarse.test_images, fashion.test_images)
+    assert np.array_equal(coarse.test_inputs, fashion.test_inputs)
     # another task name, another split: the derived task is not its base's copy
     r = B.RECIPES["ci"]
     assert not np.array_equal(K.split(inv, r)[1], K.split(mnist, r)[1])
@@ -167,7 +167,7 @@ def test_register_source_validates(registered):
     with pytest.raises(ValueError, match="both test_images and test_labels"):
         S.load_source("half_split")
     d = S.load_source("user_grey")
-    assert d.class_names == ("0", "1", "2") and d.test_images is None
+    assert d.class_names == ("0", "1", "2") and d.test_inputs is None
     assert S.load_source("user_colour").image_shape == (12, 12, 3)
 
 

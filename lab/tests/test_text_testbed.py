@@ -37,19 +37,19 @@ def test_text_source_reads_distinct_texts_with_its_classes(name):
     _need(name)
     d = S.load_source(name)
     assert d.modality == "text" and TEXT_SOURCES[name].modality == "text"
-    texts = list(d.train_texts) + ([] if d.test_texts is None else list(d.test_texts))
+    texts = list(d.train_inputs) + ([] if d.test_inputs is None else list(d.test_inputs))
     assert len(set(texts)) == len(texts)  # deduplicated, and no test text is a training text
     assert all(isinstance(t, str) and t == t.strip() and t for t in texts)
     counts = np.bincount(d.train_labels, minlength=d.num_classes)
     assert counts.min() >= 50, counts  # every class can feed a head and a test set
-    assert len(d.train_texts) + (0 if d.test_texts is None else len(d.test_texts)) >= 2000
+    assert len(d.train_inputs) + (0 if d.test_inputs is None else len(d.test_inputs)) >= 2000
 
 
 def test_sotu_test_sentences_come_from_other_speeches():
     _need("sotu_era")
     d = S.load_source("sotu_era")
     # every fourth address per era is a test speech: about a quarter of the sentences
-    share = len(d.test_texts) / (len(d.test_texts) + len(d.train_texts))
+    share = len(d.test_inputs) / (len(d.test_inputs) + len(d.train_inputs))
     assert 0.15 < share < 0.35
     assert np.bincount(d.test_labels).min() > 500
 
@@ -93,7 +93,7 @@ def test_register_source_takes_texts_and_checks_them():
     with pytest.raises(ValueError, match="unknown keys"):
         S._user_data("x", {"train_texts": ["a"], "train_labels": [0], "test_images": []})
     d = S._user_data("x", {"train_texts": ["a", "b"], "train_labels": [0, 1]})
-    assert d.modality == "text" and d.class_names == ("0", "1") and d.test_texts is None
+    assert d.modality == "text" and d.class_names == ("0", "1") and d.test_inputs is None
 
 
 # --------------------------------------------------------------------------- builds

@@ -113,66 +113,42 @@ class SourceMissingError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SourceData:
-    """One source's images. ``test_*`` is ``None`` when the source ships no official split."""
+class Source:
+    """One source's labelled inputs (images or texts) and classes. ``test_*`` is ``None`` when
+    the source ships no split of its own; ``train_exclude``: indices into ``train_*`` that no task
+    may train on, because another source's inputs are derived from them (see
+    :data:`MNIST_OPENCV_OVERLAP_PER_CLASS`)."""
 
     name: str
-    train_images: np.ndarray  # uint8 (N, H, W) grey or (N, H, W, 3) colour
+    train_inputs: np.ndarray
     train_labels: np.ndarray  # int64 (N,)
-    test_images: np.ndarray | None
+    test_inputs: np.ndarray | None
     test_labels: np.ndarray | None
     class_names: tuple[str, ...]
     files: tuple[Path, ...]
-    # indices into train_* that no task may train on, because another source's images are
-    # derived from them (see :data:`MNIST_OPENCV_OVERLAP_PER_CLASS`)
     train_exclude: np.ndarray | None = None
+
+    modality = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class SourceData(Source):
+    """An image source: ``uint8`` (N, H, W) grey or (N, H, W, 3) colour images."""
 
     modality = "image"
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_images.shape[1:])
-
-    @property
-    def train_inputs(self) -> np.ndarray:
-        return self.train_images
-
-    @property
-    def test_inputs(self) -> np.ndarray | None:
-        return self.test_images
+        return tuple(self.train_inputs.shape[1:])
 
 
-@dataclass(frozen=True)
-class TextSourceData:
-    """One text source: ``object`` arrays of ``str`` and ``int64`` labels; ``test_*`` is
-    ``None`` when the source ships no split of its own."""
-
-    name: str
-    train_texts: np.ndarray  # object (N,) of str
-    train_labels: np.ndarray  # int64 (N,)
-    test_texts: np.ndarray | None
-    test_labels: np.ndarray | None
-    class_names: tuple[str, ...]
-    files: tuple[Path, ...]
-    train_exclude: np.ndarray | None = None
+class TextSourceData(Source):
+    """A text source: ``object`` arrays of ``str``."""
 
     modality = "text"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def train_inputs(self) -> np.ndarray:
-        return self.train_texts
-
-    @property
-    def test_inputs(self) -> np.ndarray | None:
-        return self.test_texts
 
 
 @dataclass(frozen=True)
@@ -501,9 +477,9 @@ def _derive(
 
         return SourceData(
             name,
-            im(d.train_images),
+            im(d.train_inputs),
             lab(d.train_labels),
-            im(d.test_images),
+            im(d.test_inputs),
             lab(d.test_labels),
             tuple(relabel) if relabel is not None else d.class_names,
             d.files,
@@ -550,16 +526,35 @@ SOURCES.update(DERIVED)
 _REGISTERED: dict[str, SourceData | TextSourceData] = {}
 
 
-def _arrays_sha256(*arrays: np.ndarray | None) -> str:
+def _sha256(arrays, encode) -> str:
+    """SHA-256 over ``arrays`` in order, each as the bytes ``encode`` yields (``none`` for a
+    missing one)."""
     h = hashlib.sha256()
     for a in arrays:
-        if a is None:
-            h.update(b"none")
-            continue
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
+        for chunk in (b"none",) if a is None else encode(a):
+            h.update(chunk)
     return h.hexdigest()
+
+
+def _array_bytes(a: np.ndarray):
+    a = np.ascontiguousarray(a)
+    yield f"{a.dtype.str}{a.shape}".encode()
+    yield a.tobytes()
+
+
+def _text_bytes(a: np.ndarray):
+    yield f"{len(a)}:".encode()
+    for t in a:
+        b = t.encode("utf-8") if isinstance(t, str) else np.asarray(t).tobytes()
+        yield f"{len(b)}:".encode() + b
+
+
+def _arrays_sha256(*arrays: np.ndarray | None) -> str:
+    return _sha256(arrays, _array_bytes)
+
+
+def _texts_sha256(*arrays: np.ndarray | None) -> str:
+    return _sha256(arrays, _text_bytes)
 
 
 def _texts(values, what: str) -> np.ndarray:
@@ -569,19 +564,6 @@ def _texts(values, what: str) -> np.ndarray:
             raise ValueError(f"{what}[{i}] is {type(v).__name__}, not str")
         out[i] = v
     return out
-
-
-def _texts_sha256(*arrays: np.ndarray | None) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        if a is None:
-            h.update(b"none")
-            continue
-        h.update(f"{len(a)}:".encode())
-        for t in a:
-            b = t.encode("utf-8") if isinstance(t, str) else np.asarray(t).tobytes()
-            h.update(f"{len(b)}:".encode() + b)
-    return h.hexdigest()
 
 
 _USER_KEYS = {
@@ -625,11 +607,11 @@ def register_source(
     def fingerprint() -> list[str]:
         d = load_source(name)
         if d.modality == "text":
-            digest = _texts_sha256(d.train_texts, d.train_labels, d.test_texts, d.test_labels)
+            digest = _texts_sha256(d.train_inputs, d.train_labels, d.test_inputs, d.test_labels)
             return ["registered-text:" + digest]
         return [
             "registered:"
-            + _arrays_sha256(d.train_images, d.train_labels, d.test_images, d.test_labels)
+            + _arrays_sha256(d.train_inputs, d.train_labels, d.test_inputs, d.test_labels)
         ]
 
     _REGISTERED.pop(name, None)
@@ -643,8 +625,10 @@ def register_source(
 
 def _user_data(name: str, out) -> SourceData | TextSourceData:
     """Check and convert what a registered source's loader returned."""
-    if isinstance(out, (SourceData, TextSourceData)):
+    if isinstance(out, Source):  # as a dict, with the input keys of its modality
+        train_key, test_key = _USER_KEYS[out.modality]
         out = {k: getattr(out, k) for k in out.__dataclass_fields__ if k != "name"}
+        out[train_key], out[test_key] = out.pop("train_inputs"), out.pop("test_inputs")
     if not isinstance(out, dict):
         raise ValueError(f"source {name!r}: the loader must return a dict")
     kinds = [m for m, (train, _) in _USER_KEYS.items() if train in out]

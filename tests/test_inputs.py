@@ -1,9 +1,9 @@
-"""Run-time validation (fusion_bench_larv.core.inputs, through the adapter): bad input gets a clear
+"""Input checks (fusion_bench_larv.core.inputs, through the adapter): bad input gets a clear
 error and nothing is lost.
 
 Run-time checks, dtypes and devices, determinism, atomic outputs (fusion_bench_larv.core.io) and
-untouched caller models, safe loading. Construction-time validation is in test_settings.py,
-property-based tests in test_properties.py.
+untouched caller models, safe loading. The settings checks at construction are in
+test_settings.py, property-based tests in test_properties.py.
 
 Every failing run here starts from an output directory holding an older ``larv_layers.json`` and
 checks that the directory is byte-for-byte as it was afterwards.
