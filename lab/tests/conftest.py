@@ -33,6 +33,25 @@ def tiny_clip_suite(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ta_cli_run(tiny_clip_suite, tmp_path_factory):
+    """Task Arithmetic through the real ``fusion_bench`` CLI on the tiny CLIP suite, run once per
+    test run (each CLI start costs seconds): (its log dir, the program's report); the merged model
+    is saved in ``log_dir / "merged"`` and the log dir was the working directory."""
+    import json
+
+    from larv_lab.testbed.tiny_clip import run_fusion_bench
+
+    log_dir, lock = shared_dir(tmp_path_factory, "ta_cli_run")
+    report = log_dir / "program_report.json"
+    with lock:
+        if not report.is_file():
+            args = [*tiny_clip_suite.cli_args(), "method=task_arithmetic",
+                    f"merged_model_save_path={log_dir / 'merged'}"]  # fmt: skip
+            run_fusion_bench(args, cwd=log_dir, log_dir=log_dir)
+    return log_dir, json.loads(report.read_text())
+
+
+@pytest.fixture(scope="session")
 def ci_testbed_cache(tmp_path_factory):
     """The one testbed cache of the session: every test that needs the ``ci`` recipe's build
     reads it from here, so it is built once (skips, saying what is missing, without the

@@ -163,7 +163,7 @@ def test_tiny_clip_sweep_resumes_after_interruption_and_collates(tiny_clip_suite
 
 def test_inprocess_hydra_and_submitit_launchers_agree(tiny_clip_suite, tmp_path):
     args = ["bench", "--pools", f"tiny_clip:{tiny_clip_suite.root}",
-            "--merger", "ta", "pretrained", "finetuned", "--variant", "base", "tiered",
+            "--merger", "ta", "--variant", "base", "tiered",
             "-o", "fabric.accelerator=cpu", "-o", "seed=0", "--no-collate"]  # fmt: skip
     hydra, inproc = tmp_path / "hydra", tmp_path / "inprocess"
     # both launchers in a process of their own with the same environment: float reductions (the
@@ -178,9 +178,7 @@ def test_inprocess_hydra_and_submitit_launchers_agree(tiny_clip_suite, tmp_path)
         )  # fmt: skip
         assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
     cells = _cells([*args, "--out", str(hydra)])
-    assert [str(c.rel_dir) for c in cells] == [
-        "bench/pretrained/base", "bench/finetuned/base", "bench/ta/base", "bench/ta/larv-tiered",
-    ]  # fmt: skip
+    assert [str(c.rel_dir) for c in cells] == ["bench/ta/base", "bench/ta/larv-tiered"]
     for c in cells:
         a, b = c.run_dir(hydra), c.run_dir(inproc)
         # FusionBench's report, every number (accuracy and loss of every task), the same
@@ -207,7 +205,7 @@ def _submitit_local_matches(args: list[str], basic: Path, sub: Path) -> None:
     pytest.importorskip(
         "hydra_plugins.hydra_submitit_launcher", reason="pip install '.[cluster]' (or '.[test]')"
     )
-    ta_args = [a for a in args if a not in ("pretrained", "finetuned")]
+    ta_args = list(args)
     rc = subprocess.run(
         [sys.executable, "-m", "larv_lab.reproduce", *ta_args, "--out", str(sub), "--quiet",
          "--launcher", "submitit_local", "--jobs", "1"],

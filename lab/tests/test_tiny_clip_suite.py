@@ -13,7 +13,6 @@ from transformers import CLIPProcessor, CLIPVisionModel
 from fusion_bench_larv.core.layers import group_layers
 from larv_lab.testbed.tiny_clip import (
     build_tiny_clip_suite,
-    run_fusion_bench,
     zero_shot_accuracy,
 )
 
@@ -77,17 +76,8 @@ def test_zero_shot_accuracy_measures_the_finetuning_gain(tiny_clip_suite):
 
 
 @pytest.mark.slow
-def test_task_arithmetic_cli_report(tiny_clip_suite, tmp_path):
-    log_dir = tmp_path / "logs"
-    report = run_fusion_bench(
-        [
-            *tiny_clip_suite.cli_args(),
-            "method=task_arithmetic",
-            f"merged_model_save_path={tmp_path / 'merged'}",
-        ],
-        cwd=tmp_path / "cwd",
-        log_dir=log_dir,
-    )
+def test_task_arithmetic_cli_report(tiny_clip_suite, ta_cli_run):
+    log_dir, report = ta_cli_run  # conftest.py: `fusion_bench method=task_arithmetic`
     # the program's report and the task pool's own report.json, both in the log dir
     assert report == json.loads((log_dir / "program_report.json").read_text())
     assert report == json.loads((log_dir / "report.json").read_text())
@@ -96,7 +86,7 @@ def test_task_arithmetic_cli_report(tiny_clip_suite, tmp_path):
     assert all(0.0 <= a <= 1.0 for a in accs)
     assert report["average"]["accuracy"] == pytest.approx(sum(accs) / len(accs))
     # the CLI evaluated the whole test split, exactly like zero_shot_accuracy does
-    merged = CLIPVisionModel.from_pretrained(str(tmp_path / "merged"))
+    merged = CLIPVisionModel.from_pretrained(str(log_dir / "merged"))
     for task in tiny_clip_suite.tasks:
         expected = zero_shot_accuracy(tiny_clip_suite, task, merged)
         assert report[task]["accuracy"] == pytest.approx(expected, abs=1e-6), task
