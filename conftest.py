@@ -10,8 +10,3 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-
-def pytest_collection_modifyitems(config, items):
-    """The end-to-end runs (marked ``slow``, seconds to a minute each) first, the rest in their
-    order: xdist's workers then end on short tests and finish together."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
