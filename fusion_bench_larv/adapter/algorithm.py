@@ -203,22 +203,19 @@ class LARVAlgorithm(UpdateRescaler):
         if s.diagnostics == "per_task":
             result = self._per_task_scales(ctx)
             scales = {task: res.param_scale for task, res in (result.tasks or {}).items()}
+            report = self._report(result)
         else:
             # the view gives the merger fresh copies of in-memory models: it runs twice
             view = PoolView(ctx.pool, copy_instances=ctx.pool.has_instance_models,
                             checked=ctx.checked)  # fmt: skip
             out = self.run_base(ctx, view)
             merged = merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)
-            result = compute_larv_scales(ctx.theta0, merged.state_dict(), s, device=self.device())
-            log.info("LARV scales per layer: %s (diagnostics %.1f s)",
-                     [round(x, 4) for x in result.scales], result.seconds)  # fmt: skip
-            self.warn(result.warnings)
-            scales = result.param_scale
+            scales, report = self.scales(ctx, merged.state_dict())
+            self.warn(report["warnings"])
             del out, merged
         out = self.run_base(ctx, PoolView(ctx.pool, ctx.theta0, scales, checked=ctx.checked))
         merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)  # one model of θ_0's kind
-        self.last_result = result
-        return self.finish(out, self._report(result))
+        return self.finish(out, report)
 
     def _per_task_scales(self, ctx: MergeContext) -> LarvResult:
         """``diagnostics: per_task`` (docs/method.md, "Per-task diagnostics"): every task vector
@@ -232,6 +229,7 @@ class LARVAlgorithm(UpdateRescaler):
         log.info("LARV per-task diagnostics: %d tasks, %.1f s", len(result.tasks or {}),
                  result.seconds)  # fmt: skip
         self.warn(result.warnings, stacklevel=4)  # warn, _per_task_scales, run, the caller
+        self.last_result = result
         return result
 
     @staticmethod

@@ -36,7 +36,7 @@ class PoolView(BaseModelPool):
 
     - every model the merger loads is checked for NaN/Inf (once per name; ``checked`` lists the
       names already checked), so a bad fine-tuned checkpoint is a clear
-      :class:`~fusion_bench_larv.core.inputs.LarvInputError`, not a meaningless merge;
+      :class:`~fusion_bench_larv.errors.LarvInputError`, not a meaningless merge;
     - with ``copy_instances`` the merger gets fresh copies of the caller's in-memory modules
       instead of the modules themselves;
     - with ``theta0`` and ``param_scale`` (``placement: task_vectors``) every loaded model is

@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 class MergeContext:
     """What one run knows before the merge: the pool, LARV's own copy of θ_0 (every merger
     overwrites the pretrained model it loads), its floating-point names and their blocks, the
-    models already checked for NaN/Inf, and what a subclass's :meth:`UpdateRescaler.prepare`
-    computed."""
+    models already checked for NaN/Inf, what a subclass's :meth:`UpdateRescaler.prepare`
+    computed before the merge and what its :meth:`UpdateRescaler.measure` read from the merge."""
 
     pool: BaseModelPool
     theta0: dict[str, torch.Tensor]
@@ -60,6 +60,7 @@ class MergeContext:
     merger: str
     checked: set[str] = field(default_factory=set)
     prepared: Any = None
+    measured: Any = None
 
 
 class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
@@ -131,6 +132,11 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
         ``ctx.prepared``."""
         return None
 
+    def measure(self, ctx: MergeContext, state: Mapping[str, torch.Tensor]) -> Any:
+        """What the scales need from the base merge itself, read once (a validation grid then
+        rescales the same merge again and again); kept in ``ctx.measured``."""
+        return None
+
     def scales(self, ctx: MergeContext, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
         """(parameter → scale, report fields) for the merged model ``state`` under the current
         settings; any ``"warnings"`` among the fields are also raised as :class:`LarvWarning`."""
@@ -172,6 +178,7 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
         merged = merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)
         state = merged.state_dict()
         check_finite(state, f"the output of {ctx.merger}")
+        ctx.measured = self.measure(ctx, state)
         chosen = None
         if self.validation is not None:
             chosen = self._choose(ctx, merged, state)

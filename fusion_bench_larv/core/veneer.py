@@ -310,7 +310,7 @@ def compute_larv_scales(
 ) -> LarvResult:
     """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (docs/method.md, "Pipeline" 2–4).
 
-    Raises :class:`~fusion_bench_larv.core.inputs.LarvInputError` when θ_0 and the merged model
+    Raises :class:`~fusion_bench_larv.errors.LarvInputError` when θ_0 and the merged model
     differ in keys or shapes or hold NaN/Inf, and its subclass ``LarvLayerError`` when fewer than
     two transformer blocks are found. Any dtype works: diagnostics run in float32 or wider.
 

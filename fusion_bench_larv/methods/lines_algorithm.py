@@ -169,14 +169,19 @@ class LiNeSAlgorithm(UpdateRescaler):
             sum_l1 = l1_norm(summed.values())
         return sum_l1, count
 
-    def scales(self, ctx: MergeContext, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    def measure(self, ctx: MergeContext, state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """(‖τ_MTV‖₁, α) of the base merge: α does not depend on β."""
         sum_l1, count = ctx.prepared
         with torch.no_grad():
             merged_l1 = l1_norm(_float_delta(state, ctx.theta0, k) for k in ctx.names)
         try:
-            alpha = lines_alpha_from_norms(sum_l1, merged_l1, count)
+            return merged_l1, lines_alpha_from_norms(sum_l1, merged_l1, count)
         except ValueError as err:
             raise LarvInputError(f"{err} ({ctx.merger})") from err
+
+    def scales(self, ctx: MergeContext, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+        sum_l1, count = ctx.prepared
+        merged_l1, alpha = ctx.measured
         param_scale, lambdas = lines_param_scales(ctx.names, ctx.groups, alpha, self.beta)
         groups = ctx.groups
         report = {
