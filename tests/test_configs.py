@@ -45,6 +45,25 @@ METHODS = {
     # no checkpoint of the un-rescaled base merge (FusionBench's config saves one)
     "larv_model_stock": ("ModelStock", {"model_save_path": None}),
     "larv_doge_ta": ("DOGE_TA_Algorithm", {"subspace": 6, "K": 30, "lamda": 0.07}),
+    # FusionBench's causal-LM mergers: they save their merge (LARV holds that back and saves the
+    # rescaled model there instead, docs/causal-lm.md)
+    "larv_ta_for_causallm": (
+        "TaskArithmeticForCausalLM",
+        {"scaling_factor": 0.3, "model_save_path": "LOG/checkpoint"},
+    ),
+    "larv_ties_for_causallm": (
+        "TiesMergingForCausalLM",
+        {
+            "scaling_factor": 0.3,
+            "threshold": 20,
+            "merge_func": "sum",
+            "model_save_path": "LOG/checkpoint",
+        },
+    ),  # fmt: skip
+    "larv_simple_average_for_causallm": (
+        "SimpleAverageForCausalLM",
+        {"merge_backbone": False, "model_save_path": "LOG/checkpoint"},
+    ),
     # not exported by fusion_bench.method: its dotted path
     "larv_svc_ta": (
         "fusion_bench.method.singular_value_calibration.task_arithmetic."
@@ -92,7 +111,8 @@ def test_suite_composes_and_instantiates_every_method(hydra_ctx, backbone, tasks
         if not first and method not in ("larv_ta", "larv_iso_c"):
             continue
         cfg = compose(
-            config_name=f"larv_clip-vit-{backbone}_{tasks}", overrides=[f"method={method}"]
+            config_name=f"larv_clip-vit-{backbone}_{tasks}",
+            overrides=[f"method={method}", "path.log_dir=LOG"],  # the CLI's run dir, outside it
         )
         # the suite pairs FusionBench's model pool with the matching task pool and backbone
         assert cfg.modelpool.models._pretrained_ == f"openai/clip-vit-{backbone}"

@@ -22,7 +22,7 @@ from ..core.keys import did_you_mean
 from ..core.settings import LarvSettings
 from ..core.veneer import LarvResult, compute_larv_scales, compute_per_task_scales
 from ..errors import LarvAttributeError, LarvConfigError, LarvInputError
-from .base_method import merged_module, rng_kept
+from .base_method import rng_kept
 from .pool_view import PoolView
 from .wrapper import MergeContext, UpdateRescaler
 
@@ -36,6 +36,13 @@ LARV_KEYS = LarvSettings.keys()
 def _plain(value: Any) -> Any:
     """An OmegaConf value (Hydra hands lists over as ListConfig) as plain Python data."""
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _base_option(base_method: Any, key: str) -> Any:
+    """One option of the wrapped merger (its config's entry, or an instance's attribute)."""
+    if isinstance(base_method, BaseAlgorithm):
+        return getattr(base_method, key, None)
+    return base_method.get(key) if isinstance(base_method, Mapping) else None
 
 
 class _SettingKey:
@@ -128,6 +135,13 @@ class LARVAlgorithm(UpdateRescaler):
     def configure(self, **larv: Any) -> None:
         self.settings = LarvSettings.from_mapping({k: _plain(v) for k, v in larv.items()})
         self.last_result = None
+        if self.settings.placement != "merged" and _base_option(self.base_method, "merge_backbone"):
+            raise LarvConfigError(
+                f"LARV `placement: {self.settings.placement}` rewrites the models the base merger "
+                "loads from the pool, but with `merge_backbone: true` FusionBench's causal-LM "
+                "mergers load the backbones from a pool of their own, which LARV does not see: "
+                "use `placement: merged` (and `diagnostics: merged`), or `merge_backbone: false`"
+            )
         if self.validation is None:
             return
         s, grid = self.settings, self.validation[1]
@@ -209,13 +223,13 @@ class LARVAlgorithm(UpdateRescaler):
             view = PoolView(ctx.pool, copy_instances=ctx.pool.has_instance_models,
                             checked=ctx.checked)  # fmt: skip
             out = self.run_base(ctx, view)
-            merged = merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)
+            merged = self.merged_of(ctx, out)
             scales, report = self.scales(ctx, merged.state_dict())
             self.warn(report["warnings"])
             del out, merged
         out = self.run_base(ctx, PoolView(ctx.pool, ctx.theta0, scales, checked=ctx.checked))
-        merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)  # one model of θ_0's kind
-        return self.finish(out, report)
+        self.merged_of(ctx, out)  # one model of θ_0's kind (repaired, for a lazy pool)
+        return self.finish(out, report, ctx)
 
     def _per_task_scales(self, ctx: MergeContext) -> LarvResult:
         """``diagnostics: per_task`` (docs/method.md, "Per-task diagnostics"): every task vector

@@ -26,6 +26,7 @@ from ..errors import LarvConfigError, LarvInputError
 
 __all__ = [
     "FUSION_BENCH_META_KEYS",
+    "SAVE_PATH_KEY",
     "base_method_name",
     "base_method_report",
     "build_base_method",
@@ -34,7 +35,10 @@ __all__ = [
     "merged_module",
     "report_file",
     "rng_kept",
+    "own_save_held",
     "run_base_method",
+    "save_checkpoint",
+    "save_path_of",
     "write_report",
 ]
 
@@ -209,6 +213,58 @@ def run_base_method(base: BaseAlgorithm, modelpool: BaseModelPool) -> Any:
         return base.run(modelpool)
     finally:
         base.on_run_end()
+
+
+#: the merger key under which FusionBench's causal-LM mergers (``linear/*_for_causallm``: Task
+#: Arithmetic, TIES, simple averaging) and Model Stock save their own merge
+#: (``${path.log_dir}/checkpoint`` in their configs)
+SAVE_PATH_KEY = "model_save_path"
+
+
+def save_path_of(base_method: Any) -> str | None:
+    """Where the wrapped merger (an instance or a config) would save its merge itself: its
+    ``model_save_path``, None when unset."""
+    if isinstance(base_method, BaseAlgorithm):
+        path = getattr(base_method, SAVE_PATH_KEY, None)
+    elif isinstance(base_method, Mapping):
+        path = base_method.get(SAVE_PATH_KEY)  # a DictConfig resolves ${path.log_dir} here
+    else:
+        path = None
+    return os.fspath(path) if path else None
+
+
+@contextlib.contextmanager
+def own_save_held(base: BaseAlgorithm) -> Iterator[None]:
+    """The merger's own save (its ``model_save_path``) held back while the block runs: under a
+    wrapper it would save the merge before rescaling; the wrapper saves the rescaled model there
+    instead (:func:`save_checkpoint`). The attribute is restored afterwards."""
+    path = getattr(base, SAVE_PATH_KEY, None)
+    if not path:
+        yield
+        return
+    setattr(base, SAVE_PATH_KEY, None)
+    try:
+        yield
+    finally:
+        setattr(base, SAVE_PATH_KEY, path)
+
+
+def save_checkpoint(
+    pool: BaseModelPool, model: nn.Module, path: str, who: str, description: str, config: Any
+) -> None:
+    """Save ``model`` (the wrapper's rescaled merge) to ``path`` the way the held-back merger
+    would have: with a ``CausalLMPool``, as its ``save_model`` does for the causal-LM mergers
+    (``save_pretrained``, the pool's tokenizer if it names one, a model card from ``config``);
+    with any other pool, through that pool's ``save_model``."""
+    from fusion_bench.modelpool import CausalLMPool  # imports peft: only when a model is saved
+
+    if isinstance(pool, CausalLMPool):
+        pool.save_model(model, path, save_tokenizer=pool.tokenizer is not None,
+                        algorithm_config=config, description=description)  # fmt: skip
+    else:
+        pool.save_model(model, path)
+    log.info("%s: the rescaled model is saved to %s (the base merger's `%s`; the merger's own "
+             "save of its un-rescaled merge was held back)", who, path, SAVE_PATH_KEY)  # fmt: skip
 
 
 def base_method_name(base_method: Any) -> str:

@@ -18,6 +18,7 @@ from torch import nn
 from ..core.inputs import check_finite
 from ..core.veneer import apply_scales
 from ..errors import LarvInputError
+from .model_state import is_lazy, model_state, served, state_copy, store_into
 
 
 def in_memory_model(pool: BaseModelPool, name: str) -> nn.Module | None:
@@ -85,6 +86,12 @@ class PoolView(BaseModelPool):
             raise AttributeError(name)
         return getattr(self._inner, name)
 
+    @property
+    def config(self) -> Any:
+        """The inner pool's config: a merger may build a pool of its own from it (the causal-LM
+        mergers' ``merge_backbone: true`` builds a ``CausalLMBackbonePool``)."""
+        return self._inner.config
+
     # what a specialised pool overrides beyond load_model (CLIPVisionModelPool's dataset loaders,
     # its save_model; model configs and paths) must reach the inner pool, not BaseModelPool's
     def get_model_config(self, *args, **kwargs):
@@ -110,11 +117,11 @@ class PoolView(BaseModelPool):
             # the merger's own intermediate (Singular Value Calibration adds its inner merge as
             # `_merged_` and loads it back): served as added, neither checked nor rescaled
             return super().load_model(model_name_or_config, *args, **kwargs)
-        model = self._inner.load_model(model_name_or_config, *args, **kwargs)
+        model = served(self._inner.load_model(model_name_or_config, *args, **kwargs))
         is_name = isinstance(model_name_or_config, str)
         if not is_name or model_name_or_config not in self._checked:
             label = f"model `{model_name_or_config}`" if is_name else "a model of the pool"
-            check_finite(model.state_dict(), label)
+            check_finite(model_state(model), label)  # a lazy model: read tensor by tensor
             if is_name:
                 self._checked.add(model_name_or_config)
         if (
@@ -125,12 +132,16 @@ class PoolView(BaseModelPool):
             model = deepcopy(model)
         if self._theta0 is not None and is_name:
             with torch.no_grad():
-                sd = model.state_dict()
+                # a lazy model reads its tensors from disk on every access: rewrite a copy of
+                # them and store it in the lazy dict, which the merger then reads
+                sd = state_copy(model) if is_lazy(model) else model.state_dict()
                 if model_name_or_config == "_pretrained_":
                     for k, v in self._theta0.items():
                         sd[k].copy_(v)
                 else:
                     apply_scales(self._theta0, sd, self._scales_of(model_name_or_config))
+                if is_lazy(model):
+                    store_into(model, sd)
         return model
 
     def _scales_of(self, name: str) -> Mapping[str, float]:

@@ -32,10 +32,20 @@ from .base_method import (
     build_base_method,
     check_base_method,
     merged_module,
+    own_save_held,
     report_file,
     rng_kept,
     run_base_method,
+    save_checkpoint,
+    save_path_of,
     write_report,
+)
+from .model_state import (
+    architecture_of,
+    is_lazy,
+    lazy_meta_module,
+    repair_lazy_merge,
+    state_copy,
 )
 from .pool_view import PoolView, in_memory_model
 from .selection import build_taskpool, check_validation, choose, taskpool_report, validation_score
@@ -61,6 +71,12 @@ class MergeContext:
     checked: set[str] = field(default_factory=set)
     prepared: Any = None
     measured: Any = None
+    #: where the rescaled model is saved: the wrapped merger's own ``model_save_path`` (None: not
+    #: saved here; FusionBench's program saves what ``run`` returns if told to)
+    checkpoint: str | None = None
+    #: a lazily loaded θ_0's meta module, tied (see ``model_state.repair_lazy_merge``); None for
+    #: a built θ_0
+    lazy_meta: nn.Module | None = None
 
 
 class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
@@ -175,7 +191,7 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
             view = PoolView(ctx.pool, copy_instances=self.validation is not None,
                             checked=ctx.checked)  # fmt: skip
             out = self.run_base(ctx, view)
-        merged = merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)
+        merged = self.merged_of(ctx, out)
         state = merged.state_dict()
         check_finite(state, f"the output of {ctx.merger}")
         ctx.measured = self.measure(ctx, state)
@@ -192,7 +208,7 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
             report["base_merge"] = f"computed once, shared by every {self.chosen[1]}"
         if chosen is not None:
             report["validation"] = chosen
-        return self.finish(out, report)
+        return self.finish(out, report, ctx)
 
     def open(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> MergeContext:
         """The pool (a mapping name → model becomes one), checked: a ``_pretrained_`` entry, every
@@ -220,16 +236,36 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
         # loading θ_0 must not move the RNG the base merger draws from (rng_kept)
         with rng_kept():
             pretrained = modelpool.load_pretrained_model()
+            # LARV's own copy (the merger overwrites what it loads); a lazy model (CausalLMPool's
+            # lazy loading) under its module's names, tied names sharing one tensor
+            theta0 = state_copy(pretrained)
             if "_pretrained_" not in checked:
-                check_finite(pretrained.state_dict(), "model `_pretrained_`")
+                check_finite(theta0, "model `_pretrained_`")
                 checked.add("_pretrained_")
-            architecture = type(pretrained).__name__
-            theta0 = {k: v.detach().clone() for k, v in pretrained.state_dict().items()}
+            architecture = architecture_of(pretrained)
+            lazy_meta = lazy_meta_module(pretrained)
             del pretrained
         names = [k for k, v in theta0.items() if v.is_floating_point()]
         groups = grouped_layers(names, self.layer_pattern)
         merger = base_method_name(self.base_method)
-        return MergeContext(modelpool, theta0, architecture, names, groups, merger, checked)
+        return MergeContext(modelpool, theta0, architecture, names, groups, merger, checked,
+                            checkpoint=save_path_of(self.base_method),
+                            lazy_meta=lazy_meta)  # fmt: skip
+
+    def merged_of(self, ctx: MergeContext, out: Any) -> nn.Module:
+        """The merged model in the merger's output, checked against θ_0 (``merged_module``) and,
+        for a lazy pool, repaired where FusionBench's lazy merge leaves memory uninitialised
+        (``model_state.repair_lazy_merge``)."""
+        if is_lazy(out):  # e.g. `merge_backbone: true`, which sets the backbone on a lazy θ_0
+            raise LarvInputError(
+                f"the base merger {ctx.merger} returned FusionBench's lazy state dict, not a "
+                "model: it does not support this lazily loaded pool as configured (with "
+                "`merge_backbone: true`, set `modelpool.enable_lazy_loading=false`)"
+            )
+        merged = merged_module(out, ctx.merger, ctx.theta0, ctx.architecture)
+        if ctx.lazy_meta is not None:
+            repair_lazy_merge(merged, ctx.lazy_meta)
+        return merged
 
     def build_base_method(self) -> BaseAlgorithm:
         """A fresh instance of the wrapped merger, set up the way FusionBench's program sets up a
@@ -237,8 +273,11 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
         return build_base_method(self.base_method, self._program, self._fabric_instance)
 
     def run_base(self, ctx: MergeContext, pool: BaseModelPool) -> Any:
-        """The wrapped merger run on ``pool`` as FusionBench's program runs a method."""
-        return run_base_method(self.build_base_method(), pool)
+        """The wrapped merger run on ``pool`` as FusionBench's program runs a method, its own save
+        of the un-rescaled merge held back (:meth:`finish` saves the rescaled model there)."""
+        base = self.build_base_method()
+        with own_save_held(base):
+            return run_base_method(base, pool)
 
     def _choose(self, ctx: MergeContext, merged: nn.Module, state: dict) -> dict:
         """Every value of the validation grid applied to the merged update and scored on the
@@ -270,8 +309,16 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
             log.warning("%s: %s", self.method, msg)
             warnings.warn(msg, LarvWarning, stacklevel=stacklevel)
 
-    def finish(self, out: Any, report: dict) -> Any:
-        """Keep the report in ``last_report``, write it, return the merger's output."""
+    def finish(self, out: Any, report: dict, ctx: MergeContext) -> Any:
+        """Save the rescaled model where the merger would have saved its own (``ctx.checkpoint``,
+        then also in the report), keep the report in ``last_report``, write it, return the
+        merger's output."""
+        if ctx.checkpoint is not None:
+            model = merged_module(out, ctx.merger)
+            description = (f"{self.method} over {ctx.merger}: θ_0 + s_ℓ·(θ_merged − θ_0) per block; "
+                           f"per-block scales in {self.report_name}")  # fmt: skip
+            save_checkpoint(ctx.pool, model, ctx.checkpoint, self.method, description, self.config)
+            report["checkpoint"] = ctx.checkpoint
         self.last_report = report
         write_report(report, self.report_path(), self.method)
         return out
