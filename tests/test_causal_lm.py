@@ -276,6 +276,25 @@ def test_a_lazy_pool_gives_what_the_eager_pool_gives(pools, arch, placement, tmp
         torch.testing.assert_close(lazy(ids).logits, eager(ids).logits, rtol=0, atol=0)
 
 
+def test_lines_on_a_lazy_pool(pools, tmp_path):
+    """LiNeS shares the wrapper: on the tied lazy pool it reads each task vector under θ_0's
+    names, gives the eager pool's weights bit for bit and saves its model where the merger
+    would have."""
+    from fusion_bench_larv import LiNeSAlgorithm
+
+    _, folders = pools
+    states = {}
+    for lazy in (False, True):
+        save = tmp_path / f"ckpt_{lazy}"
+        base = {"_target_": "fusion_bench.method.TaskArithmeticForCausalLM",
+                "scaling_factor": 1.0, "model_save_path": str(save)}  # fmt: skip
+        alg = LiNeSAlgorithm(base_method=base, beta=0.5)
+        states[lazy] = alg.run(_pool(folders["qwen2"], "qwen2", lazy)).state_dict()
+        assert alg.last_report["checkpoint"] == str(save) and (save / "config.json").is_file()
+    for k, v in states[False].items():
+        assert torch.equal(states[True][k], v), k
+
+
 def test_merge_backbone(pools):
     """``merge_backbone: true`` builds a backbone pool from the pool's config (the view gives the
     inner pool's): LARV rescales the merged blocks and leaves the rest θ_0; with the placements

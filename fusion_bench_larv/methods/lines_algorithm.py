@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..adapter.base_method import rng_kept
+from ..adapter.model_state import model_state
 from ..adapter.wrapper import MergeContext, UpdateRescaler
 from ..core.diagnostics import compute_dtype
 from ..core.inputs import check_finite
@@ -154,7 +155,7 @@ class LiNeSAlgorithm(UpdateRescaler):
 
         def task_vectors():
             for task in tasks:
-                sd = ctx.pool.load_model(task).state_dict()
+                sd = model_state(ctx.pool.load_model(task))  # a lazy model: under θ_0's names
                 if task not in ctx.checked:
                     check_finite(sd, f"model `{task}`")
                     ctx.checked.add(task)
