@@ -295,6 +295,35 @@ def test_lines_on_a_lazy_pool(pools, tmp_path):
         assert torch.equal(states[True][k], v), k
 
 
+def test_a_lazy_checkpoint_missing_a_parameter_is_named(pools, tmp_path):
+    """θ_0 read lazily under its model's names: a tied head comes from the embedding, an untied
+    one the checkpoint lacks is a LarvInputError naming it (not a KeyError mid-merge)."""
+    import shutil
+
+    from fusion_bench.utils.lazy_state_dict import LazyStateDict
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from fusion_bench_larv.adapter.model_state import LazyModelState
+    from fusion_bench_larv.errors import LarvInputError
+
+    _, folders = pools
+    tied = LazyModelState(LazyStateDict(str(folders["qwen2"] / "_pretrained_"),
+                                        meta_module_class=AutoModelForCausalLM))  # fmt: skip
+    assert tied.stored["lm_head.weight"] == "model.embed_tokens.weight"
+    state = tied.copy()
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["llama"] / "_pretrained_", broken)
+    weights = read_folder(broken)
+    del weights["lm_head.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    lazy = LazyStateDict(str(broken), meta_module_class=AutoModelForCausalLM)
+    with pytest.raises(LarvInputError, match="stores no tensor for `lm_head.weight`"):
+        LazyModelState(lazy)
+
+
 def test_merge_backbone(pools):
     """``merge_backbone: true`` builds a backbone pool from the pool's config (the view gives the
     inner pool's): LARV rescales the merged blocks and leaves the rest θ_0; with the placements

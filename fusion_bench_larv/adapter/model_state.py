@@ -138,8 +138,8 @@ def repair_lazy_merge(merged: nn.Module, meta: nn.Module) -> None:
     - the non-persistent buffers (the rotary embedding's ``inv_freq``) are copied from ``meta``
       (:func:`tied_meta_module`), which built them.
 
-    Both are outside the saved weights' meaning (a tied head is dropped on reload, the buffers
-    are rebuilt), but LARV's diagnostics read the head and the returned model is evaluated."""
+    A checkpoint saved from the model rebuilds both on loading, but LARV rescales the head (its
+    NaN/Inf, if the memory held any, would stop the run) and the returned model is evaluated."""
     if callable(getattr(merged, "tie_weights", None)):
         merged.tie_weights()
     persistent = set(merged.state_dict())

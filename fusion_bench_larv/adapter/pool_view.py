@@ -45,8 +45,12 @@ class PoolView(BaseModelPool):
       ``param_scale`` is either one mapping parameter → scale, the same for every model, or
       (``diagnostics: per_task``) a mapping model name → its own parameter → scale mapping.
 
+    A lazy model (FusionBench's ``LazyStateDict``: a ``CausalLMPool`` with lazy loading) is
+    checked one tensor at a time, rewritten in its cache, and served as a
+    :class:`~.model_state.ServedLazyStateDict`, which FusionBench's simple averaging can read.
+
     Everything else (a specialised pool's processor, tokenizer, data set loaders, model configs
-    and paths, ``save_model``) goes to the inner pool, so a merger that reads data (e.g. LOT)
+    and paths, its own ``config``, ``save_model``) goes to the inner pool, so a merger that reads data (e.g. LOT)
     sees the pool it was configured with.
     """
 
