@@ -146,10 +146,10 @@ class _LazyDelta(Mapping):
         return len(self._names)
 
 
-# Stacks of the batched diagnostics (docs/cost.md, "Batching"): by default a stack holds at most
-# BATCH_BYTES of θ_0 and at most 1/BATCH_FRACTION of all θ_0 matrices (both counted in float32),
-# and always at least one matrix; the transient products are a few stacks' worth, small next to
-# the model.
+# Stacks of the batched diagnostics (docs/method.md, "Numerics that do not change the value"):
+# by default a stack holds at most BATCH_BYTES of θ_0 and at most 1/BATCH_FRACTION of all θ_0
+# matrices (both counted in float32), and always at least one matrix; the transient products are
+# a few stacks' worth, small next to the model.
 BATCH_BYTES = 256 * 2**20
 BATCH_FRACTION = 8
 
