@@ -92,14 +92,14 @@ class LiNeSAlgorithm(UpdateRescaler):
     ) -> None:
         if beta is None and self.validation is None:
             raise LarvConfigError(
-                "LiNeS needs `beta` (method.beta=<number> on the command line): the increase of "
+                f"{self.method} needs `beta` (method.beta=<number> on the command line): the increase of "
                 "the scale from the first block to the last, λ_ℓ = α + β·ℓ/(L−1); or "
                 "`validation: {taskpool: ..., grid: [...]}` to choose it on held-out labelled "
                 f"data, as the authors do (their grids: {_AUTHORS_BETA_GRIDS})"
             )
         if beta is not None and self.validation is not None:
             raise LarvConfigError(
-                "LiNeS config: give `beta` or `validation` (which chooses β), not both"
+                f"{self.method} config: give `beta` or `validation` (which chooses β), not both"
             )
         if beta is None:
             beta = self.validation.grid[0]  # replaced by the choice in run()

@@ -163,7 +163,8 @@ def _interval_notes(t: Table, res: Results) -> None:
 
 
 DATA_BLOCK = (
-    "*uses data: LiNeS and guarded LARV choose one value on labelled validation examples, "
+    "*uses data: LiNeS, the signed depth ramp and guarded LARV choose one value on labelled "
+    "validation examples, "
     "AdaMerging adapts on unlabelled test examples, LOT reads training exemplars; every row above "
     "is data-free*"
 )
