@@ -318,6 +318,7 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
             chosen, out["best"], out["guard"] = self.base_value, None, None
         else:
             out["best"] = chosen = values[choose(scores)]
+            self._warn_at_edge(chosen, values, stopped)
             out["guard"] = self._guard(v, chosen, correct, covered)
             if out["guard"] is not None and out["guard"]["significant"] is False:
                 chosen = self.base_value
@@ -346,6 +347,17 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
         then = (f"keeping the base merger ({symbol} = {self.base_value:g}, `uncovered: base`)"
                 if v.uncovered == "base" else f"choosing on {covered} only (`uncovered: choose`)")  # fmt: skip
         self.warn([f"{what}; {then}"], stacklevel=5)  # warn, _check_coverage, _choose, run, caller
+
+    def _warn_at_edge(self, best: float, values: list[float], stopped: str) -> None:
+        """Warn when the best value sits on an edge of a grid that stopped growing short of a
+        bound (no rule, or ``max_values``): the optimum may lie beyond it."""
+        lo, hi = self.domain
+        at_edge = (best == max(values) and best != hi) or (best == min(values) and best != lo)
+        if stopped in ("fixed grid", "max_values") and at_edge:
+            symbol = self.chosen[1]
+            self.warn([f"the best {symbol} = {best:g} is at the edge of the grid searched "
+                       f"({stopped}): the best {symbol} may lie beyond it; give "
+                       "`validation.grow` (or more values) to search further"], stacklevel=5)  # fmt: skip
 
     def _guard(self, v: Validation, best: float, correct: dict, tasks: list[str]) -> dict | None:
         """The guard's verdict on the best value (None without a guard): ``significant`` when its
