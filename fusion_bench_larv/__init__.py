@@ -31,6 +31,7 @@ _HOME = {
     "LayerGroupingError": "errors",
     "RecordingCLIPVisionModelTaskPool": "evaluation.clip_taskpool",
     "Schedule": "core.registry",
+    "SignedDepthRamp": "methods.lines_algorithm",
     "UpdateRescaler": "adapter.wrapper",
     "apply_scales": "core.veneer",
     "commutator_conflict": "core.diagnostics",

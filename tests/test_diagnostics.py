@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import SHAPES, naive_conflict, naive_reff, structured
 
+from fusion_bench_larv.core import veneer
 from fusion_bench_larv.core.diagnostics import (
     MatrixStats,
     SpectrumOptions,
@@ -33,6 +34,7 @@ from fusion_bench_larv.core.diagnostics import (
     spectral_entropy,
     theta0_statistics,
 )
+from fusion_bench_larv.core.settings import LarvSettings
 
 
 def t(x) -> torch.Tensor:
@@ -704,3 +706,79 @@ def test_exact_energies_at_the_scale_of_fine_tuning_updates(scale):
     got = exact_energies(torch.tensor(a, dtype=torch.float32)[None])[0].numpy()
     ref = np.linalg.svd(a, compute_uv=False) ** 2
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * ref[0])
+
+
+# -- the pipeline's stacks (veneer.shape_batches) against per-matrix numpy oracles ---------------
+def _mixed_pair(seed=0):
+    """θ_0 and a merged model (float32) whose matrices have mixed shapes over three blocks: square
+    of two sizes, tall, wide and a conv kernel (folded to 6×8)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"q": (8, 8), "o": (12, 12), "fc1": (24, 8), "fc2": (8, 24), "conv": (6, 2, 2, 2)}
+    theta0, merged = {}, {}
+    for i in range(3):
+        for part, shape in shapes.items():
+            k = f"blocks.{i}.{part}.weight"
+            d = structured((shape[0], int(np.prod(shape[1:]))), rng, rank=2, noise=0.1)
+            theta0[k] = torch.tensor(rng.normal(size=shape), dtype=torch.float32)
+            merged[k] = theta0[k] + torch.tensor(0.02 * d.reshape(shape), dtype=torch.float32)
+    return theta0, merged
+
+
+def _oracle_e_c(theta0, merged, name, settings):
+    """e and c of one matrix in numpy float64 (Δ formed in float32, as LARV forms it): exact r_eff
+    from np.linalg.svd of the full matrix; randomized from the range finder written out in numpy
+    (QR of AΩ, SVD of QᵀA), its sketches drawn from the matrix's own generator, θ_0's first."""
+    x = theta0[name].double().reshape(theta0[name].shape[0], -1).numpy()
+    y = (merged[name] - theta0[name]).double().reshape(x.shape).numpy()
+    if settings.spectrum == "exact":
+        r0, rd = naive_reff(x), naive_reff(y)
+    else:
+        g = torch.Generator().manual_seed(veneer._matrix_seed(settings.seed, name))
+
+        def reff(a):
+            m, n = a.shape
+            k = min(settings.rank, m, n)
+            cols = min(k + settings.oversample, m, n)
+            omega = torch.randn(n, cols, generator=g, dtype=torch.float32).double().numpy()
+            q, _ = np.linalg.qr(a @ omega)
+            p = np.linalg.svd(q.T @ a, compute_uv=False)[:k] ** 2 / np.sum(a * a)
+            return float(np.exp(-(p * np.log(p)).sum()))
+
+        r0, rd = reff(x), reff(y)
+    return r0 / (rd + settings.eps), naive_conflict(x, y, settings.eps)
+
+
+@pytest.mark.parametrize("spectrum", ["exact", "randomized"])
+@pytest.mark.parametrize("batch_bytes", [1, None, 2**40])
+def test_stacked_diagnostics_match_per_matrix_oracles_on_mixed_shapes(
+    spectrum, batch_bytes, monkeypatch
+):
+    # batch_bytes 1: one matrix per stack; None: the default budget (1/8 of θ_0 here: stacks of
+    # one to three); 2**40: one stack per shape. Every stacking gives each matrix its own e and c.
+    theta0, merged = _mixed_pair()
+    names = list(theta0)
+    s = LarvSettings(spectrum=spectrum, seed=3)
+    calls = {"eigvalsh": 0, "qr": 0}
+    for fn in calls:
+        real = getattr(torch.linalg, fn)
+
+        def spy(*args, _real=real, _fn=fn, **kwargs):
+            calls[_fn] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, fn, spy)
+    delta = veneer._LazyDelta(theta0, merged, names)
+    e, c = veneer.matrix_diagnostics(theta0, delta, names, s, progress=False,
+                                     batch_bytes=batch_bytes)  # fmt: skip
+    assert sorted(e) == sorted(c) == sorted(names)
+    for k in names:
+        want_e, want_c = _oracle_e_c(theta0, merged, k, s)
+        assert e[k] == pytest.approx(want_e, rel=1e-4), k
+        assert c[k] == pytest.approx(want_c, rel=1e-4), k
+    # one eigen-solve (exact) or one QR (randomized) per stack and side (θ_0, Δ): batched calls
+    stacks = veneer.shape_batches(names, theta0, delta, None, batch_bytes)
+    used = "eigvalsh" if spectrum == "exact" else "qr"
+    assert calls[used] == 2 * len(stacks)
+    # default budget: θ_0 is 3 × 640 float32 entries, 7680 B, / 8 = 960 B: the three 8×8 (256 B
+    # each) and the three conv kernels (192 B) share a stack, 12×12, 24×8 and 8×24 go one by one
+    assert len(stacks) == {1: 15, None: 2 + 3 * 3, 2**40: 5}[batch_bytes]

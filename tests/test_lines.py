@@ -317,3 +317,15 @@ def test_configs_compose_and_instantiate(hydra_ctx, overrides, cls, hparams):
     assert type(base).__name__ == cls
     for key, value in hparams.items():
         assert cfg.method.base_method[key] == value
+
+
+def test_signed_depth_ramp_config_takes_a_negative_beta(hydra_ctx):
+    # the labelled extension (not LiNeS): its own method config, β of either sign
+    from fusion_bench_larv import SignedDepthRamp
+
+    over = ["method=signed_depth_ramp", "method@method.base_method=task_arithmetic",
+            "method.base_method.scaling_factor=1.0", "method.beta=-0.5", *POOLS]  # fmt: skip
+    alg = instantiate(compose(config_name="fabric_model_fusion", overrides=over).method,
+                      _recursive_=False)  # fmt: skip
+    assert type(alg) is SignedDepthRamp and alg.beta == -0.5
+    assert alg.report_name == "signed_depth_ramp_layers.json"

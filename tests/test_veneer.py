@@ -450,15 +450,45 @@ def test_float64_models_are_diagnosed_in_float64():
     np.testing.assert_allclose([r.c for r in res.layers], c_ref, rtol=1e-9)
 
 
-def test_streaming_in_small_chunks_gives_the_same_result(monkeypatch):
+@pytest.mark.parametrize("spectrum", ["exact", "randomized"])
+def test_stacking_does_not_change_the_result(spectrum):
+    # one matrix per stack, the default budget, one stack per shape: the same e, c and scales
     theta0, merged = make_pair(num_layers=6, seed=3)
-    s = LarvSettings()
-    whole = compute_larv_scales(theta0, merged, s, progress=False)
-    monkeypatch.setattr(veneer, "CHUNK_BYTES", 1)  # one layer per batch
-    chunked = compute_larv_scales(theta0, merged, s, progress=False)
-    assert [r.e for r in chunked.layers] == pytest.approx([r.e for r in whole.layers], rel=1e-12)
-    assert [r.c for r in chunked.layers] == pytest.approx([r.c for r in whole.layers], rel=1e-12)
-    assert chunked.scales == whole.scales
+    s = LarvSettings(spectrum=spectrum)
+    ref = compute_larv_scales(theta0, merged, s, progress=False, batch_bytes=1)
+    for batch_bytes in (None, 2**40):
+        res = compute_larv_scales(theta0, merged, s, progress=False, batch_bytes=batch_bytes)
+        assert [r.e for r in res.layers] == pytest.approx([r.e for r in ref.layers], rel=1e-12)
+        assert [r.c for r in res.layers] == pytest.approx([r.c for r in ref.layers], rel=1e-12)
+        assert res.scales == ref.scales
+
+
+def test_shape_batches_group_by_shape_and_dtype_within_the_budget(monkeypatch):
+    # blocks 0..2 with an 8×8 (256 B in float32) and a 24×8 (768 B), and a float64 8×8 (counted as
+    # float32: 256 B) after them; θ_0 is 3328 B in all, so the default budget is 3328 // 8 = 416 B
+    g = torch.Generator().manual_seed(0)
+    theta0 = {}
+    for i in range(3):
+        theta0[f"b.{i}.q"] = torch.randn(8, 8, generator=g)
+        theta0[f"b.{i}.fc"] = torch.randn(24, 8, generator=g)
+    theta0["b.2.q64"] = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    names = list(theta0)
+    delta = _LazyDelta(theta0, theta0, names)
+    q, fc = [f"b.{i}.q" for i in range(3)], [f"b.{i}.fc" for i in range(3)]
+    one_each = [[q[0]], [fc[0]], [q[1]], [fc[1]], [q[2]], [fc[2]], ["b.2.q64"]]
+    assert veneer.shape_batches(names, theta0, delta) == one_each  # 2 × 256 B > 416 B
+    # 600 B: two 8×8 per stack; a 24×8 is over the budget alone and still gets its own stack;
+    # the float64 8×8 never joins the float32 ones; stacks in the order of their first matrix
+    assert veneer.shape_batches(names, theta0, delta, batch_bytes=600) == [
+        [q[0], q[1]], [fc[0]], [fc[1]], [q[2]], [fc[2]], ["b.2.q64"]
+    ]  # fmt: skip
+    assert veneer.shape_batches(names, theta0, delta, batch_bytes=2**40) == [q, fc, ["b.2.q64"]]
+    # the default is also capped by BATCH_BYTES
+    monkeypatch.setattr(veneer, "BATCH_BYTES", 2**40)
+    monkeypatch.setattr(veneer, "BATCH_FRACTION", 1)
+    assert veneer.shape_batches(names, theta0, delta) == [q, fc, ["b.2.q64"]]
+    monkeypatch.setattr(veneer, "BATCH_BYTES", 600)
+    assert veneer.shape_batches(names, theta0, delta)[0] == [q[0], q[1]]
 
 
 def test_lazy_delta_is_the_update_and_holds_no_copy():

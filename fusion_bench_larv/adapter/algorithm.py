@@ -82,9 +82,11 @@ class LARVAlgorithm(UpdateRescaler):
             FusionBench's report). Outside the CLI with no log dir nothing is written and the
             report is only kept in ``self.last_report``.
         validation: null (data-free, the default), or ``{taskpool: <task pool config on
-            held-out labelled data>, grid: [δ values]}``: guarded LARV, the tiered spread δ
-            (levels 1 − δ, 1, 1 + δ; δ = 0 is the base merger bit for bit) chosen on that task
-            pool (uses data; list δ = 0 first, so that ties keep the base merger).
+            held-out labelled data>, grid: [δ values], grow, guard, uncovered}``
+            (:mod:`.selection`): guarded LARV, the tiered spread δ (levels 1 − δ, 1, 1 + δ;
+            0 ≤ δ ≤ 1; δ = 0 is the base merger bit for bit) chosen on that task pool (uses
+            data). The guard is on unless ``guard: false``: the chosen δ is kept only when its
+            validation gain over δ = 0 is significant, else the base merger.
         **larv: the LARV keys of :class:`LarvSettings` (``gate``, ``alpha``, …).
 
     The LARV settings are held once, in ``self.settings``; ``self.gate`` etc. read from it, and
@@ -98,6 +100,11 @@ class LARVAlgorithm(UpdateRescaler):
     method = "LARV"
     own_keys = LARV_KEYS
     chosen = ("delta", "δ")
+    # levels 1 − δ, 1, 1 + δ stay ≥ 0; δ = 0 is the base merger bit for bit, and guarded LARV
+    # keeps it unless a larger δ gains significantly on validation
+    domain = (0.0, 1.0)
+    base_value = 0.0
+    guard_default = True
     _config_mapping = BaseAlgorithm._config_mapping | {
         "base_method": "base_method",
         "report_dir": "report_dir",
@@ -144,17 +151,12 @@ class LARVAlgorithm(UpdateRescaler):
             )
         if self.validation is None:
             return
-        s, grid = self.settings, self.validation[1]
+        s = self.settings
         if s.gate != "tiered" or s.placement != "merged" or s.diagnostics != "merged":
             raise LarvConfigError(
                 "LARV `validation` chooses the tiered gate's spread δ: it needs `gate: tiered`, "
                 f"`placement: merged`, `diagnostics: merged` (got gate {s.gate!r}, placement "
                 f"{s.placement!r}, diagnostics {s.diagnostics!r})"
-            )
-        if max(grid) > 1.0:
-            raise LarvConfigError(
-                f"LARV `validation.grid` holds δ = {max(grid):g}: δ ≤ 1 (levels 1 − δ, 1, 1 + δ "
-                "must stay ≥ 0)"
             )
 
     @property

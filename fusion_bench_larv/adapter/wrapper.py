@@ -3,7 +3,9 @@ wrapped merger as FusionBench would, keep its output, rescale its merged update
 Δθ = θ_merged − θ_0 block by block in place, θ ← θ_0 + s_k·Δθ_k, and optionally choose one value
 v* of a grid on held-out labelled data first (:mod:`.selection`). A subclass states only what
 differs: its keys (:meth:`configure`), its scales (:meth:`scales`), the value a grid sets
-(:meth:`adopt`) and any work before the merge (:meth:`prepare`)."""
+(:meth:`adopt`), the values it accepts (:attr:`UpdateRescaler.domain`), the value that gives the
+base merger back (:attr:`UpdateRescaler.base_value`) and any work before the merge
+(:meth:`prepare`)."""
 
 from __future__ import annotations
 
@@ -48,7 +50,18 @@ from .model_state import (
     state_copy,
 )
 from .pool_view import PoolView, in_memory_model
-from .selection import build_taskpool, check_validation, choose, taskpool_report, validation_score
+from .selection import (
+    Validation,
+    build_taskpool,
+    check_validation,
+    choose,
+    coverage,
+    grow_grid,
+    guard_interval,
+    last_correctness,
+    taskpool_report,
+    validation_score,
+)
 
 __all__ = ["MergeContext", "UpdateRescaler"]
 
@@ -88,7 +101,8 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
         report_dir: where the JSON report goes; default: the program's log dir. Outside the CLI
             with no log dir nothing is written and the report is kept in ``self.last_report``.
         validation: null, or ``{taskpool: <task pool config on held-out labelled data>, grid:
-            [values]}``: the value :meth:`adopt` sets is chosen on that task pool (uses data).
+            [values], grow, guard, uncovered}`` (:mod:`.selection`): the value :meth:`adopt`
+            sets is chosen on that task pool (uses data).
         **keys: the subclass's own keys (:attr:`own_keys`), handed to :meth:`configure`.
     """
 
@@ -98,10 +112,17 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
     own_keys: ClassVar[tuple[str, ...]] = ()
     #: the value ``validation`` chooses: (its report name, its symbol in messages)
     chosen: ClassVar[tuple[str, str]] = ("value", "v")
+    #: the values :meth:`adopt` accepts, (lo, hi); None: open on that side
+    domain: ClassVar[tuple[float | None, float | None]] = (None, None)
+    #: the value that gives the base merger back bit for bit (None: there is none), which the
+    #: guard compares against and ``uncovered: base`` keeps
+    base_value: ClassVar[float | None] = None
+    #: whether the guard is on when ``validation`` does not say
+    guard_default: ClassVar[bool] = False
 
     base_method: Any
     report_dir: str | None
-    validation: tuple[Any, tuple[float, ...]] | None
+    validation: Validation | None
     last_report: dict | None
 
     def __init__(
@@ -124,7 +145,8 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
             )
         self.base_method = base_method
         self.report_dir = None if report_dir is None else os.fspath(report_dir)
-        self.validation = check_validation(validation, self.method, self.chosen[1])
+        self.validation = check_validation(validation, self.method, self.chosen[1], self.domain,
+                                           self.base_value, self.guard_default)  # fmt: skip
         self.last_report = None
         self.configure(**keys)
         super().__init__(**meta)
@@ -280,27 +302,117 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
             return run_base_method(base, pool)
 
     def _choose(self, ctx: MergeContext, merged: nn.Module, state: dict) -> dict:
-        """Every value of the validation grid applied to the merged update and scored on the
-        validation task pool; the best (the first among equals) is adopted. ``state`` is left
-        as the base merger made it."""
-        taskpool_cfg, grid = self.validation
+        """Choose the value :meth:`adopt` sets on the validation task pool (:mod:`.selection`):
+        every grid value applied to the merged update and scored, the grid grown by its rule
+        until the best value is interior or at a bound, the coverage of the model pool's tasks
+        checked, the guard applied; the value kept is adopted. ``state`` is left as the base
+        merger made it. Returns the report's ``validation`` block."""
+        v = self.validation
         name, symbol = self.chosen
-        pool = build_taskpool(taskpool_cfg)
+        pool = build_taskpool(v.taskpool)
         kept = {k: state[k].clone() for k in ctx.names}
-        scores = []
-        for value in grid:
+        tasks = list(ctx.pool.model_names)
+        values: list[float] = []
+        scores: list[float] = []
+        correct: dict[float, dict] = {}
+        covered: list[str] | None = None
+        uncovered: list[str] = []
+        pending, stopped = list(v.grid), ""
+        while pending:
+            value = pending.pop(0)
+            before = len(getattr(pool, "per_sample_evaluations", None) or [])
             self.adopt(value)
             param_scale, _ = self.scales(ctx, state)
             apply_scales(ctx.theta0, state, param_scale)
-            scores.append(validation_score(pool.evaluate(merged)))
-            log.info("%s: %s = %g scores %.4f on validation", self.method, symbol, value,
-                     scores[-1])  # fmt: skip
+            report = pool.evaluate(merged)
             for k in ctx.names:
                 state[k].copy_(kept[k])
-        best = grid[choose(scores)]
-        self.adopt(best)
-        return {"parameter": name, "grid": list(grid), "scores": scores, name: best,
-                **self.chosen_report(best), "taskpool": taskpool_report(taskpool_cfg)}  # fmt: skip
+            if covered is None:
+                covered, uncovered = coverage(report, tasks)
+                self._check_coverage(covered, uncovered)
+                if uncovered and v.uncovered == "base":
+                    stopped = "uncovered: base"
+                    break
+            values.append(value)
+            scores.append(validation_score(report))
+            log.info("%s: %s = %g scores %.4f on validation", self.method, symbol, value,
+                     scores[-1])  # fmt: skip
+            if v.guard is not None:
+                correct[value] = last_correctness(pool, before)
+                if correct[value] is None:
+                    raise LarvInputError(
+                        f"{self.method}: the validation guard needs each example's correctness, "
+                        f"and the validation task pool ({type(pool).__name__}) records none "
+                        "(`per_sample_evaluations`): use a recording task pool (the testbed's "
+                        "TestbedTaskPool, RecordingCLIPVisionModelTaskPool), or set "
+                        "`validation.guard: false`"
+                    )
+            if not pending:
+                pending, stopped = grow_grid(values, scores, v.grow)
+        out = {"parameter": name, "grid": values, "scores": scores,
+               "initial_grid": list(v.grid), "grow": v.grow and v.grow.to_dict(),
+               "stopped": stopped, "tasks": covered, "uncovered_tasks": uncovered,
+               "uncovered": v.uncovered}  # fmt: skip
+        if stopped == "uncovered: base":
+            chosen, out["best"], out["guard"] = self.base_value, None, None
+        else:
+            out["best"] = chosen = values[choose(scores)]
+            self._warn_at_edge(chosen, values, stopped)
+            out["guard"] = self._guard(v, chosen, correct, covered)
+            if out["guard"] is not None and out["guard"]["significant"] is False:
+                chosen = self.base_value
+        self.adopt(chosen)
+        out[name] = chosen
+        return {**out, **self.chosen_report(chosen), "taskpool": taskpool_report(v.taskpool)}
+
+    def _check_coverage(self, covered: list[str], uncovered: list[str]) -> None:
+        """Name the model pool's tasks the validation report leaves out, in a warning or, under
+        ``uncovered: refuse`` (the default), a :class:`LarvInputError`; a report that scores
+        none of them is an error unless the base merger is kept."""
+        if not uncovered:
+            return
+        v, symbol = self.validation, self.chosen[1]
+        what = (f"the validation task pool holds no examples of task(s) {uncovered}: a {symbol} "
+                f"chosen on it did not see them")  # fmt: skip
+        if v.uncovered == "refuse" or (not covered and v.uncovered == "choose"):
+            none = (
+                "" if covered else "; it scores none of them (do its task names match the pool's?)"
+            )
+            raise LarvInputError(
+                f"{self.method}: {what}{none}. Give every task validation examples, or set "
+                "`validation.uncovered: base` (keep the base merger) or `choose` (choose on the "
+                f"covered tasks {covered}, saying so)"
+            )
+        then = (f"keeping the base merger ({symbol} = {self.base_value:g}, `uncovered: base`)"
+                if v.uncovered == "base" else f"choosing on {covered} only (`uncovered: choose`)")  # fmt: skip
+        self.warn([f"{what}; {then}"], stacklevel=5)  # warn, _check_coverage, _choose, run, caller
+
+    def _warn_at_edge(self, best: float, values: list[float], stopped: str) -> None:
+        """Warn when the best value sits on an edge of a grid that stopped growing short of a
+        bound (no rule, or ``max_values``): the optimum may lie beyond it."""
+        lo, hi = self.domain
+        at_edge = (best == max(values) and best != hi) or (best == min(values) and best != lo)
+        if stopped in ("fixed grid", "max_values") and at_edge:
+            symbol = self.chosen[1]
+            self.warn([f"the best {symbol} = {best:g} is at the edge of the grid searched "
+                       f"({stopped}): the best {symbol} may lie beyond it; give "
+                       "`validation.grow` (or more values) to search further"], stacklevel=5)  # fmt: skip
+
+    def _guard(self, v: Validation, best: float, correct: dict, tasks: list[str]) -> dict | None:
+        """The guard's verdict on the best value (None without a guard): ``significant`` when its
+        paired validation gain over the base value has an interval above 0 (None: the base value
+        scored best itself)."""
+        if v.guard is None:
+            return None
+        out = {**v.guard.to_dict(), "against": self.base_value}
+        if best == self.base_value:
+            return {**out, "gain": 0.0, "interval": None, "significant": None}
+        iv = guard_interval(correct[best], correct[self.base_value], tasks, v.guard)
+        significant = iv.lo > 0
+        log.info("%s: %s = %g gains %+.4f [%+.4f, %+.4f] over %s = %g on validation: %s",
+                 self.method, self.chosen[1], best, iv.delta, iv.lo, iv.hi, self.chosen[1],
+                 self.base_value, "kept" if significant else "not significant, base merger kept")  # fmt: skip
+        return {**out, "gain": iv.delta, "interval": [iv.lo, iv.hi], "significant": significant}
 
     def warn(self, messages: Any, stacklevel: int = 3) -> None:
         """Each message to the log and as a :class:`LarvWarning`; ``stacklevel`` counts the frames

@@ -20,7 +20,8 @@ The pipeline reaches them through two compositions that share intermediate produ
 ``pair_diagnostics`` (e and c of a merge, given θ_0's statistics). ``rank_contrast`` takes the same
 path, so a single pair gives the pipeline's number.
 
-Cost: nothing larger than ``min(m, n)²`` per matrix is formed beyond the inputs:
+Cost: nothing larger than ``min(m, n)²`` per matrix is formed beyond the inputs, and every step
+is one batched call per stack (the pipeline stacks same-shaped matrices, :func:`.veneer.shape_batches`):
 
 * Grams (``AᵀA`` or ``AAᵀ``, the smaller one) are products in the compute dtype (float64 for
   float64 input, float32 otherwise) over row blocks, accumulated in float64: float64 products
@@ -411,9 +412,9 @@ def small_gram(a: torch.Tensor, exact: bool = False) -> torch.Tensor:
 def exact_energies(a: torch.Tensor | None = None, gram: torch.Tensor | None = None,
                    dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """All squared singular values σ_j², descending, float64, shape ``(B, min(m, n))``: the
-    eigenvalues of the smaller Gram (pass ``gram`` to reuse one). The eigen-solve runs in
-    ``dtype`` (default: float64 for float64 input, float32 otherwise); round-off below zero is
-    clamped to 0."""
+    eigenvalues of the smaller Gram (pass ``gram`` to reuse one), one batched eigen-solve for the
+    stack. The eigen-solve runs in ``dtype`` (default: float64 for float64 input, float32
+    otherwise); round-off below zero is clamped to 0."""
     if gram is None:
         gram = small_gram(a)
     if dtype is None:
@@ -423,11 +424,9 @@ def exact_energies(a: torch.Tensor | None = None, gram: torch.Tensor | None = No
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).to(torch.float64)
     scale = torch.where(trace > 0, trace, torch.ones_like(trace))
     g = (gram / scale.to(gram.dtype)[..., None, None]).to(dtype)
-    if g.device.type == "cpu" and g.ndim == 3:  # LAPACK: a loop beats the batched call
-        lam = torch.stack([torch.linalg.eigvalsh(m) for m in g]).to(torch.float64)
-    else:  # CUDA: one batched call
-        lam = torch.linalg.eigvalsh(g).to(torch.float64)
-    lam = lam * scale[..., None]
+    # one call for the whole stack: LAPACK loops over it in C++ (one workspace query), and cuSOLVER
+    # gets the batch to schedule as it can
+    lam = torch.linalg.eigvalsh(g).to(torch.float64) * scale[..., None]
     return lam.flip(-1).clamp_min(0.0)
 
 
@@ -438,7 +437,8 @@ def randomized_energies(
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
     """Top-``rank`` squared singular values from the randomized range finder (one Gaussian sketch
-    per matrix, drawn on the CPU from that matrix's generator, as ``singular_values``)."""
+    per matrix, drawn on the CPU from that matrix's generator, as ``singular_values``); the sketch
+    products, the QR and the SVD of QᵀA are one batched call each for the stack."""
     a = a.to(compute_dtype(a.dtype))
     m, n = a.shape[-2:]
     k, sketch = _sketch_dims(rank, oversample, m, n)

@@ -124,10 +124,14 @@ class _LazyDelta(Mapping):
         cd = compute_dtype(m.dtype)  # float64 models keep float64; others float32
         return m.to(cd) - t0.to(device=m.device, dtype=cd)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype Δ of ``name`` is formed in (``compute_dtype`` of the merged tensor's)."""
+        return compute_dtype(self._merged[name].dtype)
+
     def stack(self, names: list[str], shape: tuple[int, int], device) -> torch.Tensor:
         """Δ of same-shaped parameters as one ``(len(names), m, n)`` stack of matrices on
         ``device``, each written straight into its slice (no per-matrix temporary)."""
-        dtype = compute_dtype(self._merged[names[0]].dtype)
+        dtype = self.dtype(names[0])
         out = torch.empty((len(names), *shape), dtype=dtype, device=device)
         for i, name in enumerate(names):
             m = self._merged[name].detach().to(device=device, dtype=dtype).reshape(shape)
@@ -142,24 +146,50 @@ class _LazyDelta(Mapping):
         return len(self._names)
 
 
-# At most this many bytes of θ_0 matrices go into one batch of layers (and at most 1/8 of θ_0):
-# the transient stacks stay small next to the model.
-CHUNK_BYTES = 256 * 2**20
+# Stacks of the batched diagnostics (docs/method.md, "Numerics that do not change the value"):
+# by default a stack holds at most BATCH_BYTES of θ_0 and at most 1/BATCH_FRACTION of all θ_0
+# matrices (both counted in float32), and always at least one matrix; the transient products are
+# a few stacks' worth, small next to the model.
+BATCH_BYTES = 256 * 2**20
+BATCH_FRACTION = 8
 
 
-def _layer_chunks(mats: list[list[str]], theta0: StateDict) -> list[list[int]]:
-    sizes = [sum(theta0[n].numel() * 4 for n in names) for names in mats]
-    budget = max(max(sizes, default=0), min(CHUNK_BYTES, sum(sizes) // 8))
-    chunks, cur, used = [], [], 0
-    for i, b in enumerate(sizes):
-        if cur and used + b > budget:
-            chunks.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += b
-    if cur:
-        chunks.append(cur)
-    return chunks
+def shape_batches(
+    names: list[str],
+    theta0: StateDict,
+    delta: _LazyDelta,
+    device: torch.device | str | None = None,
+    batch_bytes: int | None = None,
+) -> list[list[str]]:
+    """The stacks that the diagnostics run on: ``names`` grouped by matrix shape (``as_matrix``),
+    θ_0's dtype, Δ's compute dtype and device (``device``, else where θ_0 lives), each group cut, in
+    model order, into stacks of at most ``budget`` bytes of θ_0 counted in float32, at least one
+    matrix each:
+
+        budget = batch_bytes,  default min(BATCH_BYTES, Σ_names 4·numel / BATCH_FRACTION).
+
+    The stacks come ordered by their first matrix in model order, so the pass still streams
+    through the model from its first blocks to its last."""
+    total = sum(theta0[n].numel() * 4 for n in names)
+    budget = min(BATCH_BYTES, total // BATCH_FRACTION) if batch_bytes is None else batch_bytes
+    groups: dict[tuple, list[int]] = {}
+    for i, n in enumerate(names):
+        t = theta0[n]
+        dev = torch.device(device) if device is not None else t.device
+        key = (tuple(as_matrix(t).shape), t.dtype, delta.dtype(n), dev)
+        groups.setdefault(key, []).append(i)
+    stacks: list[list[int]] = []
+    for members in groups.values():
+        cur, used = [], 0
+        for i in members:
+            b = theta0[names[i]].numel() * 4
+            if cur and used + b > budget:
+                stacks.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += b
+        stacks.append(cur)
+    return [[names[i] for i in stack] for stack in sorted(stacks)]
 
 
 def _sketch_generators(names: list[str], seed: int) -> list[torch.Generator]:
@@ -206,56 +236,15 @@ def layer_diagnostics(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     stats: Theta0Stats | None = None,
+    *,
+    batch_bytes: int | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
-    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices (docs/method.md, "Layers").
-
-    Streams a few layers at a time (``CHUNK_BYTES``); within a batch, same-shaped matrices are
-    stacked and go through :func:`~.diagnostics.theta0_statistics` (where θ_0's statistics are not
-    known yet) and :func:`~.diagnostics.pair_diagnostics` on ``device`` (default: where θ_0
-    lives). θ_0's statistics come from ``stats`` where it has them, else from the disk cache
-    (``settings.stats_cache_dir``), else they are computed here once (and saved to the cache, or
-    added to ``stats`` when the caller passed one).
-    """
+    """Mean e and mean c over each block's 2-D (or folded conv) weight matrices (docs/method.md, "Layers"),
+    from :func:`matrix_diagnostics`, and the number of matrices of each block."""
     mats = _diagnosed_matrices(theta0, groups)
     all_mats = [n for names in mats for n in names]
-    cache_dir = settings.stats_cache_dir
-    keep_grams = stats is not None or cache_dir is not None  # the statistics outlive this call
-    stats = _open_theta0_stats(theta0, all_mats, settings, stats)
-    known = len(stats)
-    options = _spectrum_options(settings)
-    randomized = settings.spectrum == "randomized"
-
-    e_mat: dict[str, float] = {}
-    c_mat: dict[str, float] = {}
-    # progress=None: a bar appears only when the diagnostics take more than a moment (tqdm delay)
-    bar = tqdm(total=len(mats), desc="LARV diagnostics", unit="layer", leave=False,
-               disable=progress is False, delay=0 if progress else 1.5)  # fmt: skip
-    with torch.no_grad():
-        for chunk in _layer_chunks(mats, theta0):
-            by_shape: dict[tuple, list[str]] = {}
-            for li in chunk:
-                for n in mats[li]:
-                    by_shape.setdefault(tuple(as_matrix(theta0[n]).shape), []).append(n)
-            for shape, names in by_shape.items():
-                dev = device if device is not None else theta0[names[0]].device
-                x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in names])
-                y = delta.stack(names, shape, dev)
-                gens = _sketch_generators(names, settings.seed) if randomized else None
-                if all(k in stats for k in names):
-                    x_stats = stats.stacked(names, dev)
-                    if gens is not None:
-                        skip_theta0_sketches(gens, x, options)
-                else:  # θ_0's statistics, once per run (or per cache)
-                    x_stats = theta0_statistics(x, options, gens)
-                    stats.store(names, x_stats, grams=keep_grams)
-                e, c = pair_diagnostics(x, y, x_stats, options, settings.eps, gens)
-                e_mat.update(zip(names, e.tolist(), strict=True))
-                c_mat.update(zip(names, c.tolist(), strict=True))
-            bar.update(len(chunk))
-    bar.close()
-    if cache_dir is not None and len(stats) > known and stats.key is not None:
-        save_stats(cache_dir, stats)  # something was computed: a miss, or a partial entry
-
+    e_mat, c_mat = matrix_diagnostics(theta0, delta, all_mats, settings, device, progress, stats,
+                                      batch_bytes=batch_bytes)  # fmt: skip
     e_layers, c_layers, counts = [], [], []
     for names in mats:
         e_vals, c_vals = [e_mat[n] for n in names], [c_mat[n] for n in names]
@@ -263,6 +252,64 @@ def layer_diagnostics(
         e_layers.append(sum(e_vals) / len(e_vals) if e_vals else 0.0)
         c_layers.append(sum(c_vals) / len(c_vals) if c_vals else 0.0)
     return e_layers, c_layers, counts
+
+
+def matrix_diagnostics(
+    theta0: StateDict,
+    delta: _LazyDelta,
+    names: list[str],
+    settings: LarvSettings,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    stats: Theta0Stats | None = None,
+    *,
+    batch_bytes: int | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """e and c of each named matrix, by name.
+
+    Same-shaped matrices are stacked (:func:`shape_batches`, at most ``batch_bytes`` of θ_0 per
+    stack) and each stack goes through one batched call of
+    :func:`~.diagnostics.theta0_statistics` (where θ_0's statistics are not known yet) and of
+    :func:`~.diagnostics.pair_diagnostics` on ``device`` (default: where θ_0 lives); Δ is formed
+    one stack at a time. The values do not depend on the stacking: each matrix's spectrum,
+    commutator and (randomized) sketch are its own. θ_0's statistics come from ``stats`` where it
+    has them, else from the disk cache (``settings.stats_cache_dir``), else they are computed here
+    once (and saved to the cache, or added to ``stats`` when the caller passed one).
+    """
+    cache_dir = settings.stats_cache_dir
+    keep_grams = stats is not None or cache_dir is not None  # the statistics outlive this call
+    stats = _open_theta0_stats(theta0, names, settings, stats)
+    known = len(stats)
+    options = _spectrum_options(settings)
+    randomized = settings.spectrum == "randomized"
+
+    e_mat: dict[str, float] = {}
+    c_mat: dict[str, float] = {}
+    # progress=None: a bar appears only when the diagnostics take more than a moment (tqdm delay)
+    bar = tqdm(total=len(names), desc="LARV diagnostics", unit="matrix", leave=False,
+               disable=progress is False, delay=0 if progress else 1.5)  # fmt: skip
+    with torch.no_grad():
+        for stack in shape_batches(names, theta0, delta, device, batch_bytes):
+            dev = device if device is not None else theta0[stack[0]].device
+            x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in stack])
+            y = delta.stack(stack, tuple(x.shape[-2:]), dev)
+            gens = _sketch_generators(stack, settings.seed) if randomized else None
+            if all(k in stats for k in stack):
+                x_stats = stats.stacked(stack, dev)
+                if gens is not None:
+                    skip_theta0_sketches(gens, x, options)
+            else:  # θ_0's statistics, once per run (or per cache)
+                x_stats = theta0_statistics(x, options, gens)
+                stats.store(stack, x_stats, grams=keep_grams)
+            e, c = pair_diagnostics(x, y, x_stats, options, settings.eps, gens)
+            e_mat.update(zip(stack, e.tolist(), strict=True))
+            c_mat.update(zip(stack, c.tolist(), strict=True))
+            del x, y, x_stats, e, c  # before the next stack is formed
+            bar.update(len(stack))
+    bar.close()
+    if cache_dir is not None and len(stats) > known and stats.key is not None:
+        save_stats(cache_dir, stats)  # something was computed: a miss, or a partial entry
+    return e_mat, c_mat
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
@@ -307,6 +354,8 @@ def compute_larv_scales(
     progress: bool | None = None,
     theta0_stats: Theta0Stats | None = None,
     task: str | None = None,
+    *,
+    batch_bytes: int | None = None,
 ) -> LarvResult:
     """Diagnostics of Δθ = θ_merged − θ_0 and the per-layer scales (docs/method.md, "Pipeline" 2–4).
 
@@ -320,6 +369,9 @@ def compute_larv_scales(
 
     ``task``: the name of a fine-tuned model passed as ``merged`` (:func:`compute_per_task_scales`),
     so that errors and warnings speak of that model and its task vector; the values are the same.
+
+    ``batch_bytes``: the most bytes of θ_0 per stack of same-shaped matrices (:func:`shape_batches`;
+    default ``min(BATCH_BYTES, θ_0 / BATCH_FRACTION)``); memory only, the values are the same.
     """
     start = time.perf_counter()
     try:
@@ -335,7 +387,7 @@ def compute_larv_scales(
     groups = grouped_layers(names, settings.layer_pattern)
     delta = _LazyDelta(theta0, merged, names)  # streamed: never a full copy of Δθ
     e, c, counts = layer_diagnostics(
-        theta0, delta, groups, settings, device, progress, theta0_stats
+        theta0, delta, groups, settings, device, progress, theta0_stats, batch_bytes=batch_bytes
     )
     warnings = []
     if _zero_everywhere(theta0, delta, e):

@@ -22,8 +22,6 @@ little-endian int64: two runs pair only on the same test labels in the same orde
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -32,34 +30,17 @@ from typing import Any
 
 import numpy as np
 
+from ..core.correctness import ENCODING, decode_task, encode_task, labels_digest
 from ..core.io import write_json_atomic
 
 FILE = "per_sample.json"
 FORMAT = "fusion_bench_larv.per_sample"
 VERSION = 1
-ENCODING = "numpy.packbits(bitorder='big'), base64"
-
-
-def labels_digest(labels: Sequence[int] | np.ndarray) -> str:
-    """SHA-256 of the labels as little-endian int64 (identifies a test set and its order)."""
-    arr = np.asarray(labels, dtype="<i8").ravel()
-    return hashlib.sha256(arr.tobytes()).hexdigest()
-
-
-def encode_task(correct: Sequence[bool] | np.ndarray, labels=None) -> dict[str, Any]:
-    """One task's entry: n, the number correct, the packed bits and (optionally) the labels'
-    digest."""
-    c = np.asarray(correct, dtype=bool).ravel()
-    entry: dict[str, Any] = {
-        "n": int(c.size),
-        "correct": int(c.sum()),
-        "bits": base64.b64encode(np.packbits(c, bitorder="big").tobytes()).decode("ascii"),
-    }
-    if labels is not None:
-        if len(labels) != c.size:
-            raise ValueError(f"{len(labels)} labels for {c.size} predictions")
-        entry["labels_sha256"] = labels_digest(labels)
-    return entry
+__all__ = [
+    "ENCODING", "FILE", "FORMAT", "VERSION", "decode_task", "document", "encode_task",
+    "labels_digest", "load", "matches_accuracy", "program_report_dir", "read", "read_digests",
+    "record", "take", "write",
+]  # fmt: skip
 
 
 def matches_accuracy(correct: np.ndarray, accuracy: float) -> bool:
@@ -67,16 +48,6 @@ def matches_accuracy(correct: np.ndarray, accuracy: float) -> bool:
     its count of correct images is the one the accuracy implies, |Σ c_i / n − accuracy| < ½ / n
     (a stale or foreign file fails). An empty vector matches nothing."""
     return correct.size > 0 and abs(float(correct.mean()) - accuracy) < 0.5 / correct.size
-
-
-def decode_task(entry: Mapping[str, Any]) -> np.ndarray:
-    """The bool vector of one task's entry; checks its length and count."""
-    n = int(entry["n"])
-    raw = np.frombuffer(base64.b64decode(entry["bits"]), dtype=np.uint8)
-    c = np.unpackbits(raw, count=n, bitorder="big").astype(bool)
-    if c.size != n or int(c.sum()) != int(entry["correct"]):
-        raise ValueError("per-sample entry does not decode to its own n / correct")
-    return c
 
 
 def document(evaluations: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -129,16 +100,17 @@ def read_digests(path: str | os.PathLike) -> list[dict[str, str | None]] | None:
 # ------------------------------------------------------------------------------------------------
 # task pools
 # ------------------------------------------------------------------------------------------------
-def record(taskpool: Any, tasks: Mapping[str, Mapping[str, Any]]) -> None:
+def record(taskpool: Any, tasks: Mapping[str, Mapping[str, Any]], write_file: bool = True) -> None:
     """Append one evaluation (``{task: encoded entry}``) to the task pool's
-    ``per_sample_evaluations`` and, when FusionBench's program runs the task pool, write the
+    ``per_sample_evaluations`` and, when FusionBench's program runs the task pool (and
+    ``write_file``: not for a validation split, whose examples are no test set), write the
     evaluations so far to ``per_sample.json`` beside the program's report."""
     evaluations = getattr(taskpool, "per_sample_evaluations", None)
     if evaluations is None:
         evaluations = []
         taskpool.per_sample_evaluations = evaluations
     evaluations.append(dict(tasks))
-    folder = program_report_dir(getattr(taskpool, "_program", None))
+    folder = program_report_dir(getattr(taskpool, "_program", None)) if write_file else None
     if folder is not None:
         write(folder / FILE, evaluations)
 

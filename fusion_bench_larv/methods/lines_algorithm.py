@@ -14,10 +14,15 @@
    θ_0 + λ·τ_MTV in place (:func:`~fusion_bench_larv.core.veneer.apply_scales`).
 
 β is a hyperparameter the authors choose on validation data: either given (``beta``) or chosen
-on held-out labelled data (``validation: {taskpool, grid}``, :mod:`~fusion_bench_larv.adapter.selection`): the base merge
-runs once, every β of the grid rescales a copy of τ_MTV, the validation task pool scores each, and
-the best (the first among equals) is applied; the grid, the scores and the choice go into the
-report.
+on held-out labelled data (``validation: {taskpool, grid, grow, uncovered}``,
+:mod:`~fusion_bench_larv.adapter.selection`): the base merge runs once, every β of the grid
+rescales a copy of τ_MTV, the validation task pool scores each, the grid grows by its rule, and
+the best (the first among equals) is applied; the grid searched, the scores and the choice go
+into the report. LiNeS's β ≥ 0 (deeper blocks scaled more, never less) is a bound of the search.
+
+:class:`SignedDepthRamp` is a labelled extension, not LiNeS: the same α and ramp with β of either
+sign (``method=signed_depth_ramp``), so that a choice on validation may also shrink the deep
+blocks.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ..core.inputs import check_finite
 from ..errors import LarvConfigError, LarvInputError
 from .lines import l1_norm, lines_alpha_from_norms, lines_param_scales, sum_task_vectors
 
-__all__ = ["LiNeSAlgorithm"]
+__all__ = ["LiNeSAlgorithm", "SignedDepthRamp"]
 
 # the β grids of the authors' validation sweeps (wang-kee/LiNeS, src/eval/eval.py,
 # evaluate_task_vector), quoted in the error when β is missing
@@ -61,7 +66,8 @@ class LiNeSAlgorithm(UpdateRescaler):
         beta: β ≥ 0, the increase of λ from the first block to the last; or null with
             ``validation``.
         validation: null, or ``{taskpool: <task pool config on held-out labelled data>, grid:
-            [β values]}``: β is chosen on that task pool.
+            [β values], grow, uncovered}`` (:mod:`~fusion_bench_larv.adapter.selection`): β is
+            chosen on that task pool.
         layer_pattern: null (auto-detect, as LARV) or a regex whose group ``(?P<idx>\\d+)``
             captures the block index.
         report_name: file name of the per-block report (default ``lines_layers.json``).
@@ -72,6 +78,9 @@ class LiNeSAlgorithm(UpdateRescaler):
     method = "LiNeS"
     own_keys = ("beta", "layer_pattern", "report_name")
     chosen = ("beta", "β")
+    # β ≥ 0, as its authors define it; no β gives the base merger back (α rescales it), so
+    # neither the guard nor `uncovered: base` applies
+    domain = (0.0, None)
     _config_mapping = UpdateRescaler._config_mapping | {
         k: k for k in ("base_method", "validation", "report_dir", *own_keys)
     }
@@ -84,31 +93,32 @@ class LiNeSAlgorithm(UpdateRescaler):
     ) -> None:
         if beta is None and self.validation is None:
             raise LarvConfigError(
-                "LiNeS needs `beta` (method.beta=<number> on the command line): the increase of "
+                f"{self.method} needs `beta` (method.beta=<number> on the command line): the increase of "
                 "the scale from the first block to the last, λ_ℓ = α + β·ℓ/(L−1); or "
                 "`validation: {taskpool: ..., grid: [...]}` to choose it on held-out labelled "
                 f"data, as the authors do (their grids: {_AUTHORS_BETA_GRIDS})"
             )
         if beta is not None and self.validation is not None:
             raise LarvConfigError(
-                "LiNeS config: give `beta` or `validation` (which chooses β), not both"
+                f"{self.method} config: give `beta` or `validation` (which chooses β), not both"
             )
         if beta is None:
-            beta = self.validation[1][0]  # replaced by the choice in run()
+            beta = self.validation.grid[0]  # replaced by the choice in run()
+        where = f"{self.method} config"
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-            raise LarvConfigError(f"LiNeS config `beta` = {beta!r} is not allowed: a finite number")
-        if beta < 0:
+            raise LarvConfigError(f"{where} `beta` = {beta!r} is not allowed: a finite number")
+        if self.domain[0] is not None and beta < self.domain[0]:
             raise LarvConfigError(
-                f"LiNeS config `beta` = {beta!r} is not allowed: β ≥ 0 (LiNeS scales deeper "
-                "blocks more, never less)"
+                f"{where} `beta` = {beta!r} is not allowed: β ≥ 0 (LiNeS scales deeper "
+                "blocks more, never less; β of either sign: method=signed_depth_ramp)"
             )
         if layer_pattern is not None and not isinstance(layer_pattern, str):
             raise LarvConfigError(
-                f"LiNeS config `layer_pattern` = {layer_pattern!r} is not allowed: null or a regex"
+                f"{where} `layer_pattern` = {layer_pattern!r} is not allowed: null or a regex"
             )
         if not isinstance(report_name, str) or not report_name or os.sep in report_name:
             raise LarvConfigError(
-                f"LiNeS config `report_name` = {report_name!r} is not allowed: a plain file name"
+                f"{where} `report_name` = {report_name!r} is not allowed: a plain file name"
             )
         self.beta = float(beta)
         self._layer_pattern = layer_pattern
@@ -186,7 +196,7 @@ class LiNeSAlgorithm(UpdateRescaler):
         param_scale, lambdas = lines_param_scales(ctx.names, ctx.groups, alpha, self.beta)
         groups = ctx.groups
         report = {
-            "method": "LiNeS",
+            "method": self.method,
             "base_method": self.base_method_report(),
             "base_merge": "computed",
             "num_tasks": count,
@@ -206,3 +216,13 @@ class LiNeSAlgorithm(UpdateRescaler):
             },
         }
         return param_scale, report
+
+
+class SignedDepthRamp(LiNeSAlgorithm):
+    """A labelled extension of LiNeS, not LiNeS: the same λ_ℓ = α + β·ℓ/(L − 1) with LiNeS's α,
+    but β of either sign (β < 0 shrinks the deeper blocks' share of the merged update), chosen on
+    validation like LiNeS's (``method=signed_depth_ramp``; docs/method.md, "The signed depth
+    ramp"). Everything else is :class:`LiNeSAlgorithm`'s."""
+
+    method = "signed depth ramp"
+    domain = (None, None)

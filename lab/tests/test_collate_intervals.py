@@ -218,7 +218,43 @@ def test_every_benchmark_row_has_its_run_time_group():
         == group["larv-tiered-per-task"]
         == ("ablation and per-task rows")
     )
-    assert group["lines-val"] == group["larv-guarded"] == "LiNeS and guarded LARV (validation data)"
+    assert group["lines-val"] == group["larv-guarded"] == group["signed-ramp-val"]
+    assert group["lines-val"] == "LiNeS, the signed depth ramp and guarded LARV (validation data)"
     ada = X.Cell(suite, "testbed_adamerging", X.BASE)
     assert time_group(ada) == "AdaMerging (test inputs)"
     assert set(group.values()) | {time_group(ada)} == set(TIME_GROUPS.values())
+
+
+def test_rows_whose_choice_missed_tasks_are_marked(tmp_path):
+    """A data-using row whose value was chosen on validation that missed a task carries ‡ and
+    the notes name the task; one that saw every task is unmarked; a cell from before coverage
+    was recorded is marked 'not recorded'."""
+    from larv_lab.reproduce import rows
+    from larv_lab.reproduce.columns import avg_col
+    from larv_lab.reproduce.tablefmt import Table
+
+    cells = X.filter_cells(X.EXPERIMENTS["bench"].cells(), mergers=["ta"],
+                           variants=["base", "lines-val", "signed-ramp-val", "guarded"])  # fmt: skip
+    assert {c.variant.slug for c in cells} == {"base", "lines-val", "signed-ramp-val",
+                                               "larv-guarded"}  # fmt: skip
+    rng = np.random.default_rng(0)
+    blocks = {"lines-val": ("lines_layers.json", {"beta": 0.5, "uncovered_tasks": ["t2"]}),
+              "signed-ramp-val": ("signed_depth_ramp_layers.json", {"uncovered_tasks": []}),
+              "larv-guarded": ("larv_layers.json", {"delta": 0.0})}  # fmt: skip
+    for c in cells:
+        _write(c, tmp_path, {t: rng.random(n) < 0.7 for t, n in N.items()})
+        if c.variant.slug in blocks:
+            name, block = blocks[c.variant.slug]
+            (c.run_dir(tmp_path) / name).write_text(json.dumps({"validation": block}))
+    res = Results(cells, tmp_path)
+    suite = cells[0].suite.key
+    t = Table("bench", "t", ["Avg."])
+    t.header()
+    variants = ["base", "lines-val", "signed-ramp-val", "larv-guarded"]
+    rows.merger_blocks(t, res, [avg_col(suite)], cells, variants, None, rows.row_labels(cells),
+                       None)  # fmt: skip
+    rows.table_notes(t, res, None)
+    marked = {r["variant"] for r in t.records if r["row"].endswith(rows.UNSEEN)}
+    assert marked == {"lines-val", "larv-guarded"}
+    (note,) = [n for n in t.notes if n.startswith(rows.UNSEEN)]
+    assert f"{suite}: t2 (1 row)" in note and f"{suite}: not recorded (1 row)" in note

@@ -34,7 +34,9 @@ def test_held_out_split_is_disjoint_from_training_and_test(ci_testbed):
         )
     report = pool.evaluate(ci_testbed.load_pretrained())
     assert "validation" in report["average"]["split"]
-    assert not getattr(pool, "per_sample_evaluations", None)  # nothing recorded per sample
+    # kept in memory for a choice's guard; the pool has no program, and a validation split
+    # never writes per_sample.json
+    assert len(pool.per_sample_evaluations) == 1
 
 
 def _cell_method(cell, out):
@@ -56,36 +58,51 @@ def _cell_method(cell, out):
 
 
 @pytest.mark.slow
-def test_lines_val_and_guarded_cells_choose_on_validation(ci_testbed, ci_testbed_cache, tmp_path):
-    """The harness's two data-using cells over TA on the testbed, composed as the launchers
-    compose them and run in process (two-value grids, to keep the test short): each report
-    holds the grid, a score per value and the chosen value, the best score's."""
+def test_data_using_cells_choose_on_validation(ci_testbed, ci_testbed_cache, tmp_path):
+    """The harness's three data-using cells over TA on the testbed, composed as the launchers
+    compose them; LiNeS's and guarded LARV's run in process (two-value grids without growing, to
+    keep the test short): each report holds the grid, a score per value, the coverage and the
+    chosen value: the best score's, or for guarded LARV δ = 0 where the guard finds its gain not
+    significant."""
     from hydra.utils import instantiate
 
     from larv_lab.reproduce import experiments as X
     from larv_lab.testbed.pools import TestbedModelPool
 
     pool_spec = X.parse_pool(f"testbed:ci:{ci_testbed_cache}")
-    cells = X.map_pools([X.Cell(X.BENCH, "ta", X.LINES_VAL), X.Cell(X.BENCH, "ta", X.GUARDED)],
-                        pool_spec)  # fmt: skip
-    for cell, key in zip(cells, ("beta", "delta"), strict=True):
-        method = _cell_method(cell, tmp_path / key)
+    variants = {"lines": X.LINES_VAL, "signed": X.SIGNED_RAMP_VAL, "delta": X.GUARDED}
+    cells = X.map_pools([X.Cell(X.BENCH, "ta", v) for v in variants.values()], pool_spec)
+    for cell, row in zip(cells, variants, strict=True):
+        key = "delta" if row == "delta" else "beta"
+        method = _cell_method(cell, tmp_path / row)
         v = method["validation"]
         assert v["taskpool"]["split"] == "validation"
         assert v["taskpool"]["cache_dir"] == str(ci_testbed_cache.resolve())  # the suite's pool
         assert v["grid"][0] == 0.0 and len(v["grid"]) > 2  # larv/validation.yaml's grid
+        assert v["grow"]["bounds"][0] == (-2.0 if row == "signed" else 0.0)
+        assert v["uncovered"] == "choose"
         if key == "beta":
-            assert method["_target_"].endswith("LiNeSAlgorithm")
+            target = "SignedDepthRamp" if row == "signed" else "LiNeSAlgorithm"
+            assert method["_target_"].endswith(target)
             assert method["base_method"]["_target_"].endswith("TaskArithmeticAlgorithm")
             assert method["base_method"]["scaling_factor"] == 1.0  # LiNeS replaces it
-        v["grid"] = [0.0, 1.0] if key == "beta" else [0.0, 0.5]
+        if row == "signed":
+            continue  # LiNeS's code with β's domain widened (tests/test_selection.py runs it)
+        v["grid"], v["grow"] = ([0.0, 1.0] if key == "beta" else [0.0, 0.5]), None
         v["taskpool"]["val_size"] = 8
         alg = instantiate(method, _recursive_=False)
-        alg.report_dir = str(tmp_path / key)
+        alg.report_dir = str(tmp_path / row)
         alg.run(TestbedModelPool(testbed_dir=str(ci_testbed.root)))
         rep = alg.last_report["validation"]
         assert rep["parameter"] == key and len(rep["scores"]) == 2
-        assert rep[key] == rep["grid"][int(np.argmax(rep["scores"]))]
+        assert rep["best"] == rep["grid"][int(np.argmax(rep["scores"]))]
+        assert rep["uncovered_tasks"] == [] and rep["tasks"] == list(ci_testbed.tasks)
+        guard = rep["guard"]
+        if key == "beta":
+            assert guard is None and rep[key] == rep["best"]
+        else:
+            assert guard["level"] == 0.95
+            assert rep[key] == (rep["best"] if guard["significant"] is not False else 0.0)
 
 
 @pytest.mark.slow

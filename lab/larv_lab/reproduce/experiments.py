@@ -192,7 +192,8 @@ class Variant:
     #: a method config other than ``larv_<merger>`` (e.g. ``lines``), run over the merger's own
     #: FusionBench config as its ``base_method``
     method: str | None = None
-    #: the grid (``larv/validation.yaml``) of a value chosen on the suite's validation split
+    #: the choice (``larv/validation.yaml``: grid, growing rule, guard) of a value chosen on the
+    #: suite's validation split
     chooses: str | None = None
     #: what data the row uses (None: data-free); tables show such rows in a block of their own
     uses_data: str | None = None
@@ -297,13 +298,21 @@ PER_TASK = Variant(
 )
 
 #: the data-using rows (a block of their own in the tables): faithful LiNeS with β chosen on the
-#: validation split, guarded LARV with δ chosen on it
+#: validation split, its signed extension (not LiNeS), guarded LARV with δ chosen on it
 LINES_VAL = Variant(
     "lines-val",
     "+LiNeS, β chosen on validation",
     {},
     method="lines",
     chooses="beta",
+    uses_data="labelled validation examples",
+)
+SIGNED_RAMP_VAL = Variant(
+    "signed-ramp-val",
+    "+signed depth ramp (LiNeS α, β∈ℝ), chosen on validation",
+    {},
+    method="signed_depth_ramp",
+    chooses="beta_signed",
     uses_data="labelled validation examples",
 )
 GUARDED = Variant(
@@ -326,6 +335,7 @@ BENCH_VARIANTS = (
     *(ablation(*row, "tiered", BENCH_ABLATION_MERGERS) for row in BENCH_ABLATION_ROWS),
     PER_TASK,
     LINES_VAL,
+    SIGNED_RAMP_VAL,
     GUARDED,
 )
 
@@ -411,9 +421,10 @@ class Cell:
         return [f"method={cfg}", *extra, *flat_overrides(values, "method.")]
 
 
-def validation_node(suite: Suite, grid: str) -> dict[str, Any]:
-    """``{taskpool, grid}`` for a value chosen on validation: the suite's own task pool config
-    (read from its YAML) on its held-out ``split: validation``, and the grid of
+def validation_node(suite: Suite, choice: str) -> dict[str, Any]:
+    """``{taskpool, grid, grow, [guard,] uncovered}`` for a value chosen on validation: the
+    suite's own task pool config (read from its YAML) on its held-out ``split: validation``, and
+    the choice's grid, growing rule and guard and the coverage policy of
     ``larv/validation.yaml``."""
     from .registry import find_config
 
@@ -431,7 +442,7 @@ def validation_node(suite: Suite, grid: str) -> dict[str, Any]:
     taskpool.pop("defaults", None)
     taskpool.update(suite.pool.values.get("taskpool", {}))  # e.g. the pool's cache_dir
     taskpool.update(split="validation", val_size=int(protocol["val_size"]))
-    return {"taskpool": taskpool, "grid": list(protocol["grids"][grid])}
+    return {"taskpool": taskpool, **protocol["choices"][choice], "uncovered": protocol["uncovered"]}
 
 
 #: config nodes that are null in the method configs, so an override gives them whole

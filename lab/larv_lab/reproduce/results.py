@@ -14,7 +14,10 @@ from fusion_bench_larv.evaluation.compare import compare
 from .experiments import CONTINUOUS, TIERED, Cell
 from .registry import registry
 from .selection import MAX
-from .sweep import LAYERS, REPORT, read_json
+from .sweep import CHOICE_REPORTS, LAYERS, REPORT, read_json
+
+#: :func:`unseen_tasks` of a choice whose cell predates the record of its coverage
+UNRECORDED = "not recorded"
 
 
 @dataclass
@@ -29,6 +32,9 @@ class Run:
     #: whose count agrees with the report's accuracy
     per_sample: dict[str, Any] | None = None
     digests: dict[str, str | None] | None = None  # task -> SHA-256 of its test labels
+    #: the ``validation`` block of the cell's wrapper report: a value chosen on validation
+    #: (grid searched, scores, coverage, guard); None for a data-free cell
+    validation: dict | None = None
 
     @property
     def average(self) -> float:
@@ -63,10 +69,30 @@ def load_run(cell: Cell, out: Path) -> Run | None:
     }
     if not acc:
         return None
-    run = Run(cell, acc, read_json(run_dir / LAYERS))
+    run = Run(cell, acc, read_json(run_dir / LAYERS), validation=_choice(run_dir))
     if ref is None or not ref.own_task:
         run.per_sample, run.digests = _per_sample(run_dir, acc)
     return run
+
+
+def _choice(run_dir: Path) -> dict | None:
+    """The ``validation`` block of the cell's wrapper report, if it chose a value on validation."""
+    for name in CHOICE_REPORTS:
+        block = (read_json(run_dir / name) or {}).get("validation")
+        if isinstance(block, Mapping):
+            return dict(block)
+    return None
+
+
+def unseen_tasks(run: Run | None) -> list[str] | str | None:
+    """The tasks a run's choice on validation did not see (``[]``: it saw every task), or
+    :data:`UNRECORDED` for a cell written before the coverage was recorded; None when the run
+    chose nothing on validation."""
+    if run is None or run.validation is None:
+        return None
+    if "uncovered_tasks" not in run.validation:
+        return UNRECORDED
+    return list(run.validation["uncovered_tasks"])
 
 
 def _per_sample(run_dir: Path, acc: Mapping[str, float]) -> tuple[dict | None, dict | None]:

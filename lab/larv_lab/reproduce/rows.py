@@ -8,13 +8,15 @@ from .anchors import anchor_notes, anchors
 from .columns import Col, delta_cell, linear_cell
 from .experiments import CONTINUOUS, TIERED, Cell
 from .registry import display_label
-from .results import Results
+from .results import UNRECORDED, Results, unseen_tasks
 from .selection import MAX, mergers_by_data, uses_data
 from .tablefmt import Table
 
 VARIANT_ROWS = {"base": "", TIERED.slug: " + LARV tiered", CONTINUOUS.slug: " + LARV continuous"}
 VARIANT_ROWS[MAX] = " + LARV max(tiered, continuous)†"
 ANCHOR_VARIANT = {"base": "base", MAX: "larv-best"}
+#: marks a row whose value was chosen on validation examples that missed some task
+UNSEEN = "‡"
 
 MAIN_ORDER = ["base", TIERED.slug, CONTINUOUS.slug, MAX]
 
@@ -45,6 +47,8 @@ def rows_block(
             if held is not None and v != MAX and (m, v) not in held:
                 continue
             cells, paper_cells, any_paper = [], [], False
+            unseen = {c.suite: u for c in cols if (u := unseen_tasks(res.get(c.suite, m, v)))}
+            label = display_label(m) + labels.get(v, f" {v}") + (f" {UNSEEN}" if unseen else "")
             for col in cols:
                 shown, fields = delta_cell(res, col.suite, m, v, col)
                 if linear is not None:
@@ -60,13 +64,13 @@ def rows_block(
                 else:
                     paper_cells.append("")
                 t.record(
-                    suite=col.suite, row=display_label(m) + labels.get(v, f" {v}"), merger=m,
-                    variant=v, column=col.key, **fields,
+                    suite=col.suite, row=label, merger=m, variant=v, column=col.key, **fields,
+                    unseen=unseen.get(col.suite),
                     paper=a["value"] if a else None, paper_delta=a.get("delta") if a else None,
                     paper_derived=bool(a and a.get("derived")),
                 )  # fmt: skip
             cells += [linear_cell(res, col.suite, m, v, col)[0] for col in linear or ()]
-            t.row(display_label(m) + labels.get(v, f" {v}"), cells)
+            t.row(label, cells)
             if any_paper:
                 t.row("↳ *paper*", paper_cells + [""] * len(linear or ()))
 
@@ -95,6 +99,7 @@ def table_notes(t: Table, res: Results, anchor_table: str | None) -> None:
         )
     )
     _interval_notes(t, res)
+    _unseen_notes(t)
     if anchor_table:
         t.notes.append(
             "↳ *paper* rows: the paper's numbers (paper_anchors.json), approximate; "
@@ -108,6 +113,27 @@ def table_notes(t: Table, res: Results, anchor_table: str | None) -> None:
             f"Pools mapped to {', '.join(mapped)}: our numbers come from those models; the "
             "paper's rows still refer to the paper's CLIP / Flan-T5 models."
         )
+
+
+def _unseen_notes(t: Table) -> None:
+    """Which rows chose on validation examples that missed tasks (:data:`UNSEEN`), and which
+    tasks, per suite."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in t.records:
+        if r.get("unseen"):
+            u = r["unseen"] if r["unseen"] == UNRECORDED else ", ".join(r["unseen"])
+            rows = groups.setdefault((r["suite"], u), [])
+            if r["row"] not in rows:
+                rows.append(r["row"])
+    if not groups:
+        return
+    parts = [f"{suite}: {u} ({len(rows)} row{'s' * (len(rows) > 1)})"
+             for (suite, u), rows in groups.items()]  # fmt: skip
+    t.notes.append(
+        f"{UNSEEN} = the row's value was chosen on validation examples that did not cover every "
+        "task: the choice never saw the tasks named here, which still got the chosen value "
+        f"('{UNRECORDED}': the cell predates the record of its coverage). " + "; ".join(parts) + "."
+    )
 
 
 def _interval_notes(t: Table, res: Results) -> None:
@@ -137,7 +163,8 @@ def _interval_notes(t: Table, res: Results) -> None:
 
 
 DATA_BLOCK = (
-    "*uses data: LiNeS and guarded LARV choose one value on labelled validation examples, "
+    "*uses data: LiNeS, the signed depth ramp and guarded LARV choose one value on labelled "
+    "validation examples, "
     "AdaMerging adapts on unlabelled test examples, LOT reads training exemplars; every row above "
     "is data-free*"
 )

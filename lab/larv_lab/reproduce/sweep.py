@@ -33,6 +33,9 @@ from .registry import custom_config_root, find_primary
 
 REPORT = "program_report.json"
 LAYERS = "larv_layers.json"
+#: the wrapper reports that may hold a choice on validation (their ``validation`` block):
+#: guarded LARV's, LiNeS's and the signed depth ramp's (their method configs' ``report_name``)
+CHOICE_REPORTS = (LAYERS, "lines_layers.json", "signed_depth_ramp_layers.json")
 CELL = "cell.json"
 PRIMARY = "reproduce_suite"
 

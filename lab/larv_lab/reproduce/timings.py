@@ -14,7 +14,7 @@ TIME_GROUPS = {
     "base": "base mergers and references",
     "larv": "LARV gates and depth schedules",
     "ablation": "ablation and per-task rows",
-    "data": "LiNeS and guarded LARV (validation data)",
+    "data": "LiNeS, the signed depth ramp and guarded LARV (validation data)",
     "adamerging": "AdaMerging (test inputs)",
 }
 

@@ -207,8 +207,9 @@ class TestbedTaskPool(BaseTaskPool):
     ``split: validation`` evaluates on a labelled split held out from each task's training pool
     instead (:func:`~.toolkit.held_out_split`, ``val_size`` images per task; never a test image),
     for methods that choose a hyperparameter on validation data. A task whose pool has no
-    held-out image is left out of that report (and named in its ``average``); nothing is
-    written to ``per_sample.json``."""
+    held-out image (a legacy split, :class:`~.toolkit.BaseRecipe`) is left out of that report
+    (and named in its ``average``); its per-sample correctness is kept in
+    ``per_sample_evaluations`` for the choice's guard and never written to ``per_sample.json``."""
 
     __test__ = False
 
@@ -289,6 +290,7 @@ class TestbedTaskPool(BaseTaskPool):
         if self.split == "validation":
             report["average"]["split"] = f"validation ({self.val_size} per task at most)"
             report["average"]["tasks_without_held_out_images"] = without
-        else:
-            per_sample_mod.record(self, per_sample)
+        # a validation split's correctness is kept in memory (the guard of a choice reads it),
+        # never written to per_sample.json, which holds test examples only
+        per_sample_mod.record(self, per_sample, write_file=self.split == "test")
         return report

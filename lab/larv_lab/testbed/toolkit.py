@@ -97,9 +97,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    """The fields of a recipe that the toolkit reads (split, head shots, training loop,
-    evaluation batches, seed). A family's recipe is a frozen dataclass that subclasses it, adds
-    its own fields and may change defaults; ``name`` is only a label."""
+    """The fields of a recipe that the toolkit reads (split, validation reserve, head shots,
+    training loop, evaluation batches, seed). A family's recipe is a frozen dataclass that
+    subclasses it, adds its own fields and may change defaults; ``name`` is only a label.
+
+    ``val_reserve``: labelled inputs per task set aside for validation *before* the training
+    draw (at most half the training pool), so that every task has validation examples
+    (:func:`held_out_split`). ``legacy_split_tasks``: tasks that keep the split of the builds
+    made before the reserve existed (validation is only what the training draw left over: none
+    where it took the whole pool); the committed recipes list all their tasks, so their cache
+    keys did not change. A task not listed (a registered source, a task added with
+    :meth:`replace`) reserves."""
 
     name: str = "custom"
     tasks: tuple[str, ...] = ()
@@ -116,11 +124,20 @@ class BaseRecipe:
     grad_clip: float = 1.0
     eval_batch_size: int = 250
     seed: int = 0
+    val_reserve: int = 200  # per task, before the training draw (capped at half the pool)
+    legacy_split_tasks: tuple[str, ...] = ()  # tasks that keep the split without a reserve
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct and non-empty: {self.tasks}")
+        # only the recipe's own tasks: a task added by replace(tasks=...) reserves
+        legacy = set(self.legacy_split_tasks)
+        object.__setattr__(self, "legacy_split_tasks", tuple(t for t in self.tasks if t in legacy))
+        if isinstance(self.val_reserve, bool) or not isinstance(self.val_reserve, int):
+            raise ValueError(f"val_reserve must be an integer, not {self.val_reserve!r}")
+        if self.val_reserve < 0:
+            raise ValueError("val_reserve must be >= 0")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError("test_fraction must lie in (0, 1)")
         if min(self.n_train, self.n_test, self.finetune_batch_size, self.head_shots) < 1:
@@ -130,10 +147,27 @@ class BaseRecipe:
 
     def content(self) -> dict:
         """The fields that determine the outputs (what the cache key hashes): all but
-        ``name``, tuples as lists."""
+        ``name``, tuples as lists; without ``val_reserve`` and ``legacy_split_tasks`` when every
+        task keeps the legacy split (the recipe's content, and key, as before the reserve)."""
         d = dataclasses.asdict(self)
         d.pop("name")
+        if self.legacy_split_tasks == self.tasks:
+            d.pop("val_reserve"), d.pop("legacy_split_tasks")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]):
+        """The recipe a build wrote (``testbed.json``); one written before ``val_reserve``
+        existed kept the legacy split for every task."""
+        fields = dict(fields)
+        if "val_reserve" not in fields:
+            fields["legacy_split_tasks"] = fields.get("tasks", cls.tasks)
+        return cls(**fields)
+
+    def reserves(self, task: str) -> int:
+        """How many inputs ``task`` sets aside for validation before the training draw (before
+        the cap at half its training pool)."""
+        return 0 if task in self.legacy_split_tasks else self.val_reserve
 
     def replace(self, **changes):
         """A copy with ``changes`` (validated again)."""
@@ -259,7 +293,7 @@ class BuiltTestbed:
         tasks = tuple(meta["tasks"])
         return cls(
             root=root,
-            recipe=cls.family.recipe_type(**meta["recipe"]),
+            recipe=cls.family.recipe_type.from_dict(meta["recipe"]),
             key=meta["key"],
             tasks=tasks,
             class_names={t: tuple(meta["class_names"][t]) for t in tasks},
@@ -334,11 +368,15 @@ def task_seed(seed: int, *parts: str) -> int:
 
 def split_indices(data, recipe):
     """The split's arrays and indices: ``(train_x, train_y, test_x, test_y, train_idx,
-    test_idx, rest)``; ``rest`` = the training pool's inputs not drawn, in draw order.
+    test_idx, rest)``; ``rest`` = the training pool's inputs never trained on: the reserved
+    validation inputs first, then those the training draw left, in draw order.
 
     A source with a split of its own keeps it; the others reserve a seeded
-    ``recipe.test_fraction`` of their inputs for testing. ``recipe.n_train`` / ``n_test``
-    inputs are drawn from the pools; the source's ``train_exclude`` are never trained on."""
+    ``recipe.test_fraction`` of their inputs for testing. Then ``recipe.reserves(task)``
+    inputs of the training pool (at most half of it) are set aside for validation with a seeded
+    draw of their own, so the training draw of a legacy task is what it always was;
+    ``recipe.n_train`` / ``n_test`` inputs are drawn from what is left and from the test pool.
+    The source's ``train_exclude`` are never trained on."""
     rng = np.random.default_rng(task_seed(recipe.seed, data.name, "split"))
     if data.test_inputs is not None:
         train_x, train_y = data.train_inputs, data.train_labels
@@ -354,10 +392,16 @@ def split_indices(data, recipe):
         test_pool, train_pool = np.sort(order[:n_test_pool]), np.sort(order[n_test_pool:])
     if data.train_exclude is not None:
         train_pool = np.setdiff1d(train_pool, data.train_exclude)
+    reserved = np.empty(0, dtype=train_pool.dtype)
+    n_val = min(recipe.reserves(data.name), len(train_pool) // 2)
+    if n_val > 0:
+        drawn = np.random.default_rng(task_seed(recipe.seed, data.name, "validation"))
+        picked = drawn.permutation(train_pool)
+        reserved, train_pool = picked[:n_val], np.sort(picked[n_val:])
     order = rng.permutation(train_pool)
     train_idx, rest = order[: recipe.n_train], order[recipe.n_train :]
     test_idx = np.sort(rng.permutation(test_pool)[: recipe.n_test])
-    return train_x, train_y, test_x, test_y, train_idx, test_idx, rest
+    return train_x, train_y, test_x, test_y, train_idx, test_idx, np.concatenate([reserved, rest])
 
 
 def split(data, recipe) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -374,9 +418,11 @@ def split(data, recipe) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 def held_out_split(data, recipe, n_val: int) -> tuple[np.ndarray, np.ndarray]:
     """A labelled validation split held out from the task's training pool: up to ``n_val``
-    inputs of the pool that the build did not draw for training (nor for the head, which is
-    made from the training draw), in the build's own random order; never a test input. Empty
-    when the build trained on the whole pool (sklearn_digits in the regime recipes)."""
+    inputs of the pool that the build did not train on (nor made the head from, which comes from
+    the training draw), the reserved ones first (``recipe.val_reserve``), then those the
+    training draw left, in the build's own random order; never a test input. Empty only for a
+    legacy task whose training draw took the whole pool (sklearn_digits in the regime
+    recipes)."""
     train_x, train_y, _, _, _, _, rest = split_indices(data, recipe)
     idx = rest[: max(0, int(n_val))]
     return np.ascontiguousarray(train_x[idx]), np.ascontiguousarray(train_y[idx])
