@@ -242,10 +242,10 @@ def _pool(folder: Path, arch: str, lazy: bool) -> CausalLMPool:
     )
 
 
-# the tied bfloat16 pool with the default placement; the placement that rewrites every model the
-# merger loads (a lazy model: in its cache) on an untied float32 one
-@pytest.mark.parametrize(("arch", "placement"), [("qwen2", "merged"), ("llama", "task_vectors")])
-def test_a_lazy_pool_gives_what_the_eager_pool_gives(pools, arch, placement, tmp_path):
+# on the tied bfloat16 pool: the default placement, and per-task diagnostics (each task model
+# read under θ_0's names, then every model the merger loads rewritten: a lazy one in its cache)
+@pytest.mark.parametrize("keys", [{}, {"diagnostics": "per_task", "placement": "task_vectors"}])
+def test_a_lazy_pool_gives_what_the_eager_pool_gives(pools, keys, tmp_path):
     """The same pool loaded lazily and eagerly: the same scales and the same weights, bit for
     bit; the model LARV returns from the lazy pool computes what its saved checkpoint computes
     (FusionBench's lazy merge leaves the tied head and the rotary buffers uninitialised)."""
@@ -256,8 +256,8 @@ def test_a_lazy_pool_gives_what_the_eager_pool_gives(pools, arch, placement, tmp
     runs = {}
     for lazy in (False, True):
         save = str(tmp_path / f"ckpt_{lazy}")
-        larv = LARVAlgorithm(base_method={**base, "model_save_path": save}, placement=placement)
-        model = larv.run(_pool(folders[arch], arch, lazy))
+        larv = LARVAlgorithm(base_method={**base, "model_save_path": save}, **keys)
+        model = larv.run(_pool(folders["qwen2"], "qwen2", lazy))
         runs[lazy] = (model, larv.last_report)
         assert larv.last_report["checkpoint"] == save
     (eager, eager_report), (lazy, lazy_report) = runs[False], runs[True]
@@ -267,8 +267,7 @@ def test_a_lazy_pool_gives_what_the_eager_pool_gives(pools, arch, placement, tmp
     assert list(lazy_sd) == list(eager_sd)
     for k, v in eager_sd.items():
         assert torch.equal(lazy_sd[k], v), k
-    if arch == "qwen2":
-        assert lazy.lm_head.weight is lazy.model.embed_tokens.weight
+    assert lazy.lm_head.weight is lazy.model.embed_tokens.weight
     ids = torch.arange(12).reshape(2, 6)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt_True", dtype=lazy.dtype)
     with torch.no_grad():

@@ -23,6 +23,7 @@ from ..core.settings import LarvSettings
 from ..core.veneer import LarvResult, compute_larv_scales, compute_per_task_scales
 from ..errors import LarvAttributeError, LarvConfigError, LarvInputError
 from .base_method import rng_kept
+from .model_state import is_lazy, state_copy
 from .pool_view import PoolView
 from .wrapper import MergeContext, UpdateRescaler
 
@@ -261,7 +262,10 @@ class LARVAlgorithm(UpdateRescaler):
         for name in names:
             # the same RNG rule as for θ_0: loading must not move the base merger's draws
             with rng_kept():
-                state = ctx.pool.load_model(name).state_dict()
+                model = ctx.pool.load_model(name)
+                # a lazy model: read once into memory, under θ_0's names (a tied head included)
+                state = state_copy(model) if is_lazy(model) else model.state_dict()
+                del model
             if name not in ctx.checked:
                 check_finite(state, f"model `{name}`")
                 ctx.checked.add(name)
