@@ -35,6 +35,8 @@ REPORT = "program_report.json"
 LAYERS = "larv_layers.json"
 CELL = "cell.json"
 PRIMARY = "reproduce_suite"
+#: the config groups a custom config root (:class:`.registry.use_config_root`) supplies
+CUSTOM_GROUPS = ("method", "larv", "modelpool", "taskpool")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,10 +122,12 @@ def write_sweep(
     _dump(sweep_dir / f"{PRIMARY}.yaml", primary_config(suite.pool, sweep_dir), header)
     custom = custom_config_root()
     if custom is not None:
-        # an edited copy of this plugin's configs: first on the search path (the sweep folder is
-        # the primary config dir), so the LARV configs come from it as the registry does
-        for group in ("method", "larv"):
-            shutil.copytree(custom / group, sweep_dir / group, dirs_exist_ok=True)
+        # an edited copy of this plugin's configs, or stand-in pools under the paper's names:
+        # first on the search path (the sweep folder is the primary config dir), so the LARV
+        # configs and pools come from it as the registry's lookups do
+        for group in CUSTOM_GROUPS:
+            if (custom / group).is_dir():
+                shutil.copytree(custom / group, sweep_dir / group, dirs_exist_ok=True)
     for cell in [*cells, *extra_configs]:
         _dump(
             sweep_dir / "cell" / f"{cell.name}.yaml",
