@@ -5,9 +5,13 @@ One multirun per suite: a generated primary config (the suite's primary config w
 (``# @package _global_``: it picks the method and sets ``path.log_dir`` /
 ``report_save_path`` to the cell's own folder), swept as ``-m +cell=a,b,c``. Any Hydra launcher
 spreads the cells (``hydra/launcher=joblib``, ``submitit_slurm``, ...). Only cells without a
-report are launched, so an interrupted sweep resumes where it stopped.
+report are launched, so an interrupted sweep resumes where it stopped. The generated folder is
+the primary config folder (``--config-path``, as the in-process launcher composes it): first on
+the search path, so what it holds (a custom config root's copies, :class:`.registry.
+use_config_root`) wins over the same names elsewhere; FusionBench's own configs come after it,
+through this plugin's search-path plugin.
 
-    fusion_bench --config-dir <out>/_sweeps/<suite> --config-name reproduce_suite \\
+    fusion_bench --config-path <out>/_sweeps/<suite> --config-name reproduce_suite \\
         -m +cell=ta__base,ta__larv-tiered hydra/launcher=joblib
 """
 
@@ -123,8 +127,9 @@ def write_sweep(
     custom = custom_config_root()
     if custom is not None:
         # an edited copy of this plugin's configs, or stand-in pools under the paper's names:
-        # first on the search path (the sweep folder is the primary config dir), so the LARV
-        # configs and pools come from it as the registry's lookups do
+        # first on the search path (the sweep folder is the primary config folder, in process
+        # and on the command line), so the LARV configs and pools come from it as the
+        # registry's lookups do
         for group in CUSTOM_GROUPS:
             if (custom / group).is_dir():
                 shutil.copytree(custom / group, sweep_dir / group, dirs_exist_ok=True)
@@ -182,7 +187,8 @@ def sweep_command(
 ) -> list[str]:
     return [
         fusion_bench_exe(),
-        "--config-dir",
+        # the primary config folder (`--config-dir` would come after FusionBench's own configs)
+        "--config-path",
         str(sweep_dir),
         "--config-name",
         PRIMARY,
