@@ -126,7 +126,7 @@ def _report_average(run_dir: Path) -> float:
 
 
 @pytest.mark.slow
-def test_every_paper_artefact_runs_end_to_end(tiny_clip_suite, corrupted_standin, tmp_path):
+def test_every_paper_artefact_runs_end_to_end(tiny_clip_suite, corrupted_standin, tmp_path, capsys):
     from fusion_bench_larv.evaluation import per_sample
     from larv_lab.reproduce.registry import use_config_root
 
@@ -139,12 +139,16 @@ def test_every_paper_artefact_runs_end_to_end(tiny_clip_suite, corrupted_standin
     # 1. Tables 2 (7, 9), 3, 4, 5, 8 on the tiny CLIP suite: one command, one process
     args = [*MAPPED, *MAPPED_FILTER, "--pools", f"tiny_clip:{tiny_clip_suite.root}", *COMMON]
     assert cli.main([*args, "--out", str(out)]) == 0
+    # five suites mapped onto the same pools: loaded once, for the first
+    reused = "ran on the pools loaded for the suite before it"
+    assert capsys.readouterr().out.count(reused) == 4
     # 2. Figures 3 / 5: the harness's own route, FusionBench's corrupted-data suite, its pools
     # replaced by the stand-in under their own names
     with use_config_root(corrupted_standin):
         fig3_args = ["fig3", *FIG3_FILTER, *COMMON, "--out", str(out)]
-        groups, fig3_cells = cli.select(cli.build_parser().parse_args(fig3_args))
+        _, fig3_cells = cli.select(cli.build_parser().parse_args(fig3_args))
         assert cli.main(fig3_args) == 0
+    assert reused not in capsys.readouterr().out  # each corruption's pools are its own
     assert len(fig3_cells) == 4 and not any(c.suite.mapped for c in fig3_cells)
     assert {c.suite.pool.parent for c in fig3_cells} == {CORRUPTED}
 

@@ -270,6 +270,9 @@ class InProcessLauncher:
                 finally:
                     session.close()
                     self._base_merges.clear()
+                if session.reused:
+                    self.progress(f"[reproduce] {scells[0].suite.key}: ran on the pools loaded for "
+                                  "the suite before it (the same configs)")  # fmt: skip
                 previous = session
         return ran
 
