@@ -177,6 +177,7 @@ class RecordingCLIPImageClassificationTaskPool(CLIPImageClassificationTaskPool):
         if taskpool_config is None:
             taskpool_config = OmegaConf.create(config)
         super().__init__(taskpool_config)
+        self._current_notes: dict[str, _Notes] = {}  # task -> its notes, in the evaluation
 
     def load_task(self, task_name_or_config):
         task = super().load_task(task_name_or_config)
@@ -186,7 +187,7 @@ class RecordingCLIPImageClassificationTaskPool(CLIPImageClassificationTaskPool):
         return task
 
     def evaluate(self, model, name=None):
-        self._current_notes: dict[str, _Notes] = {}
+        self._current_notes = {}
         every = self._all_task_names
         self._all_task_names = evaluation_tasks(model, every)
         try:
