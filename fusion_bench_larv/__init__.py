@@ -29,6 +29,7 @@ _HOME = {
     "LarvWarning": "errors",
     "LiNeSAlgorithm": "methods.lines_algorithm",
     "LayerGroupingError": "errors",
+    "RecordingCLIPImageClassificationTaskPool": "evaluation.clip_taskpool",
     "RecordingCLIPVisionModelTaskPool": "evaluation.clip_taskpool",
     "Schedule": "core.registry",
     "SignedDepthRamp": "methods.lines_algorithm",

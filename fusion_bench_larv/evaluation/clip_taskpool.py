@@ -9,8 +9,16 @@ and, under FusionBench's program, in ``per_sample.json`` beside the program's re
 (:mod:`fusion_bench_larv.evaluation.per_sample`).
 
 Select it with ``taskpool._target_=fusion_bench_larv.RecordingCLIPVisionModelTaskPool``
-over any CLIP task pool config, or with this plugin's ``taskpool=CLIPVisionModelTaskPool/
-larv_recording_TA8`` (``_TALL14``, ``_TALL20``) configs.
+over any CLIP task pool config of FusionBench's current form (``test_datasets``, ``processor``,
+``clip_model``), or with this plugin's ``taskpool=CLIPVisionModelTaskPool/larv_recording_TA8``
+(``_TALL14``, ``_TALL20``) configs.
+
+FusionBench's older (v0.1) CLIP task pool configs, such as ``clip-vit-base-patch32_robustness_
+corrupted`` (keys ``type: clip_vit_classification``, ``tasks``, ``clip_model``), have no
+``_target_``: FusionBench's program builds them with its compat
+``CLIPImageClassificationTaskPool``. :class:`RecordingCLIPImageClassificationTaskPool` is that
+class, recording the same way; add it with ``+taskpool._target_=fusion_bench_larv.
+RecordingCLIPImageClassificationTaskPool`` (``+``: the key is new to such a config).
 """
 
 from __future__ import annotations
@@ -18,8 +26,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from fusion_bench.compat.taskpool.clip_image_classification import (
+    CLIPImageClassificationTask,
+    CLIPImageClassificationTaskPool,
+)
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
+from fusion_bench.tasks.classification import ClassificationTask
 
+from ..errors import LarvConfigError
 from . import per_sample as per_sample_mod
 
 #: a model carrying this attribute (task names) is evaluated on those tasks only. The lab's
@@ -95,6 +109,16 @@ class _Classifier:
 class RecordingCLIPVisionModelTaskPool(CLIPVisionModelTaskPool):
     """``CLIPVisionModelTaskPool`` that also records per-sample correctness (module docstring)."""
 
+    def __init__(self, *args, **kwargs):
+        if not args and "test_datasets" not in kwargs and "type" in kwargs:
+            # an old-style config given this class as its `_target_`: its keys are not ours
+            raise LarvConfigError(
+                f"task pool `type: {kwargs['type']}` is FusionBench's older (v0.1) config form "
+                "(`tasks`, `clip_model`), which RecordingCLIPVisionModelTaskPool cannot read: "
+                "use `+taskpool._target_=fusion_bench_larv.RecordingCLIPImageClassificationTaskPool`"
+            )
+        super().__init__(*args, **kwargs)
+
     def _evaluate(self, classifier, test_loader, num_classes: int, task_name: str = None):
         notes = _Notes()
         result = super()._evaluate(
@@ -118,4 +142,57 @@ class RecordingCLIPVisionModelTaskPool(CLIPVisionModelTaskPool):
             finally:
                 self.test_dataloaders = every
         per_sample_mod.record(self, self._current_per_sample)
+        return report
+
+
+class _NotedClassification(ClassificationTask):
+    """FusionBench's classification loop, on the classifier seen through the task's notes."""
+
+    notes: _Notes
+
+    def evaluate(self, classifier, device=None):
+        return super().evaluate(_Classifier(classifier, self.notes), device)
+
+
+class _RecordingTask(CLIPImageClassificationTask, _NotedClassification):
+    """FusionBench's compat CLIP task: its ``evaluate`` builds the zero-shot classifier and hands
+    it to the loop (next in this MRO: :class:`_NotedClassification`); its test loader is seen
+    through the same notes."""
+
+    @property
+    def test_loader(self):
+        return _Loader(super().test_loader, self.notes)
+
+
+class RecordingCLIPImageClassificationTaskPool(CLIPImageClassificationTaskPool):
+    """FusionBench's compat ``CLIPImageClassificationTaskPool`` (the older config form, module
+    docstring) that also records per-sample correctness; the report is FusionBench's.
+
+    Built from the config as FusionBench builds it (``RecordingCLIPImageClassificationTaskPool(
+    config)``) or, through ``_target_``, from the config's keys as keyword arguments."""
+
+    def __init__(self, taskpool_config=None, **config):
+        from omegaconf import OmegaConf
+
+        if taskpool_config is None:
+            taskpool_config = OmegaConf.create(config)
+        super().__init__(taskpool_config)
+        self._current_notes: dict[str, _Notes] = {}  # task -> its notes, in the evaluation
+
+    def load_task(self, task_name_or_config):
+        task = super().load_task(task_name_or_config)
+        # the same object, FusionBench's task, with its evaluation seen through notes
+        task.__class__ = _RecordingTask
+        task.notes = self._current_notes.setdefault(task.config["name"], _Notes())
+        return task
+
+    def evaluate(self, model, name=None):
+        self._current_notes = {}
+        every = self._all_task_names
+        self._all_task_names = evaluation_tasks(model, every)
+        try:
+            report = super().evaluate(model, name=name)
+        finally:
+            self._all_task_names = every
+        per_sample_mod.record(self, {t: n.entry(t) for t, n in self._current_notes.items()})
         return report

@@ -92,7 +92,11 @@ ARTEFACTS: dict[str, tuple[Artefact, ...]] = {
             suites_ending="_TALL14",
         ),
         TableSpec(
-            "table9", "Table 9: 20 tasks, per data set", per_task_table, suites_ending="_TALL20"
+            "table9",
+            "Table 9: 20 tasks, per data set",
+            per_task_table,
+            anchor="table9",
+            suites_ending="_TALL20",
         ),
     ),
     "table3": (

@@ -64,6 +64,12 @@ GENERALIZATION_SEEN = ("sun397", "stanford-cars", "resisc45", "dtd", "svhn", "gt
 RECORDING_CLIP_TASKPOOL = {
     "taskpool": {"_target_": "fusion_bench_larv.RecordingCLIPVisionModelTaskPool"}
 }
+#: the same over FusionBench's older (v0.1) CLIP task pool configs (``type:
+#: clip_vit_classification``, ``tasks``, ``clip_model``; the corrupted-data pool of Figures 3 and
+#: 5), which FusionBench builds with its compat ``CLIPImageClassificationTaskPool``
+RECORDING_COMPAT_CLIP_TASKPOOL = {
+    "taskpool": {"_target_": "fusion_bench_larv.RecordingCLIPImageClassificationTaskPool"}
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ def corruption_suite(corruption: str) -> Suite:
         backbone="ViT-B/32",
         pool=PoolSpec(
             parent="clip-vit-base-patch32_robustness_corrupted",
-            values={"corruption": corruption, **RECORDING_CLIP_TASKPOOL},
+            values={"corruption": corruption, **RECORDING_COMPAT_CLIP_TASKPOOL},
             label=f"clip-vit-base-patch32_robustness_corrupted corruption={corruption}",
         ),
         column=CORRUPTION_LABELS[corruption],

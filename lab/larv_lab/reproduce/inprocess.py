@@ -9,7 +9,10 @@ FusionBench's ``FabricModelFusionProgram.run`` does (seed, ``on_run_start`` / ``
 (``program_report.json``, ``larv_layers.json``, ``cell.json``; ``per_sample.json`` from a
 recording task pool, :mod:`fusion_bench_larv.evaluation.per_sample`). A cell whose report exists is
 skipped (resume). Only the pools are shared: a suite's cells must compose identical model pool,
-task pool and fabric configs (they do; the launcher checks).
+task pool and fabric configs (they do; the launcher checks), and a suite whose pool and fabric
+configs are the suite's before it (suites mapped onto the same ``--pools``) keeps that suite's
+loaded pools. A config in FusionBench's older form (no ``_target_``) is built by FusionBench's
+compat loader, as its program builds it.
 
 ``reuse_base_merge``: for these mergers the base merge is computed once per suite and every LARV
 cell with ``placement: merged`` rescales a copy of it (``LARVAlgorithm.run(modelpool,
@@ -110,9 +113,14 @@ class _Evaluator:
 
 class SuiteSession:
     """Hydra compose context on one suite's generated sweep folder, with the suite's model pool,
-    task pool and fabric instantiated once (from the first cell's config)."""
+    task pool and fabric instantiated once (from the first cell's config). ``previous``: the
+    session of the suite before; where this suite composes the same pool and fabric configs
+    (suites mapped onto the same ``--pools``), its objects are taken over instead of built again,
+    else they are released before this suite's are built."""
 
-    def __init__(self, sweep_dir: Path, overrides: Sequence[str] = ()):
+    def __init__(
+        self, sweep_dir: Path, overrides: Sequence[str] = (), previous: SuiteSession | None = None
+    ):
         from hydra import initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
 
@@ -122,6 +130,13 @@ class SuiteSession:
         self.overrides = list(overrides)
         self.modelpool = self.taskpool = self.fabric = None
         self._shared: dict[str, Any] | None = None
+        self._previous = previous
+        self.reused = False  # whether the pools are the previous suite's
+
+    def release(self) -> None:
+        """Drop the pools and fabric (a later suite that shares none of them)."""
+        self.modelpool = self.taskpool = self.fabric = None
+        self._shared = None
 
     def close(self) -> None:
         from hydra.core.global_hydra import GlobalHydra
@@ -153,15 +168,25 @@ class SuiteSession:
             "taskpool": _container(cfg.get("taskpool")),
             "fabric": fabric,
         }
-        if self._shared is None:
+        previous, self._previous = self._previous, None
+        if self._shared is None and previous is not None and previous._shared == shared:
+            self._shared, self.reused = shared, True
+            self.fabric, self.modelpool = previous.fabric, previous.modelpool
+            self.taskpool = previous.taskpool
+            previous.release()
+        elif self._shared is None:
             import lightning as L
             from fusion_bench import instantiate
 
+            if previous is not None:
+                previous.release()
             self._shared = shared
             self.fabric = instantiate(fabric) if fabric else L.Fabric(devices=1)
             self.fabric.launch()
-            self.modelpool = self.instantiate(cfg.modelpool)
-            self.taskpool = self.instantiate(cfg.taskpool) if cfg.get("taskpool") else None
+            self.modelpool = self.instantiate(cfg.modelpool, "modelpool")
+            self.taskpool = (
+                self.instantiate(cfg.taskpool, "taskpool") if cfg.get("taskpool") else None
+            )
         elif shared != self._shared:
             differ = [k for k in shared if shared[k] != self._shared[k]]
             raise ValueError(
@@ -169,15 +194,30 @@ class SuiteSession:
                 "cell's; the in-process launcher shares them (use a Hydra launcher)"
             )
 
-    def instantiate(self, config):
-        """As ``FabricModelFusionProgram._instantiate_and_setup``, with the shared fabric."""
+    def instantiate(self, config, group: str = "method"):
+        """As ``FabricModelFusionProgram._instantiate_and_setup``, with the shared fabric: a
+        config without ``_target_`` (FusionBench's older form, e.g. Flan-T5's GLUE task pool) is
+        built by FusionBench's compat loader of its ``group``."""
         from fusion_bench import import_object, instantiate
 
-        import_object(config._target_)
-        obj = instantiate(config, _recursive_=config.get("_recursive_", False))
+        if "_target_" not in config:
+            obj = import_object(COMPAT_LOADERS[group])(config)
+        else:
+            import_object(config._target_)
+            obj = instantiate(config, _recursive_=config.get("_recursive_", False))
         if hasattr(obj, "_fabric_instance"):
             obj._fabric_instance = self.fabric
+        if hasattr(obj, "_fabric"):  # the older form's classes, as FusionBench's program does
+            obj._fabric = self.fabric
         return obj
+
+
+#: what FusionBench's program builds a config without ``_target_`` with, by config group
+COMPAT_LOADERS = {
+    "method": "fusion_bench.compat.method.load_algorithm_from_config",
+    "modelpool": "fusion_bench.compat.modelpool.load_modelpool_from_config",
+    "taskpool": "fusion_bench.compat.taskpool.load_taskpool_from_config",
+}
 
 
 class InProcessLauncher:
@@ -209,6 +249,7 @@ class InProcessLauncher:
 
         ran: list[Cell] = []
         n, i = len(cells), 0
+        previous: SuiteSession | None = None  # its pools serve the next suite if it composes them
         with set_print_function_call(False):  # progress lines instead of FusionBench's echo
             for scells in by_suite(cells).values():
                 todo = [c for c in scells if not is_done(c, self.out)]
@@ -217,7 +258,7 @@ class InProcessLauncher:
                     continue
                 bases = [self._base_cell(c) for c in todo if self._reuses(c)]
                 sweep_dir = write_sweep(scells[0].suite, todo, self.out, extra_configs=bases)
-                session = SuiteSession(sweep_dir, self.overrides)
+                session = SuiteSession(sweep_dir, self.overrides, previous)
                 try:
                     for cell in scells:
                         i += 1
@@ -229,6 +270,10 @@ class InProcessLauncher:
                 finally:
                     session.close()
                     self._base_merges.clear()
+                if session.reused:
+                    self.progress(f"[reproduce] {scells[0].suite.key}: ran on the pools loaded for "
+                                  "the suite before it (the same configs)")  # fmt: skip
+                previous = session
         return ran
 
     # --------------------------------------------------------------------------------------------

@@ -179,7 +179,10 @@ def display_label(name: str) -> str:
 
 class use_config_root:
     """Context manager: read the registry (and let the generated sweeps search) another copy of
-    this plugin's config tree, e.g. an edited one in a temporary folder."""
+    this plugin's config tree, e.g. an edited one in a temporary folder, or a folder of stand-in
+    model / task pool configs under the names a suite's primary config picks (the tests' tiny
+    stand-in of FusionBench's corrupted-data pool). Its ``method``, ``larv``, ``modelpool`` and
+    ``taskpool`` folders come first on the sweeps' search path."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()

@@ -5,9 +5,13 @@ One multirun per suite: a generated primary config (the suite's primary config w
 (``# @package _global_``: it picks the method and sets ``path.log_dir`` /
 ``report_save_path`` to the cell's own folder), swept as ``-m +cell=a,b,c``. Any Hydra launcher
 spreads the cells (``hydra/launcher=joblib``, ``submitit_slurm``, ...). Only cells without a
-report are launched, so an interrupted sweep resumes where it stopped.
+report are launched, so an interrupted sweep resumes where it stopped. The generated folder is
+the primary config folder (``--config-path``, as the in-process launcher composes it): first on
+the search path, so what it holds (a custom config root's copies, :class:`.registry.
+use_config_root`) wins over the same names elsewhere; FusionBench's own configs come after it,
+through this plugin's search-path plugin.
 
-    fusion_bench --config-dir <out>/_sweeps/<suite> --config-name reproduce_suite \\
+    fusion_bench --config-path <out>/_sweeps/<suite> --config-name reproduce_suite \\
         -m +cell=ta__base,ta__larv-tiered hydra/launcher=joblib
 """
 
@@ -38,6 +42,8 @@ LAYERS = "larv_layers.json"
 CHOICE_REPORTS = (LAYERS, "lines_layers.json", "signed_depth_ramp_layers.json")
 CELL = "cell.json"
 PRIMARY = "reproduce_suite"
+#: the config groups a custom config root (:class:`.registry.use_config_root`) supplies
+CUSTOM_GROUPS = ("method", "larv", "modelpool", "taskpool")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,10 +129,13 @@ def write_sweep(
     _dump(sweep_dir / f"{PRIMARY}.yaml", primary_config(suite.pool, sweep_dir), header)
     custom = custom_config_root()
     if custom is not None:
-        # an edited copy of this plugin's configs: first on the search path (the sweep folder is
-        # the primary config dir), so the LARV configs come from it as the registry does
-        for group in ("method", "larv"):
-            shutil.copytree(custom / group, sweep_dir / group, dirs_exist_ok=True)
+        # an edited copy of this plugin's configs, or stand-in pools under the paper's names:
+        # first on the search path (the sweep folder is the primary config folder, in process
+        # and on the command line), so the LARV configs and pools come from it as the
+        # registry's lookups do
+        for group in CUSTOM_GROUPS:
+            if (custom / group).is_dir():
+                shutil.copytree(custom / group, sweep_dir / group, dirs_exist_ok=True)
     for cell in [*cells, *extra_configs]:
         _dump(
             sweep_dir / "cell" / f"{cell.name}.yaml",
@@ -181,7 +190,8 @@ def sweep_command(
 ) -> list[str]:
     return [
         fusion_bench_exe(),
-        "--config-dir",
+        # the primary config folder (`--config-dir` would come after FusionBench's own configs)
+        "--config-path",
         str(sweep_dir),
         "--config-name",
         PRIMARY,
