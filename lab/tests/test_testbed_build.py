@@ -235,9 +235,19 @@ def test_sources_and_splits():
     assert not excluded & {x.tobytes() for x in train_x}
     # sources without an official split: train and test drawn from disjoint pools
     digits = load_source("sklearn_digits")
-    train_x, _, test_x, _ = K.split(digits, B.Recipe(n_train=10_000, n_test=10_000))
-    assert len(train_x) + len(test_x) == len(digits.train_inputs)
-    assert len(test_x) == round(0.3 * len(digits.train_inputs))
+    n = len(digits.train_inputs)
+    recipe = B.Recipe(n_train=10_000, n_test=10_000)
+    train_x, _, test_x, _ = K.split(digits, recipe)
+    assert len(test_x) == round(0.3 * n)
+    # the validation reserve is set aside before the training draw takes the rest
+    assert len(train_x) + len(test_x) + recipe.val_reserve == n
+    val_x, _ = K.held_out_split(digits, recipe, n)
+    assert len(val_x) == recipe.val_reserve
+    assert not {x.tobytes() for x in val_x} & {x.tobytes() for x in train_x}
+    # a legacy task keeps the split without a reserve: train and test take everything
+    legacy = recipe.replace(legacy_split_tasks=("sklearn_digits",))
+    train_x, _, test_x, _ = K.split(digits, legacy)
+    assert len(train_x) + len(test_x) == n
 
 
 def test_missing_source_says_how_to_install(tmp_path, monkeypatch):
