@@ -46,9 +46,14 @@ def module_names(folder: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
     no weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as err:  # not a causal LM transformers knows
+        raise LarvInputError(
+            f"{folder}: transformers builds no causal LM from its config ({err})"
+        ) from err
     first: dict[int, str] = {}
     names, aliases = [], {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -237,19 +242,29 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 _Dumper.add_representer(list, _represent_list)
 
 
-def render_yaml(config: dict, result: LarvResult, base_lambda: float = 1.0) -> str:
-    """The config as YAML under a comment that says what it holds and how to run it."""
+def render_yaml(
+    config: dict, result: LarvResult, base_lambda: float = 1.0, settings: LarvSettings | None = None
+) -> str:
+    """The config as YAML under a comment that says what it holds (the scales, the LARV settings
+    other than the defaults) and how to run it."""
     method = config["merge_method"]
     s = ", ".join(f"{v:g}" for v in result.scales)
+    lam = "s_ℓ" if base_lambda == 1 else f"{base_lambda:g}·s_ℓ"
     head = [
-        f"# LARV (fusion-bench-larv {__version__}) over mergekit's {method} "
-        f"(normalize: {str(NORMALIZE[method]).lower()}), written by larv-mergekit",
-        f"# per-block scales s_1..s_{len(result.scales)} = [{s}]",
-        f"# lambda = {base_lambda:g}·s_ℓ per layer; the filters give the tensors outside the layers "
-        "their blocks' scales",
-        "# mergekit-yaml THIS.yaml OUTPUT_DIR  writes θ_0 + s_ℓ·Δθ (Δθ: the same merge with "
-        f"lambda {base_lambda:g}); docs/mergekit.md",
+        f"# LARV's per-block scales over mergekit's {method} (normalize: "
+        f"{str(NORMALIZE[method]).lower()}), by larv-mergekit (fusion-bench-larv {__version__})",
+        f"# s_1..s_{len(result.scales)} = [{s}]: layer ℓ's lambda is {lam}; the filters give the "
+        "tensors outside the layers their blocks' scales",
     ]
+    if settings is not None:
+        default = LarvSettings().to_dict()
+        changed = [f"{k}={v}" for k, v in settings.to_dict().items() if default[k] != v]
+        if changed:
+            head.append(f"# LARV settings other than the defaults: {', '.join(changed)}")
+    head.append(
+        "# `mergekit-yaml THIS.yaml OUTPUT_DIR` writes θ_0 + s_ℓ·Δθ, Δθ = this merge's update "
+        f"with lambda {base_lambda:g} (docs/mergekit.md)"
+    )
     body = yaml.dump(config, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
     return "\n".join(head) + "\n" + body
 
@@ -290,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LarvConfigError, LarvInputError, OSError) as e:
         print(f"larv-mergekit: error: {e}", file=sys.stderr)
         return 2
-    write_text_atomic(args.output, render_yaml(config, result, args.base_lambda))
+    write_text_atomic(args.output, render_yaml(config, result, args.base_lambda, settings))
     if args.report:
         write_json_atomic(args.report, result.to_dict())
     print(f"{'block':<24} {'e':>9} {'c':>9} {'w':>9} {'s':>7}")
