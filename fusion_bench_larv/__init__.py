@@ -1,10 +1,11 @@
 """fusion-bench-larv: LARV, a data-free layer-wise adaptive rescaling veneer for any task-vector
 model merger, as a FusionBench plugin.
 
-The package is four rooms: :mod:`.core` (LARV's maths on plain state dicts, no FusionBench),
+The package is five rooms: :mod:`.core` (LARV's maths on plain state dicts, no FusionBench),
 :mod:`.adapter` (the FusionBench wrapper skeleton and LARV on it), :mod:`.methods` (LiNeS and LOT
-Merging) and :mod:`.evaluation` (the recording task pool, per-sample files, intervals,
-``larv-compare``); :mod:`.errors` holds every error class.
+Merging), :mod:`.evaluation` (the recording task pool, per-sample files, intervals,
+``larv-compare``) and :mod:`.export` (``larv-mergekit``: LARV's scales as a mergekit config);
+:mod:`.errors` holds every error class.
 
 Every public name is imported on first use (PEP 562), so that the Hydra search-path plugin, which
 imports :mod:`fusion_bench_larv.config_paths` on every Hydra run, loads neither torch nor

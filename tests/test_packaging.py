@@ -67,8 +67,9 @@ assert len(alg.last_result.scales) == 3
 
 
 # pyproject.toml's dependencies that the plugin needs without importing them itself: constraints on
-# what fusion-bench's CLIP task pool (subclassed by clip_taskpool.py) imports
-CONSTRAINTS = {"transformers", "datasets", "huggingface-hub"}
+# what fusion-bench's CLIP task pool (subclassed by clip_taskpool.py) imports (transformers, pinned
+# there too, larv-mergekit imports)
+CONSTRAINTS = {"datasets", "huggingface-hub"}
 
 
 def _canonical(name: str) -> str:
