@@ -10,10 +10,12 @@ eagerly gives, for both placements."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -339,3 +341,92 @@ def test_merge_backbone(pools):
                            theta0["model.layers.3.mlp.up_proj.weight"])  # fmt: skip
     with pytest.raises(LarvConfigError, match="merge_backbone"):
         LARVAlgorithm(base_method=base, placement="task_vectors")
+
+
+def _tracked(reads: dict, alive: list, peak: list):
+    """``open_theta0`` whose streamed θ_0 records each read (name → count) and, at every read,
+    the bytes of the θ_0 tensors it handed out that are still alive (``peak``)."""
+    from fusion_bench_larv.adapter import theta0 as theta0_mod
+    from fusion_bench_larv.core.state import StreamedState
+
+    def open_tracked(*args, **kwargs):
+        state, how = theta0_mod.open_theta0(*args, **kwargs)
+        if isinstance(state, StreamedState):
+            read = state._read
+
+            def tracking(name):
+                t = read(name)
+                reads[name] = reads.get(name, 0) + 1
+                alive[:] = [r for r in alive if r() is not None] + [weakref.ref(t)]
+                held = {id(r()): r().numel() * r().element_size() for r in alive if r() is not None}
+                peak[0] = max(peak[0], sum(held.values()))
+                return t
+
+            state._read = tracking
+        return state, how
+
+    return open_tracked
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_streamed_theta0_is_the_in_memory_path_bit_for_bit(pools, arch, monkeypatch, caplog):
+    """On a lazy pool LARV reads θ_0 from its checkpoint files, a stack or a tensor at a time,
+    instead of copying it (docs/causal-lm.md, "Memory"): the same scales and the same weights,
+    bit for bit, as with the copy; after opening, each θ_0 tensor read at most twice (by the
+    diagnostics, by the rescaling), and never more than two of them alive at once."""
+    from fusion_bench_larv.adapter import theta0 as theta0_mod
+    from fusion_bench_larv.adapter import wrapper
+
+    _, folders = pools
+    base = {"_target_": "fusion_bench.method.TaskArithmeticForCausalLM", "scaling_factor": 0.3}
+    runs, reads, alive, peak = {}, {}, [], [0]
+    for stream in (False, True):
+        opener = _tracked(reads, alive, peak) if stream else theta0_mod.open_theta0
+        monkeypatch.setattr(wrapper, "open_theta0",
+                            lambda *a, opener=opener, stream=stream: opener(*a, stream=stream))  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=wrapper.__name__):
+            larv = LARVAlgorithm(base_method=base)
+            model = larv.run(_pool(folders[arch], arch, lazy=True))
+        how = "reads θ_0 (" if stream else "keeps a copy of θ_0 in memory"
+        assert how in caplog.text
+        runs[stream] = (model.state_dict(), larv.last_report)
+    (held, held_report), (streamed, streamed_report) = runs[False], runs[True]
+    assert streamed_report == held_report
+    assert len({rec["s"] for rec in streamed_report["layers"]}) > 1
+    assert list(streamed) == list(held)
+    for k, v in held.items():
+        assert torch.equal(streamed[k], v), k
+
+    theta0 = read_folder(folders[arch] / "_pretrained_")
+    sizes = sorted(v.numel() * v.element_size() for v in theta0.values())
+    assert set(reads) <= set(held) and max(reads.values()) <= 2  # after opening: two passes
+    assert 0 < peak[0] <= sizes[-1] + sizes[-2] < sum(sizes) / 4
+
+
+def test_a_streamed_theta0_refuses_changed_files(pools, tmp_path):
+    """A checkpoint file rewritten after LARV opened θ_0 is an error at the next read; a lazy
+    dict that holds its tensors (``cache_state_dict``) is not streamed, and says why."""
+    import shutil
+
+    from fusion_bench.utils.lazy_state_dict import LazyStateDict
+    from transformers import AutoModelForCausalLM
+
+    from fusion_bench_larv.adapter.theta0 import streamed
+    from fusion_bench_larv.core.state import StreamedState
+    from fusion_bench_larv.errors import LarvInputError
+
+    _, folders = pools
+    folder = tmp_path / "theta0"
+    shutil.copytree(folders["mistral"] / "_pretrained_", folder)  # sharded
+    state = streamed(LazyStateDict(str(folder), meta_module_class=AutoModelForCausalLM))
+    assert isinstance(state, StreamedState) and state.checked
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(state[name], read_folder(folder)[name])
+    shard = sorted(folder.glob("*.safetensors"))[-1]
+    os.utime(shard, ns=(0, 0))
+    with pytest.raises(LarvInputError, match="changed during the run"):
+        state[name]
+    cached = LazyStateDict(str(folder), meta_module_class=AutoModelForCausalLM,
+                           cache_state_dict=True)  # fmt: skip
+    assert "holds its tensors in memory" in streamed(cached)

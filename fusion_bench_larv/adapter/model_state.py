@@ -90,6 +90,9 @@ class LazyModelState(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.lazy[self.stored[name]]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.stored  # Mapping's default would read the tensor
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.stored)
 

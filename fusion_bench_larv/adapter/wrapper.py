@@ -25,6 +25,7 @@ from torch import nn
 from ..core.inputs import check_finite, grouped_layers
 from ..core.keys import unknown_keys_message
 from ..core.layers import LayerGroups
+from ..core.state import spec_of
 from ..core.veneer import apply_scales
 from ..errors import LarvConfigError, LarvInputError, LarvWarning
 from .base_method import (
@@ -47,7 +48,6 @@ from .model_state import (
     is_lazy,
     lazy_meta_module,
     repair_lazy_merge,
-    state_copy,
 )
 from .pool_view import PoolView, in_memory_model
 from .selection import (
@@ -62,6 +62,7 @@ from .selection import (
     taskpool_report,
     validation_score,
 )
+from .theta0 import open_theta0
 
 __all__ = ["MergeContext", "UpdateRescaler"]
 
@@ -70,13 +71,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MergeContext:
-    """What one run knows before the merge: the pool, LARV's own copy of θ_0 (every merger
-    overwrites the pretrained model it loads), its floating-point names and their blocks, the
+    """What one run knows before the merge: the pool, LARV's own θ_0 (every merger overwrites
+    the pretrained model it loads): read from its checkpoint files when needed, or a copy
+    (:func:`.theta0.open_theta0`), its floating-point names and their blocks, the
     models already checked for NaN/Inf, what a subclass's :meth:`UpdateRescaler.prepare`
     computed before the merge and what its :meth:`UpdateRescaler.measure` read from the merge."""
 
     pool: BaseModelPool
-    theta0: dict[str, torch.Tensor]
+    theta0: Mapping[str, torch.Tensor]
     architecture: str
     names: list[str]
     groups: LayerGroups
@@ -234,8 +236,9 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
 
     def open(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> MergeContext:
         """The pool (a mapping name → model becomes one), checked: a ``_pretrained_`` entry, every
-        in-memory model finite (before the merger may modify them), LARV's copy of θ_0, and its
-        blocks (found from θ_0's names alone, before the possibly long merge)."""
+        in-memory model finite (before the merger may modify them), LARV's own θ_0 (streamed
+        from its files where it can be, else a copy; the log says which), and its blocks (found
+        from θ_0's names alone, before the possibly long merge)."""
         if not isinstance(modelpool, BaseModelPool):
             if not isinstance(modelpool, Mapping):
                 raise LarvInputError(
@@ -258,16 +261,14 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
         # loading θ_0 must not move the RNG the base merger draws from (rng_kept)
         with rng_kept():
             pretrained = modelpool.load_pretrained_model()
-            # LARV's own copy (the merger overwrites what it loads); a lazy model (CausalLMPool's
-            # lazy loading) under its module's names, tied names sharing one tensor
-            theta0 = state_copy(pretrained)
-            if "_pretrained_" not in checked:
-                check_finite(theta0, "model `_pretrained_`")
-                checked.add("_pretrained_")
+            # LARV's own θ_0 (the merger overwrites what it loads), under the module's names
+            theta0, how = open_theta0(modelpool, pretrained, "_pretrained_" in checked)
+            checked.add("_pretrained_")
             architecture = architecture_of(pretrained)
             lazy_meta = lazy_meta_module(pretrained)
             del pretrained
-        names = [k for k, v in theta0.items() if v.is_floating_point()]
+        log.info("%s: %s", self.method, how)
+        names = [k for k in theta0 if spec_of(theta0, k).is_floating_point()]
         groups = grouped_layers(names, self.layer_pattern)
         merger = base_method_name(self.base_method)
         return MergeContext(modelpool, theta0, architecture, names, groups, merger, checked,

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import LarvInputError, LarvLayerError, LayerGroupingError
 from .layers import LayerGroups, group_layers
+from .state import StreamedState, spec_of
 
 # LARV needs at least this many transformer blocks: with one block the "layer-wise" rescaling is a
 # single global scale (the tiered gate would shrink the whole update to levels[0]).
@@ -37,7 +38,10 @@ def _tensor_problem(t: torch.Tensor) -> str | None:
 
 
 def check_finite(state: Mapping[str, torch.Tensor], model: str) -> None:
-    """Raise :class:`LarvInputError` naming the first tensor (and the model) with NaN or Inf."""
+    """Raise :class:`LarvInputError` naming the first tensor (and the model) with NaN or Inf. A
+    streamed state checked when it was opened (``StreamedState.checked``) is not read again."""
+    if isinstance(state, StreamedState) and state.checked:
+        return
     for name, t in state.items():
         problem = _tensor_problem(t)
         if problem is not None:
@@ -51,7 +55,8 @@ def check_finite(state: Mapping[str, torch.Tensor], model: str) -> None:
 def check_same_keys_and_shapes(
     theta0: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]
 ) -> None:
-    """θ_0 and the merged model must list the same parameters with the same shapes."""
+    """θ_0 and the merged model must list the same parameters with the same shapes (read from
+    their specs: a streamed state is not read)."""
     missing = [k for k in theta0 if k not in merged]
     extra = [k for k in merged if k not in theta0]
     if missing or extra:
@@ -61,12 +66,12 @@ def check_same_keys_and_shapes(
             f"only in merged {extra[:5]}{' …' if len(extra) > 5 else ''}. The base method must "
             "return a model of the pretrained model's architecture."
         )
-    for k, t in merged.items():
-        if tuple(t.shape) != tuple(theta0[k].shape):
+    for k in merged:
+        shape, shape0 = tuple(spec_of(merged, k).shape), tuple(spec_of(theta0, k).shape)
+        if shape != shape0:
             raise LarvInputError(
-                f"shape of {k!r} differs: θ_0 {tuple(theta0[k].shape)} vs merged "
-                f"{tuple(t.shape)}. The base method must return a model of the pretrained "
-                "model's architecture."
+                f"shape of {k!r} differs: θ_0 {shape0} vs merged {shape}. The base method "
+                "must return a model of the pretrained model's architecture."
             )
 
 
@@ -100,12 +105,12 @@ def check_scales(
             raise LarvInputError(f"a scale is given for {name!r}, which {side} does not have")
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
             raise LarvInputError(f"the scale of {name!r} is {s!r}; scales must be finite numbers")
-        t, t0 = merged[name], theta0[name]
+        t, t0 = spec_of(merged, name), spec_of(theta0, name)
         if tuple(t.shape) != tuple(t0.shape):
             raise LarvInputError(
                 f"shape of {name!r} differs: θ_0 {tuple(t0.shape)} vs merged {tuple(t.shape)}"
             )
-        if not torch.is_floating_point(t):
+        if not t.is_floating_point():
             raise LarvInputError(
                 f"{name!r} is a {t.dtype} tensor; only floating-point parameters can be rescaled"
             )

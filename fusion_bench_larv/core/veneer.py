@@ -32,6 +32,7 @@ from .inputs import (
 from .layers import LayerGroups
 from .registry import apply_gate
 from .settings import LarvSettings
+from .state import TensorSpec, matrix_shape, spec_of
 from .stats_cache import Theta0Stats, content_key, load_stats, save_stats
 
 StateDict = Mapping[str, torch.Tensor]
@@ -89,8 +90,13 @@ class LarvResult:
         return {t: {k: r.to_dict()[k] for k in keep} for t, r in (self.tasks or {}).items()}
 
 
-def _is_float(t: torch.Tensor) -> bool:
-    return torch.is_floating_point(t)
+def _is_float(t: torch.Tensor | TensorSpec) -> bool:
+    return t.is_floating_point()
+
+
+def _float_names(state: StateDict) -> list[str]:
+    """The floating-point names, in state-dict order (read from specs: nothing is streamed)."""
+    return [k for k in state if _is_float(spec_of(state, k))]
 
 
 def _storage_key(t: torch.Tensor) -> tuple | None:
@@ -128,14 +134,21 @@ class _LazyDelta(Mapping):
         """The dtype Δ of ``name`` is formed in (``compute_dtype`` of the merged tensor's)."""
         return compute_dtype(self._merged[name].dtype)
 
-    def stack(self, names: list[str], shape: tuple[int, int], device) -> torch.Tensor:
+    def stack(
+        self, names: list[str], shape: tuple[int, int], device, theta0: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Δ of same-shaped parameters as one ``(len(names), m, n)`` stack of matrices on
-        ``device``, each written straight into its slice (no per-matrix temporary)."""
+        ``device``, each written straight into its slice (no per-matrix temporary). ``theta0``:
+        the same names' θ_0 already stacked on ``device`` (the same values, so the same Δ), so
+        that a streamed θ_0 is not read twice."""
         dtype = self.dtype(names[0])
         out = torch.empty((len(names), *shape), dtype=dtype, device=device)
         for i, name in enumerate(names):
             m = self._merged[name].detach().to(device=device, dtype=dtype).reshape(shape)
-            t0 = self._theta0[name].detach().to(device=device, dtype=dtype).reshape(shape)
+            if theta0 is None:
+                t0 = self._theta0[name].detach().to(device=device, dtype=dtype).reshape(shape)
+            else:
+                t0 = theta0[i].to(dtype)
             torch.sub(m, t0, out=out[i])
         return out
 
@@ -169,20 +182,22 @@ def shape_batches(
         budget = batch_bytes,  default min(BATCH_BYTES, Σ_names 4·numel / BATCH_FRACTION).
 
     The stacks come ordered by their first matrix in model order, so the pass still streams
-    through the model from its first blocks to its last."""
-    total = sum(theta0[n].numel() * 4 for n in names)
+    through the model from its first blocks to its last (a stack may take matrices of several
+    blocks: what a streamed θ_0 holds at once is one stack, whatever the blocks). Read from θ_0's
+    specs only (:func:`~.state.spec_of`)."""
+    total = sum(spec_of(theta0, n).numel() * 4 for n in names)
     budget = min(BATCH_BYTES, total // BATCH_FRACTION) if batch_bytes is None else batch_bytes
     groups: dict[tuple, list[int]] = {}
     for i, n in enumerate(names):
-        t = theta0[n]
+        t = spec_of(theta0, n)
         dev = torch.device(device) if device is not None else t.device
-        key = (tuple(as_matrix(t).shape), t.dtype, delta.dtype(n), dev)
+        key = (matrix_shape(t), t.dtype, delta.dtype(n), dev)
         groups.setdefault(key, []).append(i)
     stacks: list[list[int]] = []
     for members in groups.values():
         cur, used = [], 0
         for i in members:
-            b = theta0[names[i]].numel() * 4
+            b = spec_of(theta0, names[i]).numel() * 4
             if cur and used + b > budget:
                 stacks.append(cur)
                 cur, used = [], 0
@@ -223,7 +238,7 @@ def _diagnosed_matrices(theta0: StateDict, groups: LayerGroups) -> list[list[str
     """The names of each block's matrices: its floating tensors with two or more dimensions
     (biases and norms are scaled but never enter the diagnostics)."""
     return [
-        [n for n in members if theta0[n].ndim >= 2 and _is_float(theta0[n])]
+        [n for n in members if spec_of(theta0, n).ndim >= 2 and _is_float(spec_of(theta0, n))]
         for members in groups.members
     ]
 
@@ -290,9 +305,13 @@ def matrix_diagnostics(
                disable=progress is False, delay=0 if progress else 1.5)  # fmt: skip
     with torch.no_grad():
         for stack in shape_batches(names, theta0, delta, device, batch_bytes):
-            dev = device if device is not None else theta0[stack[0]].device
-            x = torch.stack([as_matrix(theta0[k].detach()).to(dev) for k in stack])
-            y = delta.stack(stack, tuple(x.shape[-2:]), dev)
+            first = spec_of(theta0, stack[0])
+            dev = device if device is not None else first.device
+            # each θ_0 matrix read once, straight into its slice: a streamed θ_0 holds one stack
+            x = torch.empty((len(stack), *matrix_shape(first)), dtype=first.dtype, device=dev)
+            for i, k in enumerate(stack):
+                x[i].copy_(as_matrix(theta0[k].detach()))
+            y = delta.stack(stack, tuple(x.shape[-2:]), dev, theta0=x)
             gens = _sketch_generators(stack, settings.seed) if randomized else None
             if all(k in stats for k in stack):
                 x_stats = stats.stacked(stack, dev)
@@ -383,7 +402,7 @@ def compute_larv_scales(
     check_finite(theta0, "θ_0 (the pretrained model)")
     check_finite(merged, "the merged model (the base method's output)" if task is None
                  else f"model `{task}`")  # fmt: skip
-    names = [k for k, t in theta0.items() if _is_float(t)]
+    names = _float_names(theta0)
     groups = grouped_layers(names, settings.layer_pattern)
     delta = _LazyDelta(theta0, merged, names)  # streamed: never a full copy of Δθ
     e, c, counts = layer_diagnostics(
@@ -416,7 +435,7 @@ def compute_larv_scales(
                 w[i],
                 s[i],
                 counts[i],
-                sum(theta0[n].numel() for n in members),
+                sum(spec_of(theta0, n).numel() for n in members),
             )  # fmt: skip
         )
     for name, li in groups.outside.items():
@@ -487,7 +506,7 @@ def compute_per_task_scales(
     """
     start = time.perf_counter()
     if theta0_stats is None:
-        names = [k for k, t in theta0.items() if _is_float(t)]
+        names = _float_names(theta0)
         groups = grouped_layers(names, settings.layer_pattern)
         mats = [n for block in _diagnosed_matrices(theta0, groups) for n in block]
         theta0_stats = _open_theta0_stats(theta0, mats, settings, None)

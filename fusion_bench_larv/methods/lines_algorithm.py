@@ -52,9 +52,11 @@ _COEFFICIENT_KEYS = ("scaling_factor",)
 
 
 def _float_delta(state: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor], k: str):
-    """state[k] − θ_0[k] in float32 (float64 for float64 weights)."""
-    dtype = compute_dtype(theta0[k].dtype)
-    return state[k].to(dtype) - theta0[k].to(dtype)
+    """state[k] − θ_0[k] in float32 (float64 for float64 weights); θ_0[k] read once (a streamed
+    θ_0 reads it from disk)."""
+    t0 = theta0[k]
+    dtype = compute_dtype(t0.dtype)
+    return state[k].to(dtype) - t0.to(dtype)
 
 
 class LiNeSAlgorithm(UpdateRescaler):
