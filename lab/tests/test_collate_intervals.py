@@ -219,6 +219,9 @@ def test_every_benchmark_row_has_its_run_time_group():
         == ("ablation and per-task rows")
     )
     assert group["lines-val"] == group["larv-guarded"] == "LiNeS and guarded LARV (validation data)"
+    assert group["fitted-scales-val"] == group["fitted-scales-val-per-task"] == (
+        "per-block scales fitted on validation labels (the ceiling)"
+    )
     ada = X.Cell(suite, "testbed_adamerging", X.BASE)
     assert time_group(ada) == "AdaMerging (test inputs)"
     assert set(group.values()) | {time_group(ada)} == set(TIME_GROUPS.values())

@@ -140,7 +140,7 @@ def test_a_task_without_validation_examples_is_named_and_left_out_of_the_fit():
     alg = TestbedFittedBlockScales(TA, validation_taskpool=val, **FAST)
     with pytest.warns(UserWarning, match="no labelled validation examples"):
         alg.run(_pool(tasks))
-    assert alg.last_report["validation"]["tasks_without_validation"] == ["b"]
+    assert alg.last_report["validation"]["uncovered_tasks"] == ["b"]
 
 
 def test_only_a_validation_split_is_accepted_and_every_setting_is_stated():

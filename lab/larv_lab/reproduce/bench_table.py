@@ -11,6 +11,7 @@ from fusion_bench_larv.core.io import write_text_atomic
 from . import plots
 from . import selection as sel
 from .bench_sections import questions, suites_side_by_side
+from .ceiling import ceiling_section
 from .columns import FINETUNED
 from .experiments import BENCH_VARIANTS, CONTINUOUS_MEDIAN, EXPERIMENTS, Cell
 from .layouts import per_task_table
@@ -33,6 +34,7 @@ def bench_artefacts(cells: Sequence[Cell], res: Results, folder: Path) -> list[P
     if len(sel.suites(cells)) > 1:
         suites_side_by_side(t, cells, res, order)
     questions(t, cells, res)
+    written += ceiling_section(t, cells, res, folder)
     written += regime_cards(t, cells, res, folder)
     run_times(t, cells, res.out)
     p, curves = plots.adamerging_curves(cells, res.out, folder / "adamerging_curve.png")

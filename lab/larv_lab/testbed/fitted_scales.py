@@ -339,7 +339,7 @@ class TestbedFittedBlockScales(UpdateRescaler):
             "validation": {
                 "taskpool": type(cfg).__name__ if cfg is pool else taskpool_report(cfg),
                 "examples": {t: len(examples[t][1]) for t in tasks},
-                "tasks_without_validation": without,
+                "uncovered_tasks": without,
             },
             "warnings": warnings,
         }
