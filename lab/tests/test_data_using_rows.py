@@ -131,10 +131,22 @@ def test_lines_reuses_a_base_merge_only_of_the_identical_merger_config(
     assert same == {"ta": False, "simple_average": True}
 
 
+def test_adamerging_stops_when_the_window_means_level_off():
+    # the means of the last two windows: 10 → 9.96 is a 0.4 % change (stops at 0.5 %), 10 → 9.9
+    # a 1 % change (does not); fewer than two windows never stop
+    from larv_lab.testbed.adamerging import levelled_off
+
+    assert levelled_off([10.0, 10.0, 9.96, 9.96], 2, 0.005)
+    assert not levelled_off([10.0, 10.0, 9.9, 9.9], 2, 0.005)
+    assert levelled_off([11.0, 9.0, 9.97, 9.95], 2, 0.005)  # means 10 and 9.96: noise averages out
+    assert not levelled_off([10.0, 10.0, 10.0], 2, 0.005)
+
+
 @pytest.mark.slow
 def test_adamerging_on_the_testbed(ci_testbed, tmp_path):
     """The lab's method config (its interpolations read the task pool's testbed) instantiated
-    and run for three steps: λ moves, and the curve and λ are written."""
+    and run until its stopping rule ends FusionBench's loop (a one-step window, a loose
+    tolerance: after two steps): λ moves, and the curve, λ and why it stopped are written."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -145,14 +157,16 @@ def test_adamerging_on_the_testbed(ci_testbed, tmp_path):
     method = OmegaConf.load(config_dir() / "method" / "LarvTestbed" / "adamerging.yaml")
     doc = OmegaConf.create({"taskpool": {"recipe": "ci", "cache_dir": None, "testbed_dir": root},
                             "method": method})  # fmt: skip
-    doc.method.max_steps, doc.method.batch_size = 3, 4
+    doc.method.max_steps, doc.method.batch_size = 5, 4
+    doc.method.stop_window, doc.method.stop_rel_change = 1, 0.99
     alg = instantiate(doc.method, _recursive_=False)
     alg.report_dir = str(tmp_path)
     merged = alg.run(TestbedModelPool(testbed_dir=root))
     report = TestbedTaskPool(testbed_dir=root).evaluate(merged)
     assert all(0.0 <= report[t]["accuracy"] <= 1.0 for t in ci_testbed.tasks)
     curve = json.loads((tmp_path / "adamerging_curve.json").read_text())
-    assert curve["steps"] == 3 and len(curve["curve"]) == 3
+    assert curve["steps"] == 2 and len(curve["curve"]) == 2 and curve["max_steps"] == 5
+    assert curve["stopped"] == "levelled off" and curve["stop_rule"]["window"] == 1
     weights = torch.load(tmp_path / "merging_weights.pt")
     assert weights.shape[0] == len(ci_testbed.tasks)
     assert not torch.allclose(weights, torch.full_like(weights, 0.3))  # the steps moved λ

@@ -355,23 +355,24 @@ def test_benchmark_grid_is_one_experiment(capsys, tmp_path):
     # the old `python -m fusion_bench_larv.benchmark --mergers ta ties iso_c` grid, as one
     # experiment of the pipeline: 3 mergers × 7 variants (the 6 of the old grid and the continuous
     # gate on median-normalized scores), the tiered ablation (5 rows, TIES and Iso-C here), the
-    # per-task diagnostics (all three), the three data-using rows (all three) + the pretrained and
-    # fine-tuned rows
+    # per-task diagnostics (all three), the three data-using rows (all three), the ceiling (all
+    # three; its per-task reading: Task Arithmetic) + the pretrained and fine-tuned rows
     args = ["bench", "--pools", "testbed:full", "--launcher", "inprocess", "--out", str(tmp_path),
             "--merger", "ta", "ties", "iso_c", "pretrained", "finetuned"]  # fmt: skip
     groups, cells = cli.select(cli.build_parser().parse_args(args))
-    assert len(cells) == 3 * 7 + 2 * 5 + 3 + 3 * 3 + 2
+    assert len(cells) == 3 * 7 + 2 * 5 + 3 + 3 * 3 + 3 + 1 + 2
     assert [c.variant.slug for c in cells if c.merger == "ties"] == [
         "base", "larv-tiered", "larv-continuous", "larv-continuous-median", "sched-linear",
         "sched-tier3", "sched-lines", "larv-tiered-r0e1c0", "larv-tiered-r0e0c1",
         "larv-tiered-r0e1c1", "larv-tiered-r1e1c0", "larv-tiered-r1e0c1", "larv-tiered-per-task",
-        "lines-val", "signed-ramp-val", "larv-guarded",
+        "lines-val", "signed-ramp-val", "larv-guarded", "fitted-scales-val",
     ]  # fmt: skip
+    assert [c.merger for c in cells if c.variant == X.FITTED_PER_TASK] == ["ta"]
     assert not any("-r0" in c.variant.slug or "-r1" in c.variant.slug for c in cells
                    if c.merger == "ta")  # the ablation runs for the paper's four only  # fmt: skip
     assert cli.main(["--dry-run", *args]) == 0
     text = capsys.readouterr().out
-    assert "bench: 45 runs (0 done, 45 to run)" in text
+    assert "bench: 49 runs (0 done, 49 to run)" in text
     assert (
         "fusion_bench modelpool=LarvTestbed/full taskpool=LarvTestbed/full method=ties_merging "
         "method.scaling_factor=0.3 method.threshold=20 method.merge_func=sum" in text

@@ -249,6 +249,7 @@ def test_adamerging_runs_on_unlabelled_test_texts(text_testbeds, tmp_path):
     alg.run(TestbedModelPool(testbed_dir=root))
     curve = json.loads((tmp_path / "adamerging_curve.json").read_text())
     assert curve["steps"] == 3 and all(np.isfinite(curve["curve"]))
+    assert curve["stopped"] == "max_steps"  # FusionBench's loop ran its steps: no early stop
     weights = torch.load(tmp_path / "merging_weights.pt")
     assert weights.shape[0] == len(full.tasks)
     assert not torch.allclose(weights, torch.full_like(weights, 0.3))

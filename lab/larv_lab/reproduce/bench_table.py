@@ -11,6 +11,7 @@ from fusion_bench_larv.core.io import write_text_atomic
 from . import plots
 from . import selection as sel
 from .bench_sections import questions, suites_side_by_side
+from .ceiling import ceiling_section
 from .columns import FINETUNED
 from .experiments import BENCH_VARIANTS, CONTINUOUS_MEDIAN, EXPERIMENTS, Cell
 from .layouts import per_task_table
@@ -33,22 +34,34 @@ def bench_artefacts(cells: Sequence[Cell], res: Results, folder: Path) -> list[P
     if len(sel.suites(cells)) > 1:
         suites_side_by_side(t, cells, res, order)
     questions(t, cells, res)
+    written += ceiling_section(t, cells, res, folder)
     written += regime_cards(t, cells, res, folder)
     run_times(t, cells, res.out)
     p, curves = plots.adamerging_curves(cells, res.out, folder / "adamerging_curve.png")
     written += [p] if p else []
-    for label, steps, seconds in curves:
-        t.notes.append(
-            f"Layer-wise AdaMerging ({label}): {steps} steps of FusionBench's loop "
-            f"(its default is 1000; fewer to fit the 2-core CPU), {seconds:.0f} s of "
-            "test-time adaptation; loss curve in `adamerging_curve.png`."
-        )
+    for label, rec in curves:
+        t.notes.append(adamerging_note(label, rec))
     written += t.write(folder)
     p = plots.forest(cells, res, folder / "forest_bench.png", order)
     written += [p] if p else []
     written += plots.fig2(cells, res, folder)
     written.append(layer_csv(cells, res, folder / "bench_layers.csv"))
     return written
+
+
+def adamerging_note(label: str, rec: dict) -> str:
+    """The table's note on one AdaMerging run (its ``adamerging_curve.json`` record): steps,
+    why it stopped, seconds."""
+    steps, seconds = rec["steps"], rec["seconds"]
+    if rec.get("stopped") is None:  # a run from before the stopping rule
+        why = "its default is 1000; fewer to fit the 2-core CPU"
+    elif rec["stopped"] == "levelled off":
+        why = (f"of at most {rec['max_steps']}; stopped when the loss levelled off: "
+               f"{rec['stop_rule']['rule']}")  # fmt: skip
+    else:
+        why = f"all {rec['max_steps']}: the loss had not levelled off"
+    return (f"Layer-wise AdaMerging ({label}): {steps} steps of FusionBench's loop ({why}), "
+            f"{seconds:.0f} s of test-time adaptation; loss curve in `adamerging_curve.png`.")  # fmt: skip
 
 
 def regime_cards(t: Table, cells: Sequence[Cell], res: Results, folder: Path) -> list[Path]:

@@ -203,6 +203,11 @@ class Variant:
     chooses: str | None = None
     #: what data the row uses (None: data-free); tables show such rows in a block of their own
     uses_data: str | None = None
+    #: the method fits its values on the suite's validation split (``validation_taskpool``)
+    fits: bool = False
+    #: a ``method`` row over the merger's base config as it is (LiNeS's rows set the merger's
+    #: global coefficient to 1, which LiNeS replaces)
+    base_as_is: bool = False
 
     def applies_to(self, merger: str) -> bool:
         return self.mergers is None or merger in self.mergers
@@ -329,6 +334,26 @@ GUARDED = Variant(
     uses_data="labelled validation examples",
 )
 
+#: the ceiling of per-block rescaling (issue 32): one scale per block of the merged update (and
+#: one for the parameters outside the blocks), fitted on the validation labels; and one per task
+#: vector and block, for the mergers whose merge is θ_0 + λ Σ_t τ_t
+FITTED = Variant(
+    "fitted-scales-val",
+    "+per-block scales fitted on validation labels (ceiling)",
+    {},
+    method="LarvTestbed/fitted_block_scales",
+    uses_data="labelled validation examples",
+    fits=True,
+    base_as_is=True,
+)
+FITTED_PER_TASK = replace(
+    FITTED,
+    slug="fitted-scales-val-per-task",
+    label="+per-(task vector, block) scales fitted on validation labels",
+    larv={"per_task": True},
+    mergers=("ta", "simple_average"),
+)
+
 #: the benchmark's variants: alone, LARV's two gates, the continuous gate on median-normalized
 #: scores, the depth-only schedules linear, tier3 and the ``lines`` ramp (not LiNeS), then the
 #: rows that run for some mergers only: the tiered ablation and the per-task diagnostics
@@ -343,6 +368,8 @@ BENCH_VARIANTS = (
     LINES_VAL,
     SIGNED_RAMP_VAL,
     GUARDED,
+    FITTED,
+    FITTED_PER_TASK,
 )
 
 
@@ -396,11 +423,13 @@ class Cell:
         values = dict(self.variant.larv)
         if self.variant.chooses is not None:
             values["validation"] = validation_node(self.suite, self.variant.chooses)
+        if self.variant.fits:
+            values["validation_taskpool"] = validation_taskpool(self.suite)
         if self.variant.method is None:
             return merger.larv_config, values
         # another wrapper over the merger's own config; LiNeS replaces the global coefficient
         base = dict(merger.base_values)
-        if "scaling_factor" in base:
+        if "scaling_factor" in base and not self.variant.base_as_is:
             base["scaling_factor"] = 1.0
         return self.variant.method, {"base_method": base, **values}
 
@@ -451,8 +480,14 @@ def validation_node(suite: Suite, choice: str) -> dict[str, Any]:
     return {"taskpool": taskpool, **protocol["choices"][choice], "uncovered": protocol["uncovered"]}
 
 
+def validation_taskpool(suite: Suite) -> dict[str, Any]:
+    """The suite's task pool config on its held-out ``split: validation``, as every choice on
+    validation reads it (:func:`validation_node`; its grid, any of them, is dropped)."""
+    return validation_node(suite, "delta")["taskpool"]
+
+
 #: config nodes that are null in the method configs, so an override gives them whole
-WHOLE_NODES = ("validation",)
+WHOLE_NODES = ("validation", "validation_taskpool")
 
 
 def hydra_value(v: Any) -> str:

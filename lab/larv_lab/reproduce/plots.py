@@ -308,8 +308,9 @@ def _forest_panel(ax, plt, suites, rows, shown, res, against: str) -> bool:
 
 def adamerging_curves(cells: Sequence[Cell], out: Path, path: Path) -> tuple[Path | None, list]:
     """Layer-wise AdaMerging's entropy loss per step (``adamerging_curve.json`` of each suite's
-    ``testbed_adamerging`` cell), one line per suite; also returns each curve's record
-    ``(suite label, steps, seconds)`` for the table's notes."""
+    ``testbed_adamerging`` cell), one colour per suite: each step's loss (thin) and, for a run
+    with the stopping rule, the mean over its window (thick) up to the step where it stopped
+    (marked). Also returns each curve's record ``(suite label, record)`` for the table's notes."""
     import json
 
     runs = [(c, c.run_dir(out) / "adamerging_curve.json") for c in cells
@@ -318,11 +319,23 @@ def adamerging_curves(cells: Sequence[Cell], out: Path, path: Path) -> tuple[Pat
     if not runs:
         return None, []
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
-    for c, rec in runs:
-        ax.plot(range(1, len(rec["curve"]) + 1), rec["curve"], label=c.suite.label)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
+    for i, (c, rec) in enumerate(runs):
+        color = f"C{i % 10}"
+        curve = rec["curve"]
+        steps = range(1, len(curve) + 1)
+        rule = rec.get("stop_rule")
+        if isinstance(rule, dict) and len(curve) >= rule["window"]:
+            w = int(rule["window"])
+            ax.plot(steps, curve, color=color, alpha=0.3, linewidth=0.7)
+            means = [sum(curve[j - w : j]) / w for j in range(w, len(curve) + 1)]
+            ax.plot(range(w, len(curve) + 1), means, color=color, linewidth=1.8,
+                    label=f"{c.suite.label} (mean of {w} steps; {rec.get('stopped')})")  # fmt: skip
+            ax.plot([len(curve)], [means[-1]], "o", color=color, markersize=5)
+        else:
+            ax.plot(steps, curve, color=color, label=c.suite.label)
     ax.set_xlabel("step (one batch of each task's unlabelled test examples)")
     ax.set_ylabel("entropy, summed over the tasks")
     ax.set_title("Layer-wise AdaMerging (FusionBench's loop) on the testbed", fontsize=9)
-    ax.legend(fontsize=8)
-    return _save(fig, path), [(c.suite.label, rec["steps"], rec["seconds"]) for c, rec in runs]
+    ax.legend(fontsize=7)
+    return _save(fig, path), [(c.suite.label, rec) for c, rec in runs]

@@ -16,6 +16,7 @@ TIME_GROUPS = {
     "ablation": "ablation and per-task rows",
     "data": "LiNeS, the signed depth ramp and guarded LARV (validation data)",
     "adamerging": "AdaMerging (test inputs)",
+    "ceiling": "per-block scales fitted on validation labels (the ceiling)",
 }
 
 
@@ -24,6 +25,8 @@ def time_group(c: Cell) -> str:
     v = c.variant
     if c.merger == "testbed_adamerging":
         key = "adamerging"
+    elif v.fits:
+        key = "ceiling"
     elif v.uses_data:
         key = "data"
     elif v.larv is None and v.method is None:

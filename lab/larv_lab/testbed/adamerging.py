@@ -11,9 +11,15 @@ tensor, initialised to ``init_values``: Task Arithmetic's task vectors at that c
 entropy loss summed over the tasks, Adam, the step loop and ``merge_and_unload``, is
 FusionBench's. Uses unlabelled test inputs: not data-free.
 
+The stopping rule (issue 32): FusionBench's loop runs ``max_steps`` steps (its default, 1,000);
+with ``stop_window`` set it also stops once the loss has levelled off (:func:`levelled_off`: the
+mean loss of the last ``stop_window`` steps is within ``stop_rel_change`` of the mean of the
+``stop_window`` steps before). The loop itself is FusionBench's: the next step's first batch
+request ends it.
+
 Written beside the run's report (the program's log dir): ``merging_weights.pt`` (FusionBench's
 ``save_merging_weights``: λ, shape ``(tasks, parameters)``) and ``adamerging_curve.json`` (the
-entropy loss per step, summed over the tasks; seconds; steps).
+entropy loss per step, summed over the tasks; seconds; steps; why it stopped).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,14 +44,31 @@ __all__ = ["TestbedLayerWiseAdaMerging"]
 CURVE = "adamerging_curve.json"
 
 
+def levelled_off(curve: Sequence[float], window: int, rel_change: float) -> bool:
+    """Whether the loss changed by less than ``rel_change`` over the last ``window`` steps:
+    with m_1 the mean of the ``window`` losses before the last ``window`` and m_2 the mean of the
+    last ``window``, |m_2 − m_1| < rel_change · |m_1| (means, not single steps: each step's loss
+    is one batch per task). False before 2 · ``window`` steps."""
+    if len(curve) < 2 * window:
+        return False
+    m1 = sum(curve[-2 * window : -window]) / window
+    m2 = sum(curve[-window:]) / window
+    return abs(m2 - m1) < rel_change * abs(m1)
+
+
+class _LevelledOff(Exception):
+    """Ends FusionBench's step loop at the next step's first batch request."""
+
+
 class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
     """FusionBench's layer-wise AdaMerging with the testbed's heads and unlabelled test inputs
     (images or texts).
 
     Config keys: FusionBench's ``adamerging/clip`` keys (``init_values``, ``lr``, ``max_steps``,
     ``batch_size``, ``clamp_weights``, ``tie_weights``, ``strict``, ``optimizer``, ``weights``,
-    ``save_merging_weights``), plus the testbed's ``recipe`` / ``cache_dir`` / ``testbed_dir``
-    and ``seed`` (the shuffling of the test images)."""
+    ``save_merging_weights``), plus the testbed's ``recipe`` / ``cache_dir`` / ``testbed_dir``,
+    ``seed`` (the shuffling of the test images) and the stopping rule's ``stop_window`` (null:
+    run ``max_steps``) and ``stop_rel_change`` (:func:`levelled_off`)."""
 
     def __init__(self, **config: Any):
         super().__init__(DictConfig(config))
@@ -58,6 +81,17 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         self._classifiers: dict[str, torch.nn.Module] = {}
         self._step_losses: list[float] = []
         self.curve: list[float] = []
+        window, change = config.get("stop_window"), config.get("stop_rel_change")
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+            or not isinstance(change, (int, float)) or not 0 < change < 1
+        ):  # fmt: skip
+            raise ValueError(
+                f"AdaMerging's stopping rule needs stop_window a positive integer (or null: run "
+                f"max_steps) and 0 < stop_rel_change < 1; got {window!r}, {change!r}"
+            )
+        self._stop = None if window is None else (window, float(change))
+        self.stopped: str | None = None
 
     def log_hyperparams(self, *args, **kwargs):
         """FusionBench's, when the fabric has a logger (the in-process launcher shares one
@@ -70,6 +104,8 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         self._started = time.perf_counter()
 
     def get_shuffled_test_loader_iter(self, task: str) -> Iterator:
+        if self.stopped is not None:  # the loss levelled off after the last step: end the loop
+            raise _LevelledOff
         if task not in self._iters:
             self._iters[task] = self._shuffled(task)
         return self._iters[task]
@@ -99,10 +135,17 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         if len(self._step_losses) == len(self.modelpool.model_names):
             self.curve.append(sum(self._step_losses))
             self._step_losses = []
+            if self._stop is not None and levelled_off(self.curve, *self._stop):
+                self.stopped = "levelled off"  # this step still updates λ, as FusionBench's
         return logits
 
     def test_time_adaptation(self, module):
-        module = super().test_time_adaptation(module)
+        try:
+            module = super().test_time_adaptation(module)
+        except _LevelledOff:
+            pass  # λ as the last step left it (FusionBench's step merges the weights)
+        if self.stopped is None:
+            self.stopped = "max_steps"
         self._write_curve(time.perf_counter() - self._started)
         return module
 
@@ -123,8 +166,16 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
 
     def _write_curve(self, seconds: float) -> None:
         log_dir = self._out_dir()
+        rule = None
+        if self._stop is not None:
+            window, change = self._stop
+            rule = {"window": window, "rel_change": change,
+                    "rule": f"mean loss of the last {window} steps within {change:g} (relative) "
+                            f"of the mean of the {window} before"}  # fmt: skip
         record = {"steps": len(self.curve), "seconds": seconds,
-                  "loss": "entropy, summed over the tasks, per step", "curve": self.curve}  # fmt: skip
+                  "loss": "entropy, summed over the tasks, per step", "curve": self.curve,
+                  "max_steps": int(self.config.max_steps), "stop_rule": rule,
+                  "stopped": self.stopped}  # fmt: skip
         self.last_curve = record
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
