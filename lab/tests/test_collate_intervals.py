@@ -220,8 +220,10 @@ def test_every_benchmark_row_has_its_run_time_group():
     )
     assert group["lines-val"] == group["larv-guarded"] == group["signed-ramp-val"]
     assert group["lines-val"] == "LiNeS, the signed depth ramp and guarded LARV (validation data)"
-    assert group["fitted-scales-val"] == group["fitted-scales-val-per-task"] == (
-        "per-block scales fitted on validation labels (the ceiling)"
+    assert (
+        group["fitted-scales-val"]
+        == group["fitted-scales-val-per-task"]
+        == ("per-block scales fitted on validation labels (the ceiling)")
     )
     ada = X.Cell(suite, "testbed_adamerging", X.BASE)
     assert time_group(ada) == "AdaMerging (test inputs)"
