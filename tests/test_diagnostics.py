@@ -749,12 +749,13 @@ def _oracle_e_c(theta0, merged, name, settings):
 
 
 @pytest.mark.parametrize("spectrum", ["exact", "randomized"])
-@pytest.mark.parametrize("batch_bytes", [1, None, 2**40])
+@pytest.mark.parametrize("batch_bytes", [1, None, 960, 2**40])
 def test_stacked_diagnostics_match_per_matrix_oracles_on_mixed_shapes(
     spectrum, batch_bytes, monkeypatch
 ):
-    # batch_bytes 1: one matrix per stack; None: the default budget (1/8 of θ_0 here: stacks of
-    # one to three); 2**40: one stack per shape. Every stacking gives each matrix its own e and c.
+    # batch_bytes 1: one matrix per stack, as the default on the CPU (None); 960: the default on
+    # an accelerator (1/8 of θ_0 here: stacks of one to three); 2**40: one stack per shape. Every
+    # stacking gives each matrix its own e and c.
     theta0, merged = _mixed_pair()
     names = list(theta0)
     s = LarvSettings(spectrum=spectrum, seed=3)
@@ -779,6 +780,6 @@ def test_stacked_diagnostics_match_per_matrix_oracles_on_mixed_shapes(
     stacks = veneer.shape_batches(names, theta0, delta, None, batch_bytes)
     used = "eigvalsh" if spectrum == "exact" else "qr"
     assert calls[used] == 2 * len(stacks)
-    # default budget: θ_0 is 3 × 640 float32 entries, 7680 B, / 8 = 960 B: the three 8×8 (256 B
-    # each) and the three conv kernels (192 B) share a stack, 12×12, 24×8 and 8×24 go one by one
-    assert len(stacks) == {1: 15, None: 2 + 3 * 3, 2**40: 5}[batch_bytes]
+    # 960 B (θ_0 is 3 × 640 float32 entries, 7680 B, / 8): the three 8×8 (256 B each) and the
+    # three conv kernels (192 B) share a stack, 12×12, 24×8 and 8×24 go one by one
+    assert len(stacks) == {1: 15, None: 15, 960: 2 + 3 * 3, 2**40: 5}[batch_bytes]

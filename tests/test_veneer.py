@@ -476,7 +476,12 @@ def test_shape_batches_group_by_shape_and_dtype_within_the_budget(monkeypatch):
     delta = _LazyDelta(theta0, theta0, names)
     q, fc = [f"b.{i}.q" for i in range(3)], [f"b.{i}.fc" for i in range(3)]
     one_each = [[q[0]], [fc[0]], [q[1]], [fc[1]], [q[2]], [fc[2]], ["b.2.q64"]]
-    assert veneer.shape_batches(names, theta0, delta) == one_each  # 2 × 256 B > 416 B
+    # on the CPU the default is one matrix per stack (CPU_BATCH_BYTES)
+    assert veneer.shape_batches(names, theta0, delta) == one_each
+    monkeypatch.setattr(veneer, "CPU_BATCH_BYTES", 600)
+    assert veneer.shape_batches(names, theta0, delta)[0] == [q[0], q[1]]
+    # elsewhere (a device other than the CPU; nothing is allocated) min(BATCH_BYTES, θ_0 / 8)
+    assert veneer.shape_batches(names, theta0, delta, "meta") == one_each  # 2 × 256 B > 416 B
     # 600 B: two 8×8 per stack; a 24×8 is over the budget alone and still gets its own stack;
     # the float64 8×8 never joins the float32 ones; stacks in the order of their first matrix
     assert veneer.shape_batches(names, theta0, delta, batch_bytes=600) == [
@@ -486,9 +491,9 @@ def test_shape_batches_group_by_shape_and_dtype_within_the_budget(monkeypatch):
     # the default is also capped by BATCH_BYTES
     monkeypatch.setattr(veneer, "BATCH_BYTES", 2**40)
     monkeypatch.setattr(veneer, "BATCH_FRACTION", 1)
-    assert veneer.shape_batches(names, theta0, delta) == [q, fc, ["b.2.q64"]]
+    assert veneer.shape_batches(names, theta0, delta, "meta") == [q, fc, ["b.2.q64"]]
     monkeypatch.setattr(veneer, "BATCH_BYTES", 600)
-    assert veneer.shape_batches(names, theta0, delta)[0] == [q[0], q[1]]
+    assert veneer.shape_batches(names, theta0, delta, "meta")[0] == [q[0], q[1]]
 
 
 def test_lazy_delta_is_the_update_and_holds_no_copy():

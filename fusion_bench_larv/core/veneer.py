@@ -160,11 +160,14 @@ class _LazyDelta(Mapping):
 
 
 # Stacks of the batched diagnostics (docs/method.md, "Numerics that do not change the value"):
-# by default a stack holds at most BATCH_BYTES of θ_0 and at most 1/BATCH_FRACTION of all θ_0
-# matrices (both counted in float32), and always at least one matrix; the transient products are
-# a few stacks' worth, small next to the model.
+# by default a stack on an accelerator holds at most BATCH_BYTES of θ_0 and at most
+# 1/BATCH_FRACTION of all θ_0 matrices (both counted in float32), and always at least one matrix;
+# the transient products are a few stacks' worth, small next to the model. On the CPU a stack is
+# one matrix (CPU_BATCH_BYTES): stacking measured no faster there, the randomized path slower
+# (docs/cost.md, "Batched spectra").
 BATCH_BYTES = 256 * 2**20
 BATCH_FRACTION = 8
+CPU_BATCH_BYTES = 0
 
 
 def shape_batches(
@@ -179,14 +182,15 @@ def shape_batches(
     model order, into stacks of at most ``budget`` bytes of θ_0 counted in float32, at least one
     matrix each:
 
-        budget = batch_bytes,  default min(BATCH_BYTES, Σ_names 4·numel / BATCH_FRACTION).
+        budget = batch_bytes,  default min(BATCH_BYTES, Σ_names 4·numel / BATCH_FRACTION)
+                               on an accelerator, CPU_BATCH_BYTES (one matrix) on the CPU.
 
     The stacks come ordered by their first matrix in model order, so the pass still streams
     through the model from its first blocks to its last (a stack may take matrices of several
     blocks: what a streamed θ_0 holds at once is one stack, whatever the blocks). Read from θ_0's
     specs only (:func:`~.state.spec_of`)."""
     total = sum(spec_of(theta0, n).numel() * 4 for n in names)
-    budget = min(BATCH_BYTES, total // BATCH_FRACTION) if batch_bytes is None else batch_bytes
+    default = min(BATCH_BYTES, total // BATCH_FRACTION)
     groups: dict[tuple, list[int]] = {}
     for i, n in enumerate(names):
         t = spec_of(theta0, n)
@@ -194,7 +198,10 @@ def shape_batches(
         key = (matrix_shape(t), t.dtype, delta.dtype(n), dev)
         groups.setdefault(key, []).append(i)
     stacks: list[list[int]] = []
-    for members in groups.values():
+    for key, members in groups.items():
+        budget = batch_bytes
+        if budget is None:
+            budget = CPU_BATCH_BYTES if key[3].type == "cpu" else default
         cur, used = [], 0
         for i in members:
             b = spec_of(theta0, names[i]).numel() * 4
