@@ -159,13 +159,17 @@ class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
 
     @property
     def layer_pattern(self) -> str | None:
-        """The regex that finds the blocks (null: auto-detect)."""
-        return None
+        """The regex that finds the blocks (null: auto-detect): the subclass's ``_layer_pattern``
+        unless it overrides this."""
+        return getattr(self, "_layer_pattern", None)
 
     @property
     def report_name(self) -> str:
-        """The report's file name."""
-        raise NotImplementedError
+        """The report's file name: the subclass's ``_report_name`` unless it overrides this."""
+        name = getattr(self, "_report_name", None)
+        if name is None:
+            raise NotImplementedError(f"{type(self).__name__} states no report name")
+        return name
 
     def prepare(self, ctx: MergeContext) -> Any:
         """Work on the pool before the merge (mergers may overwrite what they load); kept in

@@ -126,14 +126,6 @@ class LiNeSAlgorithm(UpdateRescaler):
         self._layer_pattern = layer_pattern
         self._report_name = report_name
 
-    @property
-    def layer_pattern(self) -> str | None:
-        return self._layer_pattern
-
-    @property
-    def report_name(self) -> str:
-        return self._report_name
-
     def adopt(self, value: float) -> None:
         self.beta = float(value)
 

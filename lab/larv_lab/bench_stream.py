@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .bench_cost import _status
+
 SIZES = {  # LlamaConfig keys; "1b" is TinyLlama-1.1B's shape (untied head)
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                num_attention_heads=32, num_key_value_heads=4),
@@ -44,14 +46,6 @@ MODES = ("base", "larv-streamed", "larv-copy")
 BASE = {"_target_": "fusion_bench.method.TaskArithmeticForCausalLM", "scaling_factor": 0.3}
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}  # safetensors dtype names
 DEFAULT_CACHE = Path.home() / ".cache" / "fusion-bench-larv" / "bench_stream"
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def build(root: Path, size: str, dtype: torch.dtype) -> Path:

@@ -164,14 +164,6 @@ class TestbedFittedBlockScales(UpdateRescaler):
         self._report_name = report_name
         self.last_fit: BlockFit | None = None
 
-    @property
-    def layer_pattern(self) -> str | None:
-        return self._layer_pattern
-
-    @property
-    def report_name(self) -> str:
-        return self._report_name
-
     # -- the reading with one scale per block of the merged update --------------------------------
     def measure(self, ctx: MergeContext, state: Mapping[str, torch.Tensor]) -> dict:
         """The fit on the merged update Δθ = θ_merged − θ_0 (one source)."""
