@@ -122,14 +122,15 @@ def _pct(x: float) -> str:
 
 
 def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path) -> list[Path]:
-    """Append to ``t`` the ceiling's section, per merger and suite: ceiling − base (average Δ,
+    """Append to ``t`` the ceiling's section (once any ceiling cell ran), per merger and suite: ceiling − base (average Δ,
     the paired interval of every Δ in the table), the per-task ceiling's where it ran, and the
     share of the ceiling's gain that each row of :data:`SHARED` reaches, with its interval
     (:func:`share_bootstrap`, the table's B and seed); ``ceiling_shares.csv`` beside it."""
     have = {c.variant.slug for c in cells}
-    if FITTED.slug not in have:
-        return []
     suites = sel.suites(cells)
+    ran = [res.get(s.key, m, FITTED.slug) for s in suites for m in sel.mergers(cells)]
+    if FITTED.slug not in have or not any(r is not None for r in ran):
+        return []  # not run yet: its rows in the main table say "—"
     side = Table(t.name, t.title, [s.label for s in suites])
     side.header("Merger")
     rows: list[dict] = []
