@@ -1,4 +1,4 @@
-"""LARV's extra memory on a decoder LLM (docs/causal-lm.md, "Memory"): the peak resident set of
+"""LARV's extra memory on a decoder LLM (docs/causal-lm.md, "Memory"): the peak memory of
 FusionBench's Task Arithmetic for causal LMs alone and wrapped by LARV, on a lazily loaded
 ``CausalLMPool`` of a random Llama of about 1.1 B parameters (TinyLlama-1.1B's shape) and two
 "fine-tuned" models (θ_0 plus noise whose size differs by block), all in bfloat16.
@@ -8,9 +8,11 @@ FusionBench's Task Arithmetic for causal LMs alone and wrapped by LARV, on a laz
 
 Three runs, each in a process of its own, in this order: the base merger alone; LARV streaming
 θ_0 from its checkpoint files (what a lazy pool gets); LARV holding a copy of θ_0 (the path every
-pool took before, ``open_theta0(stream=False)``). The peak of each is the process's ``VmHWM``
-(reset through ``/proc/self/clear_refs`` after the imports and the pool's construction) minus
-its resident set at that moment: what the run added, all allocators included. The figures: the
+pool took before, ``open_theta0(stream=False)``). The peak of each is the largest ``RssAnon``
+(sampled every 10 ms, after the imports and the pool's construction) minus its value then: the
+memory the run allocated, all allocators included. Beside it, ``VmHWM`` (reset through
+``/proc/self/clear_refs``) minus ``VmRSS``: resident memory, which also counts the pages of the
+checkpoint files that the lazy state dicts map (safetensors), pages the kernel can drop. The figures: the
 ratio of LARV's peak to the base merger's, and LARV's extra peak in blocks (one decoder layer
 of θ_0 in bfloat16) and in model copies. The checkpoints are built once under ``--cache``
 (about 2.2 GB a model at 1.1 B) and reused.
@@ -27,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +49,25 @@ MODES = ("base", "larv-streamed", "larv-copy")
 BASE = {"_target_": "fusion_bench.method.TaskArithmeticForCausalLM", "scaling_factor": 0.3}
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}  # safetensors dtype names
 DEFAULT_CACHE = Path.home() / ".cache" / "fusion-bench-larv" / "bench_stream"
+
+
+class AnonPeak(threading.Thread):
+    """The largest ``RssAnon`` of this process (its own memory, not the checkpoint pages the lazy
+    readers map, which ``VmRSS`` also counts) sampled every ``period`` seconds until stopped."""
+
+    def __init__(self, period: float = 0.01):
+        super().__init__(daemon=True)
+        self.period, self.peak, self.done = period, _status("RssAnon"), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, _status("RssAnon"))
+            time.sleep(self.period)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return max(self.peak, _status("RssAnon"))
 
 
 def build(root: Path, size: str, dtype: torch.dtype) -> Path:
@@ -128,15 +150,19 @@ def child(mode: str, root: Path, dtype: str) -> dict:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set
-            rss0 = _status("VmRSS")
+            rss0, anon0 = _status("VmRSS"), _status("RssAnon")
+            sampler = AnonPeak()
+            sampler.start()
             t0 = time.perf_counter()
             model = algorithm.run(pool)
             seconds = time.perf_counter() - t0
+            anon = sampler.stop() - anon0
             peak = _status("VmHWM") - rss0
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    out = {"mode": mode, "peak_bytes": peak, "seconds": seconds, "rss_before": rss0}
+    out = {"mode": mode, "peak_bytes": anon, "peak_resident_bytes": peak, "seconds": seconds,
+           "rss_before": rss0}  # fmt: skip
     if mode != "base":
         out["scales"] = [rec["s"] for rec in algorithm.last_report["layers"]]
         out["theta0"] = next((m for m in held if "θ_0" in m), None)
@@ -196,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the {mode} run failed (exit {proc.returncode})")
         runs[mode] = json.loads(lines[-1][len("RESULT ") :])
         r = runs[mode]
-        print(f"  peak added {r['peak_bytes'] / 2**30:.2f} GiB in {r['seconds']:.0f} s", flush=True)
+        print(f"  peak added {r['peak_bytes'] / 2**30:.2f} GiB (resident, mapped files included: "
+              f"{r['peak_resident_bytes'] / 2**30:.2f} GiB) in {r['seconds']:.0f} s", flush=True)  # fmt: skip
     gib = 2**30
     result = {
         "size": args.size, "dtype": dtype, "tasks": len(TASKS), "block_bytes": block,
@@ -208,20 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# LARV's extra memory, {args.size} random Llama ({model_bytes / 1e9:.2f} GB of "
              f"θ_0 in {dtype}, one block {block / 2**20:.0f} MiB), Task Arithmetic, lazy pool",
              "", f"`{result['command']}` ({result['when']}, torch {torch.__version__})", "",
-             "| run | peak RSS added (GiB) | ÷ base | extra over base (blocks) | (model copies) | "
-             "seconds |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| run | peak memory added (GiB) | ÷ base | extra over base (blocks) | (model copies) "
+             "| resident, mapped files included (GiB) | ÷ base | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     base = runs.get("base")
     for mode, r in runs.items():
         if base is not None:
             extra = r["peak_bytes"] - base["peak_bytes"]
             ratio, blocks, copies = (f"{r['peak_bytes'] / base['peak_bytes']:.3f}",
                                      f"{extra / block:.2f}", f"{extra / model_bytes:.3f}")  # fmt: skip
+            resident = f"{r['peak_resident_bytes'] / base['peak_resident_bytes']:.3f}"
             result[f"ratio_{mode}"] = r["peak_bytes"] / base["peak_bytes"]
             result[f"extra_blocks_{mode}"] = extra / block
         else:
-            ratio = blocks = copies = "—"
+            ratio = blocks = copies = resident = "—"
         lines.append(f"| {mode} | {r['peak_bytes'] / gib:.2f} | {ratio} | {blocks} | {copies} | "
-                     f"{r['seconds']:.0f} |")  # fmt: skip
+                     f"{r['peak_resident_bytes'] / gib:.2f} | {resident} | {r['seconds']:.0f} |")  # fmt: skip
     if "larv-streamed" in runs and "larv-copy" in runs:
         same = runs["larv-streamed"]["checksum"] == runs["larv-copy"]["checksum"]
         same &= runs["larv-streamed"]["scales"] == runs["larv-copy"]["scales"]
