@@ -21,6 +21,8 @@ source                 skill                        where, licence
 ``review_sentiment``   review -> positive/negative  the text testbed's ``movie_polarity``
 ``question_type``      question -> answer type      the text testbed's ``trec_questions``,
                                                     its six coarse types as words
+``quote_topic``        quotation -> topic           the text testbed's ``fortune_topic``
+                                                    (``songs-poems`` written ``poems``)
 =====================  ===========================  ===========================================
 
 A translation accepts every single-word translation the dictionary lists for the headword (all
@@ -64,14 +66,15 @@ __all__ = [
     "register_generation_task",
 ]
 
-#: the decoder testbed's default tasks: six distinct skills
+#: the decoder testbed's default tasks: six distinct skills (translate_spa / translate_ita are
+#: registered too, for recipes that want more than one language)
 DECODER_TASKS = (
     "translate_fra",
-    "translate_spa",
     "define_noun",
     "arithmetic",
     "review_sentiment",
     "question_type",
+    "quote_topic",
 )
 
 #: each task's user turn; ``{x}`` is the item
@@ -85,6 +88,10 @@ TEMPLATES = {
     "question_type": (
         "What kind of answer does this question ask for: abbreviation, description, entity, "
         "person, location or number? Answer with one word.\n{x}"
+    ),
+    "quote_topic": (
+        "Which topic is this quotation about: computers, education, law, people, politics, "
+        "science, poems or work? Answer with one word.\n{x}"
     ),
 }
 #: trec_questions' coarse types, written out (HUM: a person or a group; NUM: any quantity)
@@ -312,6 +319,9 @@ def _freedict_spec(lang: str) -> SourceSpec:
 
 _movie, _read_movie_gen, _movie_fp = _from_text("review_sentiment", "movie_polarity", str)
 _trec, _read_trec_gen, _trec_fp = _from_text("question_type", "trec_questions", QUESTION_TYPES.get)
+_fortune, _read_fortune_gen, _fortune_fp = _from_text(
+    "quote_topic", "fortune_topic", lambda c: {"songs-poems": "poems"}.get(c, c)
+)
 
 GENERATION_SOURCES: dict[str, SourceSpec] = specs_by_name(
     *(_freedict_spec(lang) for lang in FREEDICT),
@@ -353,6 +363,16 @@ GENERATION_SOURCES: dict[str, SourceSpec] = specs_by_name(
         _trec.locate,
         _read_trec_gen,
         _trec_fp,
+    ),
+    _gen_spec(
+        "quote_topic",
+        "fortune(6) quotation -> its category as a word (fortune_topic)",
+        _fortune.package,
+        _fortune.install_hint,
+        _fortune.licence,
+        _fortune.locate,
+        _read_fortune_gen,
+        _fortune_fp,
     ),
 )
 SOURCES.update(GENERATION_SOURCES)
