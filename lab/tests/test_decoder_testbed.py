@@ -219,6 +219,7 @@ def test_build_end_to_end_resumes_and_scores(tmp_path, monkeypatch):
     (root,) = (tmp_path / "cache").iterdir()
     tb = db.load_decoder_testbed(root)
     assert tb.modality == "generation" and tb.tasks == ("arithmetic",)
+    assert not (root / "heads").exists()  # a decoder task has no head
     m = json.loads((root / "tasks" / "arithmetic.json").read_text())
     assert m["n_train"] == 16 and m["n_test"] == 8 and np.isfinite(m["final_loss"])
     # the fine-tuned copy moved, the pretrained one did not

@@ -852,7 +852,7 @@ def run_build(
         t_start = time.perf_counter()
         num_threads = num_threads or max(1, min(2, os.cpu_count() or 1))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for sub in ("finetuned", "heads", "test_sets", "tasks"):
+        for sub in ("finetuned", "test_sets", "tasks") + (("heads",) if family.heads else ()):
             (root / sub).mkdir(parents=True, exist_ok=True)
         with torch_settings(num_threads, deterministic=True):
             prepared = prepare(root, device, progress)
