@@ -290,6 +290,18 @@ def test_real_smollm2_conversion():
     assert tok("hello")["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"]
     model = db.load_decoder(folder)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    # the saved weights are gguf's own dequantization of the pinned file (an MLP matrix: the
+    # conversion permutes q / k rows, not these), so at most 16 levels per block of 32
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from larv_lab.testbed.decoder_backbone import find_smollm2_gguf
+
+    tensor = {t.name: t for t in GGUFReader(find_smollm2_gguf()).tensors}["blk.3.ffn_down.weight"]
+    ours = model.model.layers[3].mlp.down_proj.weight.detach().numpy()
+    assert tensor.tensor_type.name == "Q4_1"
+    assert np.array_equal(ours, dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape))
+    assert max(len(np.unique(block)) for block in ours.reshape(-1, 32)) <= 16
     got = db.generate_answers(
         model, tok, np.array([ds.TEMPLATES["arithmetic"].format(x="What is 2 plus 3?")], object),
         96, 4, 1,
