@@ -85,7 +85,7 @@ class DecoderRecipe(toolkit.BaseRecipe):
 
     tasks: tuple[str, ...] = DECODER_TASKS
     max_prompt_tokens: int = 96  # the whole chat prompt, frame included
-    max_new_tokens: int = 10  # greedy decoding; every answer here is a word or a number
+    max_new_tokens: int = 12  # greedy decoding; the longest target here is 11 tokens
     n_train: int = 2000
     n_test: int = 300
     finetune_steps: int = 100
