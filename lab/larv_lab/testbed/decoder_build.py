@@ -56,7 +56,7 @@ from .decoder_backbone import (
     smollm2_dir,
 )
 from .decoder_sources import DECODER_TASKS, normalise
-from .sources import ANSWER_SEP, load_source
+from .sources import ANSWER_SEP, file_sha256, load_source
 
 __all__ = [
     "DECODER_BUILD_VERSION",
@@ -126,9 +126,7 @@ DECODER_RECIPES: dict[str, DecoderRecipe] = {
 
 def _folder_fingerprint(model_dir: Path) -> dict:
     files = sorted(p for p in model_dir.iterdir() if p.is_file())
-    return {
-        "backbone_dir_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    }
+    return {"backbone_dir_sha256": {p.name: file_sha256(p) for p in files}}
 
 
 def decoder_family(model_dir: str | Path | None = None) -> toolkit.RecipeFamily:
