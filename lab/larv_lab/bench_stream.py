@@ -46,7 +46,8 @@ SIZES = {  # LlamaConfig keys; "1b" is TinyLlama-1.1B's shape (untied head)
 }  # fmt: skip
 TASKS = ("math", "code")
 MODES = ("base", "larv-streamed", "larv-copy")
-BASE = {"_target_": "fusion_bench.method.TaskArithmeticForCausalLM", "scaling_factor": 0.3}
+#: the base merger: FusionBench's own config, with nothing saved
+BASE_CONFIG = "method/linear/task_arithmetic_for_causallm.yaml"
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}  # safetensors dtype names
 DEFAULT_CACHE = Path.home() / ".cache" / "fusion-bench-larv" / "bench_stream"
 
@@ -114,6 +115,18 @@ def build(root: Path, size: str, dtype: torch.dtype) -> Path:
     return root
 
 
+def base_config() -> dict:
+    """FusionBench's ``linear/task_arithmetic_for_causallm`` config (its hyperparameters as
+    FusionBench ships them), with ``model_save_path`` unset: the benchmark saves nothing."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(str(files("fusion_bench_config").joinpath(BASE_CONFIG)))
+    cfg.model_save_path = None
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def child(mode: str, root: Path, dtype: str) -> dict:
     """One run in this process: the peak resident set it added, its wall time, and for LARV its
     scales and how it held θ_0 (its log line). Leaves the process as it found it."""
@@ -134,7 +147,8 @@ def child(mode: str, root: Path, dtype: str) -> dict:
         model_kwargs=OmegaConf.create({"torch_dtype": dtype}),
     )
     stream = mode == "larv-streamed"
-    algorithm = instantiate(BASE) if mode == "base" else LARVAlgorithm(base_method=dict(BASE))
+    base = base_config()
+    algorithm = instantiate(base) if mode == "base" else LARVAlgorithm(base_method=base)
     held: list[str] = []  # LARV's log lines
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: held.append(record.getMessage())

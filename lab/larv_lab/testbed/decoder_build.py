@@ -284,38 +284,16 @@ def _train_batch(tokenizer, prompts, labels, recipe, device) -> dict:
 
 
 def finetune(model, tokenizer, prompts, labels, recipe, seed, device, progress, desc) -> dict:
-    """Full fine-tuning of ``model`` in place: ``finetune_steps`` AdamW steps (the toolkit's
-    warm-up and cosine schedule, gradient clipping) on the target tokens' mean cross-entropy,
-    batches drawn without replacement from a seeded permutation (refreshed when it runs out).
+    """Full fine-tuning of ``model`` in place on the target tokens' mean cross-entropy
+    (:func:`.toolkit.train_loop`: the toolkit's steps, schedule, clipping and batch draw).
     Returns the first and final (mean of the last 20) losses and the trained parameter count."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = toolkit.adamw(params, recipe.finetune_lr, recipe.finetune_weight_decay)
-    sched = toolkit.warmup_cosine(opt, recipe.finetune_steps, recipe.warmup_steps)
-    n, bs = len(labels), min(recipe.finetune_batch_size, len(labels))
-    order, pos, losses = rng.permutation(n), 0, []
-    for _ in toolkit.progress_bar(range(recipe.finetune_steps), progress, desc=desc, unit="step"):
-        if pos + bs > n:
-            order, pos = rng.permutation(n), 0
-        idx = np.sort(order[pos : pos + bs])
-        pos += bs
-        loss = model(**_train_batch(tokenizer, prompts[idx], labels[idx], recipe, device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    tail = losses[-max(1, min(20, len(losses))) :] if losses else [float("nan")]
-    return {
-        "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(tail)),
-        "trained_parameters": int(sum(p.numel() for p in params)),
-    }
+
+    def loss_of(idx: np.ndarray) -> torch.Tensor:
+        return model(**_train_batch(tokenizer, prompts[idx], labels[idx], recipe, device)).loss
+
+    out = toolkit.train_loop(model, params, len(labels), loss_of, recipe, seed, progress, desc)
+    return {**out, "trained_parameters": int(sum(p.numel() for p in params))}
 
 
 # --------------------------------------------------------------------------- build

@@ -564,29 +564,27 @@ def warmup_cosine(opt, steps: int, warm: int) -> torch.optim.lr_scheduler.Lambda
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def train_against_head(
+def train_loop(
     model: nn.Module,
     params: list,
-    inputs,
-    labels: np.ndarray,
+    n: int,
+    loss_of: Callable[[np.ndarray], torch.Tensor],
     recipe,
     seed: int,
-    device,
     progress: bool,
     desc: str,
 ) -> dict:
     """The fine-tuning loop every family shares: ``recipe.finetune_steps`` AdamW steps (linear
-    warm-up, cosine decay, gradient clipping) on ``params`` of ``model(**inputs(idx))`` against
-    ``labels[idx]``, batches drawn without replacement from a seeded permutation (refreshed
-    when it runs out). Returns the first and the final (mean of the last 20) losses."""
+    warm-up, cosine decay, gradient clipping) on ``params`` of ``loss_of(idx)``, the batch
+    ``idx`` of the ``n`` training examples drawn without replacement from a seeded permutation
+    (refreshed when it runs out). Returns the first and the final (mean of the last 20) losses."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.train()
     opt = adamw(params, recipe.finetune_lr, recipe.finetune_weight_decay)
     steps = recipe.finetune_steps
     sched = warmup_cosine(opt, steps, recipe.warmup_steps)
-    y_all = torch.as_tensor(labels, dtype=torch.long)
-    n, bs = len(labels), min(recipe.finetune_batch_size, len(labels))
+    bs = min(recipe.finetune_batch_size, n)
     order, pos = rng.permutation(n), 0
     losses: list[float] = []
     bar = progress_bar(range(steps), progress, desc=desc, unit="step")
@@ -595,7 +593,7 @@ def train_against_head(
             order, pos = rng.permutation(n), 0
         idx = np.sort(order[pos : pos + bs])
         pos += bs
-        loss = nn.functional.cross_entropy(model(**inputs(idx)), y_all[idx].to(device))
+        loss = loss_of(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
@@ -611,6 +609,27 @@ def train_against_head(
         "first_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(tail)),
     }
+
+
+def train_against_head(
+    model: nn.Module,
+    params: list,
+    inputs,
+    labels: np.ndarray,
+    recipe,
+    seed: int,
+    device,
+    progress: bool,
+    desc: str,
+) -> dict:
+    """:func:`train_loop` on the cross-entropy of ``model(**inputs(idx))`` against
+    ``labels[idx]``."""
+    y_all = torch.as_tensor(labels, dtype=torch.long)
+
+    def loss_of(idx: np.ndarray) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(**inputs(idx)), y_all[idx].to(device))
+
+    return train_loop(model, params, len(labels), loss_of, recipe, seed, progress, desc)
 
 
 @contextlib.contextmanager
