@@ -11,13 +11,25 @@ For one testbed build and its benchmark cells, per transformer block ℓ = 1..L:
   in the ranks); the mean pairwise cosine of the task vectors' blocks; the sign conflict
   1 − mean_j |Σ_t sign τ_t,j| / T over the block's entries (a seeded sample of 50,000 of them).
 
-Spearman's ρ across the L blocks between each learned profile (AdaMerging's averaged over tasks)
-and each signal, with a 95% percentile interval from resampling the tasks with replacement
-(B resamples; AdaMerging's task-mean profile and every task-vector signal recomputed on each
-resample; e_ℓ, c_ℓ and depth come from the full merge and stay fixed). LiNeS's profile is one line
-in depth, so its ρ with a signal is depth's (or undefined when β = 0).
+Spearman's ρ across the L blocks between each learned profile (AdaMerging's averaged over tasks;
+the per-block scales fitted on validation labels, the ceiling, when its cell exists) and each
+signal, with two readings of its uncertainty:
+
+- a 95% percentile interval from resampling the tasks with replacement (B resamples;
+  AdaMerging's task-mean profile and every task-vector signal recomputed on each resample; e_ℓ,
+  c_ℓ and depth come from the full merge and stay fixed);
+- a permutation test over the blocks: p = (1 + #{|ρ_π| ≥ |ρ|}) / (1 + N) over N random
+  permutations π of one profile across the blocks. Its power is the table's limit: with L blocks
+  only |ρ| ≥ ρ_crit(L), the 95% quantile of |ρ_π| (:func:`critical_rho`), can be told from no
+  correlation at 5% (L = 12: ≈ 0.59). A ρ inside that band is "no detectable correlation at
+  this power", not evidence of none.
+
+LiNeS's profile is one line in depth, so its ρ with a signal is depth's (or undefined when β = 0).
 
     python -m larv_lab.signals --out lab/results/testbed_regime --suites bench-testbed-full bench-testbed-full_seed1
+
+``--rerender`` recomputes the permutation tests from the committed ``signals.json`` (profiles and
+signals are stored there) without the testbed.
 """
 
 from __future__ import annotations
@@ -52,6 +64,67 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     if np.ptp(ra) == 0 or np.ptp(rb) == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+#: random permutations of the blocks per test (seeded): p resolves to about 1 / PERMUTATIONS
+PERMUTATIONS = 20_000
+#: the test's level (two-sided)
+ALPHA = 0.05
+
+
+def _rank_corr_rows(ra: np.ndarray, perms: np.ndarray) -> np.ndarray:
+    """Pearson's correlation of the fixed ranks ``ra`` (L,) with each row of ``perms`` (N, L)."""
+    a = ra - ra.mean()
+    b = perms - perms.mean(axis=1, keepdims=True)
+    return (b @ a) / (np.linalg.norm(b, axis=1) * np.linalg.norm(a))
+
+
+#: up to this many blocks the tests enumerate every permutation (8! = 40,320), beyond it they draw
+#: :data:`PERMUTATIONS` at random
+EXACT_UP_TO = 8
+
+
+def _permutations(values: np.ndarray, permutations: int, seed: int) -> np.ndarray:
+    """Every permutation of ``values`` (len ≤ :data:`EXACT_UP_TO`) or ``permutations`` seeded
+    random ones, as rows."""
+    if len(values) <= EXACT_UP_TO:
+        from itertools import permutations as all_orders
+
+        return values[np.array(list(all_orders(range(len(values)))))]
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(values) for _ in range(permutations)])
+
+
+def permutation_p(a: Sequence[float], b: Sequence[float], permutations: int = PERMUTATIONS,
+                  seed: int = 0) -> float:  # fmt: skip
+    """Two-sided permutation p-value of Spearman's ρ(a, b) over the blocks, b's ranks permuted:
+    exact (#{|ρ_π| ≥ |ρ|} / L!) up to :data:`EXACT_UP_TO` blocks, else (1 + #{|ρ_π| ≥ |ρ|}) /
+    (1 + N) over N random permutations; NaN when ρ is undefined."""
+    from scipy.stats import rankdata
+
+    rho = spearman(a, b)
+    if not np.isfinite(rho):
+        return float("nan")
+    ra, rb = rankdata(a), rankdata(b)
+    perms = _permutations(rb, permutations, seed)
+    hits = int(np.sum(np.abs(_rank_corr_rows(ra, perms)) >= abs(rho) - 1e-9))
+    if len(rb) <= EXACT_UP_TO:
+        return hits / len(perms)
+    return (1 + hits) / (1 + len(perms))
+
+
+def critical_rho(num_blocks: int, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
+                 seed: int = 0) -> float:  # fmt: skip
+    """The smallest |ρ| a two-sided permutation test at level α tells from no correlation over
+    ``num_blocks`` blocks without ties: the least c with P(|ρ_π| ≥ c) ≤ α under random
+    permutations π of the ranks 1..L (L = 5: 1.0, since P(|ρ| = 1) = 2/120; L = 12: ≈ 0.59, the
+    tabulated Spearman critical value); inf when no |ρ| is significant (L ≤ 4)."""
+    ranks = np.arange(1, num_blocks + 1, dtype=float)
+    null = np.sort(np.abs(_rank_corr_rows(ranks, _permutations(ranks, permutations, seed))))
+    values = np.unique(np.round(null, 9))
+    tail = 1.0 - np.searchsorted(null, values - 1e-9) / len(null)  # P(|ρ_π| ≥ v)
+    ok = values[tail <= alpha]
+    return float(ok.min()) if len(ok) else float("inf")
 
 
 #: entries per block the sign conflict is read on (a seeded sample: the bootstrap recomputes it)
@@ -145,6 +218,12 @@ def correlations(suite_dir: Path, testbed, resamples: int = 2000, seed: int = 0)
         profiles[f"LiNeS λ (β = {rep['beta']:g} chosen on validation)"] = np.array(
             [b["lambda"] for b in rep["blocks"]]
         )
+    fitted = suite_dir / "ta" / "fitted-scales-val" / "fitted_block_scales.json"
+    if fitted.is_file():
+        rep = json.loads(fitted.read_text())
+        profiles["per-block scales fitted on validation labels (ceiling, over TA)"] = np.array(
+            rep["scales"][0][:L]
+        )
     full = {**fixed, **task_vector_signals(stats, range(len(tasks)))}
     rng = np.random.default_rng(seed)
     out = {"tasks": tasks, "num_blocks": L, "resamples": resamples, "signals": {}, "rho": []}
@@ -160,18 +239,43 @@ def correlations(suite_dir: Path, testbed, resamples: int = 2000, seed: int = 0)
                 boot.setdefault(("AdaMerging λ (mean over tasks)", s), []).append(
                     spearman(prof, sig[s])
                 )
-    for p, prof in profiles.items():
-        for s in SIGNALS:
-            rho = spearman(prof, full[s])
-            b = np.array(boot.get((p, s), []), dtype=float)
-            b = b[np.isfinite(b)]
-            lo, hi = np.percentile(b, [2.5, 97.5]).tolist() if len(b) else (None, None)
-            out["rho"].append({"profile": p, "signal": s, "rho": rho, "lo": lo, "hi": hi})
+    out["rho"] = rho_records(out["profiles"], out["signals"], boot)
+    out["critical_rho"] = critical_rho(L)
     return out
 
 
+def rho_records(profiles: Mapping[str, Sequence[float]], signals: Mapping[str, Sequence[float]],
+                boot: Mapping[tuple[str, str], Sequence[float]]) -> list[dict]:  # fmt: skip
+    """Per (profile, signal): ρ, the task-resampled interval (``lo``, ``hi``; None without
+    resamples) and the permutation p over the blocks."""
+    recs = []
+    for p, prof in profiles.items():
+        for s in SIGNALS:
+            rho = spearman(prof, signals[s])
+            b = np.array(boot.get((p, s), []), dtype=float)
+            b = b[np.isfinite(b)]
+            lo, hi = np.percentile(b, [2.5, 97.5]).tolist() if len(b) else (None, None)
+            recs.append({"profile": p, "signal": s, "rho": rho, "lo": lo, "hi": hi,
+                         "p_blocks": permutation_p(prof, signals[s])})  # fmt: skip
+    return recs
+
+
+def rerender(res: Mapping) -> dict:
+    """A committed suite's results with the permutation tests recomputed from its stored
+    profiles and signals (the task-resampled intervals are kept as they were)."""
+    old = {(r["profile"], r["signal"]): r for r in res["rho"]}
+    boot_free = rho_records(res["profiles"], res["signals"], {})
+    for r in boot_free:
+        prev = old.get((r["profile"], r["signal"]))
+        if prev is not None:
+            r["lo"], r["hi"] = prev["lo"], prev["hi"]
+    return {**res, "rho": boot_free, "critical_rho": critical_rho(res["num_blocks"])}
+
+
 def render(results: Mapping[str, dict]) -> str:
-    """One markdown table: a row per (profile, signal), a column per suite."""
+    """One markdown table: a row per (profile, signal), a column per suite; ρ, its
+    task-resampled interval, the permutation p over the blocks (``*``: p < α), and a note
+    giving each suite's ρ_crit."""
     suites = list(results)
     rows: dict[tuple[str, str], dict[str, str]] = {}
     for suite, res in results.items():
@@ -179,8 +283,22 @@ def render(results: Mapping[str, dict]) -> str:
             cell = "—" if not np.isfinite(r["rho"]) else f"{r['rho']:+.2f}"
             if r["lo"] is not None:
                 cell += f" [{r['lo']:+.2f}, {r['hi']:+.2f}]"
+            p = r.get("p_blocks")
+            if p is not None and np.isfinite(p):
+                cell += (f", p {p:.3f}" if p >= 0.001 else ", p < 0.001") + (
+                    "\\*" if p < ALPHA else ""
+                )
             rows.setdefault((r["profile"], r["signal"]), {})[suite] = cell
+    crit = ", ".join(
+        f"{suite}: {res['num_blocks']} blocks, |ρ| ≥ {res['critical_rho']:.2f}"
+        for suite, res in results.items() if "critical_rho" in res
+    )  # fmt: skip
     lines = [
+        f"Spearman's ρ across the blocks; [task-resampled 95% interval]; p: two-sided permutation "
+        f"test over the blocks ({PERMUTATIONS} permutations; \\*: p < {ALPHA}). Smallest "
+        f"detectable |ρ| at {ALPHA}: {crit}. A ρ below that is no detectable correlation at "
+        "this power, not evidence of none.",
+        "",
         "| learned profile | data-free signal | " + " | ".join(suites) + " |",
         "|---|---|" + "---|" * len(suites),
     ]
@@ -211,6 +329,9 @@ def plot(results: Mapping[str, dict], path: Path) -> Path:
                    [max(0.0, recs[s]["hi"] - x[i]) if s in recs and recs[s]["hi"] is not None else 0.0
                     for i, s in enumerate(SIGNALS)]]  # fmt: skip
             ax.errorbar(x, y, xerr=err, fmt="o", capsize=2, label=suite)
+        crit = max((res.get("critical_rho", 0.0) for res in results.values()), default=0.0)
+        if crit:  # the band no test over the blocks can tell from 0 (module doc)
+            ax.axvspan(-crit, crit, color="0.92", zorder=0, label=f"|ρ| < {crit:.2f}: undetectable")
         ax.axvline(0, color="0.4", lw=1, ls="--")
         ax.set_xlim(-1.05, 1.05)
         ax.set_title(p, fontsize=9)
@@ -230,13 +351,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="the benchmark's output folder")
     ap.add_argument("--suites", nargs="+", required=True, help="bench-testbed-<recipe> folders")
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--rerender", action="store_true",
+                    help="recompute the permutation tests from the committed signals.json "
+                    "(no testbed needed)")  # fmt: skip
     args = ap.parse_args(argv)
+    art = args.out / "artefacts"
     results = {}
-    for suite in args.suites:
+    if args.rerender:
+        stored = json.loads((art / "signals.json").read_text())
+        results = {suite: rerender(stored[suite]) for suite in args.suites}
+    for suite in [] if args.rerender else args.suites:
         recipe = suite.removeprefix("bench-testbed-")
         results[suite] = correlations(args.out / "runs" / suite, open_testbed(recipe),
                                       args.resamples)  # fmt: skip
-    art = args.out / "artefacts"
     art.mkdir(parents=True, exist_ok=True)
     (art / "signals.json").write_text(json.dumps(results, indent=1) + "\n")
     (art / "signals.md").write_text(render(results))

@@ -75,18 +75,27 @@ def versus_layerwise(t: Table, cells: Sequence[Cell], res: Results) -> None:
     ]
 
 
+#: an interval bound this close to 0 (pp) makes its verdict fragile (issue 32: one count differed
+#: by Monte-Carlo noise on a bound 0.025 pp from 0)
+NEAR_ZERO_PP = 0.05
+
+
 def verdict_counts(res: Results, suite: str, mergers: Sequence[str], variant: str,
                    against: str) -> str:  # fmt: skip
     """``above / includes 0 / below`` (with ``of n``): how many of ``mergers`` have the average
     Δ of ``variant`` − ``against`` (paired interval) above 0, including 0, below 0; mergers
-    without both cells are left out."""
+    without both cells are left out. `` (~k)``: k of the verdicts rest on an interval bound
+    within :data:`NEAR_ZERO_PP` of 0."""
     cis = [res.interval(suite, m, variant, None, against) for m in mergers]
     cis = [ci for ci in cis if ci is not None]
     if not cis:
         return "—"
     up = sum(ci.lo > 0 for ci in cis)
     down = sum(ci.hi < 0 for ci in cis)
-    return f"{up} / {len(cis) - up - down} / {down} of {len(cis)}"
+    # a verdict whose deciding bound is within NEAR_ZERO_PP of 0 could flip with the bootstrap's
+    # Monte-Carlo noise: counted and shown as (~k)
+    near = sum(min(abs(ci.lo), abs(ci.hi)) < NEAR_ZERO_PP for ci in cis)
+    return f"{up} / {len(cis) - up - down} / {down} of {len(cis)}" + (f" (~{near})" if near else "")
 
 
 def conflict_spread(res: Results, suite: str, mergers: Sequence[str]) -> str:
@@ -127,7 +136,9 @@ def questions(t: Table, cells: Sequence[Cell], res: Results) -> None:
     t.lines += [
         "",
         "**The questions, per suite** (data-free mergers; mergers whose average Δ has its paired "
-        "95% interval above 0 / including 0 / below 0; c_ℓ from LARV tiered's per-layer report)",
+        "95% interval above 0 / including 0 / below 0; (~k): k of these verdicts rest on a bound "
+        f"within {NEAR_ZERO_PP} pp of 0, where the bootstrap's noise could move them; c_ℓ from "
+        "LARV tiered's per-layer report)",
         "",
         *side.lines,
     ]
