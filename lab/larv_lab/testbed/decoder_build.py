@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,7 @@ def decoder_family(model_dir: str | Path | None = None) -> toolkit.RecipeFamily:
         recipes=DECODER_RECIPES, build_version=DECODER_BUILD_VERSION,
         backbone_fingerprint=fingerprint, load_backbone=load_decoder,
         how_to_build="python lab/scripts/build_testbed.py --recipe {name}", test_set_ext="json",
-        heads=False, meta={"modality": "generation"},
+        heads=False, meta={"modality": "generation"}, load_tokenizer=load_decoder_tokenizer,
     )  # fmt: skip
 
 
@@ -397,13 +397,6 @@ class DecoderTestbed(toolkit.BuiltTestbed):
     """A complete decoder testbed folder: paths, plus helpers that load and evaluate."""
 
     family = DECODER_TESTBEDS
-    _tokenizer: object = field(default=None, init=False, repr=False, compare=False)
-
-    def tokenizer(self):
-        """The testbed's tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_decoder_tokenizer(self.root / "tokenizer")
-        return self._tokenizer
 
     def test_set(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """``(prompts, labels)``: object arrays of str (a label joins the accepted answers)."""

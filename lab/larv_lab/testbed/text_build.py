@@ -35,7 +35,7 @@ Determinism: as the image testbed (same thread count, ``torch.use_deterministic_
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +148,7 @@ TEXT_TESTBEDS = toolkit.RecipeFamily(
     label="text testbed", modality="text", recipe_type=TextRecipe, recipes=TEXT_RECIPES,
     build_version=TEXT_BUILD_VERSION, backbone_fingerprint=_backbone_fingerprint,
     load_backbone=load_text_backbone, how_to_build="load_text_testbed(..., build=True)",
-    test_set_ext="json", meta={"modality": "text"},
+    test_set_ext="json", meta={"modality": "text"}, load_tokenizer=load_tokenizer,
 )  # fmt: skip
 
 
@@ -333,13 +333,6 @@ class TextTestbed(toolkit.BuiltTestbed):
     """A complete text testbed folder: paths, plus helpers that load its pieces."""
 
     family = TEXT_TESTBEDS
-    _tokenizer: object = field(default=None, init=False, repr=False, compare=False)
-
-    def tokenizer(self):
-        """The testbed's tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.root / "tokenizer")
-        return self._tokenizer
 
     def encode(self, texts) -> dict[str, torch.Tensor]:
         """Texts as the classifier's ``input_ids`` and ``attention_mask`` (padded to the

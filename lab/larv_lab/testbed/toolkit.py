@@ -208,6 +208,8 @@ class RecipeFamily:
     how_to_build: str  # completes "build it with ..."; ``{name}``: the recipe's name
     test_set_ext: str = "safetensors"  # test_sets/<task>.<ext>
     heads: bool = True  # whether a task saves heads/<task>.safetensors (a decoder has none)
+    #: a saved ``tokenizer/`` folder -> the tokenizer (None: the family's inputs are not text)
+    load_tokenizer: Callable[[Path], Any] | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)  # extra testbed.json entries
 
     def names_recipe(self, recipe_or_folder) -> bool:
@@ -282,6 +284,7 @@ class BuiltTestbed:
     tasks: tuple[str, ...]
     class_names: dict[str, tuple[str, ...]]
     report: dict = field(repr=False)
+    _tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_folder(cls, root: Path):
@@ -324,6 +327,14 @@ class BuiltTestbed:
 
     def load_pretrained(self) -> nn.Module:
         return self.family.load_backbone(self.pretrained_dir)
+
+    def tokenizer(self):
+        """The testbed's tokenizer (``tokenizer/``, loaded once by the family's loader)."""
+        if self.family.load_tokenizer is None:
+            raise AttributeError(f"{self.family.label}s have no tokenizer")
+        if self._tokenizer is None:
+            self._tokenizer = self.family.load_tokenizer(self.root / "tokenizer")
+        return self._tokenizer
 
     def load_finetuned(self, task: str) -> nn.Module:
         return self.family.load_backbone(self.finetuned_dirs[task])
