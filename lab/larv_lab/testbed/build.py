@@ -178,9 +178,7 @@ RECIPES: dict[str, Recipe] = {
         eval_batch_size=64,
     ),
 }
-# the committed recipes keep the splits their results were built on, and their cache keys: every
-# task is a legacy task (no validation reserve; toolkit.BaseRecipe). New recipes reserve.
-RECIPES = {k: r.replace(legacy_split_tasks=r.tasks) for k, r in RECIPES.items()}
+RECIPES = toolkit.keep_legacy_splits(RECIPES)  # the committed results' splits
 
 
 #: the image testbeds: their recipes, cache key, folders and backbone loader

@@ -133,9 +133,7 @@ TEXT_RECIPES: dict[str, TextRecipe] = {
         eval_batch_size=32,
     ),
 }
-# the committed recipes keep the splits their results were built on, and their cache keys: every
-# task is a legacy task (no validation reserve; toolkit.BaseRecipe). New recipes reserve.
-TEXT_RECIPES = {k: r.replace(legacy_split_tasks=r.tasks) for k, r in TEXT_RECIPES.items()}
+TEXT_RECIPES = toolkit.keep_legacy_splits(TEXT_RECIPES)  # the committed results' splits
 
 
 def _backbone_fingerprint() -> dict:

@@ -192,6 +192,13 @@ def cache_key(recipe, fingerprints: dict, build_version: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def keep_legacy_splits(recipes: Mapping[str, Any]) -> dict[str, Any]:
+    """The committed recipes with every task a legacy task: they keep the splits their results
+    were built on, and their cache keys (no validation reserve, :class:`BaseRecipe`). Recipes
+    made later reserve."""
+    return {k: r.replace(legacy_split_tasks=r.tasks) for k, r in recipes.items()}
+
+
 @dataclass(frozen=True)
 class RecipeFamily:
     """A kind of testbed (image, text, ...): its recipes, what its cache key hashes, where its
