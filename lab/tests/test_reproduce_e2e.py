@@ -265,5 +265,11 @@ def test_testbed_sweep_with_the_joblib_launcher(ci_testbed, ci_testbed_cache, tm
     delta = avg["sched-custom_0p5_1p0_1p5"] - avg["base"]
     assert f"| (0.5, 1.0, 1.5) | {avg['sched-custom_0p5_1p0_1p5']:.1f} ({delta:+.1f} [" in table
     assert (runs / "base" / "per_sample.json").is_file()  # written by the task pool, CLI launcher
+    # each cell names the build it merged: results of another build are never paired with it
+    models = json.loads((runs / "base" / "cell.json").read_text())["models"]
+    assert models == {
+        "testbed": ci_testbed.root.name,
+        "weights_sha256": ci_testbed.weights_digest(),
+    }
     assert "| (1.0, 1.0, 1.0) base |" in table and "↳ *paper* | 71.9 |" in table
     _read_png(out / "artefacts" / "fig4_tiered_grid.png")

@@ -14,7 +14,7 @@ from fusion_bench_larv.evaluation.compare import compare
 from .experiments import CONTINUOUS, TIERED, Cell
 from .registry import registry
 from .selection import MAX
-from .sweep import CHOICE_REPORTS, LAYERS, REPORT, read_json
+from .sweep import CELL, CHOICE_REPORTS, LAYERS, REPORT, read_json
 
 #: :func:`unseen_tasks` of a choice whose cell predates the record of its coverage
 UNRECORDED = "not recorded"
@@ -35,6 +35,9 @@ class Run:
     #: the ``validation`` block of the cell's wrapper report: a value chosen on validation
     #: (grid searched, scores, coverage, guard); None for a data-free cell
     validation: dict | None = None
+    #: ``cell.json``'s ``models``: the build the cell merged (:func:`.sweep.models_fingerprint`);
+    #: None for pools without one and for cells written before it was recorded
+    models: dict | None = None
 
     @property
     def average(self) -> float:
@@ -69,7 +72,8 @@ def load_run(cell: Cell, out: Path) -> Run | None:
     }
     if not acc:
         return None
-    run = Run(cell, acc, read_json(run_dir / LAYERS), validation=_choice(run_dir))
+    run = Run(cell, acc, read_json(run_dir / LAYERS), validation=_choice(run_dir),
+              models=(read_json(run_dir / CELL) or {}).get("models"))  # fmt: skip
     if ref is None or not ref.own_task:
         run.per_sample, run.digests = _per_sample(run_dir, acc)
     return run
@@ -111,6 +115,26 @@ def _per_sample(run_dir: Path, acc: Mapping[str, float]) -> tuple[dict | None, d
     return (kept or None), digests
 
 
+def check_one_build(runs: Sequence[Run] | Any) -> None:
+    """``ValueError`` when runs of one suite record different models (``Run.models``): their
+    Δ would compare two builds of a testbed, not two methods. Runs without a record are not
+    checked (cells written before it was recorded)."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for r in runs:
+        if r.models is not None:
+            key = repr(sorted(r.models.items()))
+            seen.setdefault(r.cell.suite.key, {}).setdefault(key, []).append(r.cell.rel_dir)
+    for suite, builds in seen.items():
+        if len(builds) > 1:
+            parts = [f"{len(cells)} cell(s) such as {cells[0]} on {key}" for key, cells in builds.items()]  # fmt: skip
+            raise ValueError(
+                f"suite {suite}: its cells merged different builds of the models, so their "
+                f"differences would compare builds, not methods: {'; '.join(parts)}. Re-run "
+                "the cells of one build (delete the others' run folders) or give each build its "
+                "own --out."
+            )
+
+
 class Results:
     """Every cell's run, and the paired intervals of their Δ (B = ``resamples`` bootstrap
     resamples, ``seed``; :mod:`.intervals`)."""
@@ -132,6 +156,7 @@ class Results:
             r = load_run(c, out)
             if r is not None:
                 self.runs[(c.suite.key, c.merger, c.variant.slug)] = r
+        check_one_build(self.runs.values())
 
     def get(self, suite: str, merger: str, variant: str) -> Run | None:
         if variant == MAX:

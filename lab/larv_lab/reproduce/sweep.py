@@ -142,6 +142,7 @@ def write_sweep(
             cell_config(cell, out),
             "# @package _global_\n" + header,
         )
+    models = models_fingerprint(suite.pool) if cells else None
     for cell in cells:
         meta = {
             "suite": suite.key,
@@ -151,8 +152,29 @@ def write_sweep(
             "variant": cell.variant.slug,
             "overrides": cell.overrides(),
         }
+        if models is not None:
+            meta["models"] = models
         write_json_atomic(cell.run_dir(out) / CELL, meta)
     return sweep_dir
+
+
+def models_fingerprint(pool: PoolSpec) -> dict | None:
+    """What identifies the models a suite's cells merge and the test sets they are scored on,
+    for ``cell.json``: for a built testbed pool, its folder's name and
+    :meth:`~larv_lab.testbed.toolkit.BuiltTestbed.weights_digest` (a rebuild on another machine
+    shares the name, not the digest); None for other pools (FusionBench's named checkpoints)
+    and for a testbed not built yet (it is built when the cells run)."""
+    if not (pool.modelpool or "").startswith("LarvTestbed/"):
+        return None
+    from ..testbed.pools import open_testbed
+
+    given = dict(pool.values.get("modelpool") or {})
+    try:
+        testbed = open_testbed(pool.modelpool.split("/", 1)[1], cache_dir=given.get("cache_dir"),
+                               testbed_dir=given.get("testbed_dir"))  # fmt: skip
+    except FileNotFoundError:
+        return None
+    return {"testbed": testbed.root.name, "weights_sha256": testbed.weights_digest()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .sources import cache_root, load_source, source_fingerprint
+from .sources import cache_root, file_sha256, load_source, source_fingerprint
 
 __all__ = [
     "BaseRecipe",
@@ -276,6 +276,10 @@ class RecipeFamily:
         return testbed_type.from_folder(self.built_folder(recipe_or_folder, cache_dir))
 
 
+#: the folders of a built testbed whose files :meth:`BuiltTestbed.weights_digest` hashes
+DIGESTED = ("pretrained", "finetuned", "heads", "test_sets")
+
+
 @dataclass
 class BuiltTestbed:
     """A complete testbed folder (the layout above): its recipe, cache key, tasks, class names
@@ -334,6 +338,19 @@ class BuiltTestbed:
 
     def load_pretrained(self) -> nn.Module:
         return self.family.load_backbone(self.pretrained_dir)
+
+    def weights_digest(self) -> str:
+        """SHA-256 over every file of :data:`DIGESTED` (relative path and content SHA-256, in
+        path order): the models the testbed hands out and the test sets they are scored on. Two
+        builds of one recipe share a cache key but need not share a bit (another machine's
+        numerics change the fine-tuning), and a result is comparable only with results of the
+        same build."""
+        h = hashlib.sha256()
+        for sub in DIGESTED:
+            folder = self.root / sub
+            for f in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else ():
+                h.update(f"{f.relative_to(self.root)}\0{file_sha256(f)}\n".encode())
+        return h.hexdigest()
 
     def tokenizer(self):
         """The testbed's tokenizer (``tokenizer/``, loaded once by the family's loader)."""
