@@ -349,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="the benchmark's output folder")
-    ap.add_argument("--suites", nargs="+", required=True, help="bench-testbed-<recipe> folders")
+    ap.add_argument("--suites", nargs="+", required=True,
+                    help="bench-testbed-<recipe> folders, or SUITE=RECIPE (e.g. bench=full: a "
+                    "benchmark run on one pool)")  # fmt: skip
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--rerender", action="store_true",
                     help="recompute the permutation tests from the committed signals.json "
@@ -359,9 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {}
     if args.rerender:
         stored = json.loads((art / "signals.json").read_text())
-        results = {suite: rerender(stored[suite]) for suite in args.suites}
-    for suite in [] if args.rerender else args.suites:
-        recipe = suite.removeprefix("bench-testbed-")
+        results = {suite.partition("=")[0]: rerender(stored[suite.partition("=")[0]])
+                   for suite in args.suites}  # fmt: skip
+    for spec in [] if args.rerender else args.suites:
+        suite, _, recipe = spec.partition("=")
+        recipe = recipe or suite.removeprefix("bench-testbed-")
         results[suite] = correlations(args.out / "runs" / suite, open_testbed(recipe),
                                       args.resamples)  # fmt: skip
     art.mkdir(parents=True, exist_ok=True)
