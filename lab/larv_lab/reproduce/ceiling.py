@@ -148,6 +148,8 @@ def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path)
                 rows += [{"suite": s.key, "merger": m, "variant": v, "quantity": label,
                           "value": ci.delta / 100, "lo": ci.lo / 100, "hi": ci.hi / 100}
                          for s, ci in zip(suites, cis, strict=True) if ci is not None]  # fmt: skip
+        if not any(ci is not None for ci in gains.values()):
+            continue  # no ceiling for this merger in any suite: no share to read
         for v, label in SHARED:
             if v not in have:
                 continue
