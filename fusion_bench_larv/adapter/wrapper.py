@@ -93,6 +93,16 @@ class MergeContext:
     #: a built θ_0
     lazy_meta: nn.Module | None = None
 
+    def check_task_model(self, task: str, state: Mapping[str, torch.Tensor]) -> None:
+        """A fine-tuned model's state, before its task vector is read: finite (checked once per
+        run and task) and holding every parameter of θ_0; ``LarvInputError`` otherwise."""
+        if task not in self.checked:
+            check_finite(state, f"model `{task}`")
+            self.checked.add(task)
+        missing = [k for k in self.names if k not in state]
+        if missing:
+            raise LarvInputError(f"model `{task}` lacks parameters of θ_0: {missing[:5]}")
+
 
 class UpdateRescaler(BaseAlgorithm, LightningFabricMixin):
     """A base merger whose merged update is rescaled per parameter (see the module docstring).

@@ -38,7 +38,6 @@ from ..adapter.base_method import rng_kept
 from ..adapter.model_state import model_state
 from ..adapter.wrapper import MergeContext, UpdateRescaler
 from ..core.diagnostics import compute_dtype
-from ..core.inputs import check_finite
 from ..errors import LarvConfigError, LarvInputError
 from .lines import l1_norm, lines_alpha_from_norms, lines_param_scales, sum_task_vectors
 
@@ -160,12 +159,7 @@ class LiNeSAlgorithm(UpdateRescaler):
         def task_vectors():
             for task in tasks:
                 sd = model_state(ctx.pool.load_model(task))  # a lazy model: under θ_0's names
-                if task not in ctx.checked:
-                    check_finite(sd, f"model `{task}`")
-                    ctx.checked.add(task)
-                missing = [k for k in ctx.names if k not in sd]
-                if missing:
-                    raise LarvInputError(f"model `{task}` lacks parameters of θ_0: {missing[:5]}")
+                ctx.check_task_model(task, sd)
                 yield {k: _float_delta(sd, ctx.theta0, k) for k in ctx.names}
 
         # loading must not move the RNG the base merger draws from (rng_kept), as under LARV

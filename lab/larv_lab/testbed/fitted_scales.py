@@ -228,12 +228,7 @@ class TestbedFittedBlockScales(UpdateRescaler):
         for task in tasks:
             with rng_kept():  # loading must not move the RNG the base merger draws from
                 sd = ctx.pool.load_model(task).state_dict()
-            if task not in ctx.checked:
-                check_finite(sd, f"model `{task}`")
-                ctx.checked.add(task)
-            missing = [k for k in ctx.names if k not in sd]
-            if missing:
-                raise LarvInputError(f"model `{task}` lacks parameters of θ_0: {missing[:5]}")
+            ctx.check_task_model(task, sd)
             taus.append({k: _float(sd[k]) - _float(ctx.theta0[k]) for k in ctx.names})
         return tasks, taus
 
