@@ -18,10 +18,10 @@ signal, with two readings of its uncertainty:
 - a 95% percentile interval from resampling the tasks with replacement (B resamples;
   AdaMerging's task-mean profile and every task-vector signal recomputed on each resample; e_ℓ,
   c_ℓ and depth come from the full merge and stay fixed);
-- a permutation test over the blocks: p = (1 + #{|ρ_π| ≥ |ρ|}) / (1 + N) over N random
-  permutations π of one profile across the blocks. Its power is the table's limit: with L blocks
-  only |ρ| ≥ ρ_crit(L), the 95% quantile of |ρ_π| (:func:`critical_rho`), can be told from no
-  correlation at 5% (L = 12: ≈ 0.59). A ρ inside that band is "no detectable correlation at
+- a permutation test over the blocks: one profile's ranks permuted across the blocks, every
+  permutation up to 8 blocks, N seeded random ones beyond (p = (1 + #{|ρ_π| ≥ |ρ|}) / (1 + N)).
+  Its power is the table's limit: with L blocks only |ρ| ≥ ρ_crit(L), the least c with
+  P(|ρ_π| ≥ c) ≤ 5% (:func:`critical_rho`), can be told from no correlation (L = 12: ≈ 0.59). A ρ inside that band is "no detectable correlation at
   this power", not evidence of none.
 
 LiNeS's profile is one line in depth, so its ρ with a signal is depth's (or undefined when β = 0).
@@ -358,13 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "(no testbed needed)")  # fmt: skip
     args = ap.parse_args(argv)
     art = args.out / "artefacts"
+    stored = json.loads((art / "signals.json").read_text()) if args.rerender else {}
     results = {}
-    if args.rerender:
-        stored = json.loads((art / "signals.json").read_text())
-        results = {suite.partition("=")[0]: rerender(stored[suite.partition("=")[0]])
-                   for suite in args.suites}  # fmt: skip
-    for spec in [] if args.rerender else args.suites:
+    for spec in args.suites:
         suite, _, recipe = spec.partition("=")
+        if args.rerender:
+            results[suite] = rerender(stored[suite])
+            continue
         recipe = recipe or suite.removeprefix("bench-testbed-")
         results[suite] = correlations(args.out / "runs" / suite, open_testbed(recipe),
                                       args.resamples)  # fmt: skip

@@ -122,10 +122,11 @@ def _pct(x: float) -> str:
 
 
 def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path) -> list[Path]:
-    """Append to ``t`` the ceiling's section (once any ceiling cell ran), per merger and suite: ceiling − base (average Δ,
-    the paired interval of every Δ in the table), the per-task ceiling's where it ran, and the
-    share of the ceiling's gain that each row of :data:`SHARED` reaches, with its interval
-    (:func:`share_bootstrap`, the table's B and seed); ``ceiling_shares.csv`` beside it."""
+    """Append to ``t`` the ceiling's section (once any ceiling cell ran), per merger and suite:
+    ceiling − base (average Δ, the paired interval of every Δ in the table), the per-task
+    ceiling's where it ran, and the share of the ceiling's gain that each row of :data:`SHARED`
+    reaches, with its interval (:func:`share_bootstrap`, the table's B and seed);
+    ``ceiling_shares.csv`` beside it."""
     have = {c.variant.slug for c in cells}
     suites = sel.suites(cells)
     ran = [res.get(s.key, m, FITTED.slug) for s in suites for m in sel.mergers(cells)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ def _per_sample(run_dir: Path, acc: Mapping[str, float]) -> tuple[dict | None, d
     return (kept or None), digests
 
 
-def check_one_build(runs: Sequence[Run] | Any) -> None:
+def check_one_build(runs: Iterable[Run]) -> None:
     """``ValueError`` when runs of one suite record different models (``Run.models``): their
     Δ would compare two builds of a testbed, not two methods. Runs without a record are not
     checked (cells written before it was recorded)."""
