@@ -307,3 +307,98 @@ def test_real_smollm2_conversion():
         96, 4, 1,
     )  # fmt: skip
     assert got[0].strip()  # the instruct model answers something, then stops
+
+
+# --------------------------------------------------------------------------- FusionBench pools
+
+
+@pytest.fixture(scope="module")
+def decoder_ci(tmp_path_factory):
+    """The ``decoder_ci`` recipe built over the tiny random Llama (one generated task)."""
+    tmp = tmp_path_factory.mktemp("decoder_pools")
+    model_dir = _tiny_model_dir(tmp / "tiny")
+    return db.build_decoder_testbed(
+        "decoder_ci", tmp / "cache", model_dir=model_dir, num_threads=1, progress=False
+    )
+
+
+def test_task_pool_scores_generation_as_the_build_and_one_prompt_at_a_time(decoder_ci):
+    from larv_lab.testbed.pools import TestbedModelPool, TestbedTaskPool
+
+    tb = decoder_ci
+    models = TestbedModelPool(testbed_dir=str(tb.root))
+    assert set(models.model_names) == {"arithmetic"}
+    ft = models.load_model("arithmetic")
+    pool = TestbedTaskPool(testbed_dir=str(tb.root), batch_size=3, device="cpu")
+    report = pool.evaluate(ft)
+    # accuracy and per-prompt correctness: those the build recorded for the fine-tuned model
+    m = tb.report["tasks"]["arithmetic"]
+    from fusion_bench_larv.evaluation.per_sample import decode_task
+
+    (entry,) = [e["arithmetic"] for e in pool.per_sample_evaluations]
+    assert decode_task(entry).tolist() == decode_task(m["per_sample"]["finetuned"]).tolist()
+    assert entry["labels_sha256"] == m["per_sample"]["finetuned"]["labels_sha256"]
+    assert report["arithmetic"]["accuracy"] == m["finetuned_acc"]
+    # the loss: the target tokens' cross-entropy, one prompt at a time without padding
+    prompts, answers = tb.test_set("arithmetic")
+    tok, r = tb.tokenizer(), tb.recipe
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, a in zip(prompts, answers, strict=True):
+            prompt = db.chat_ids(tok, p, r.max_prompt_tokens)
+            target = db.target_ids(tok, a.split(ANSWER_SEP)[0])
+            logits = ft(input_ids=torch.tensor([prompt + target])).logits[0]
+            pred = logits[len(prompt) - 1 : -1]  # the positions that predict the target
+            total += float(torch.nn.functional.cross_entropy(
+                pred, torch.tensor(target), reduction="sum"))  # fmt: skip
+            count += len(target)
+    assert report["arithmetic"]["loss"] == pytest.approx(total / count, rel=1e-5)
+    # the validation split: held-out prompts, none of them a test prompt
+    val = TestbedTaskPool(testbed_dir=str(tb.root), split="validation", val_size=3, device="cpu")
+    val_prompts, _ = val.examples("arithmetic")
+    assert len(val_prompts) == 3 and not set(val_prompts) & set(prompts)
+    assert val.evaluate(ft)["average"]["tasks_without_held_out_images"] == []
+
+
+def test_benchmark_rows_run_on_the_decoder_testbed(decoder_ci, tmp_path):
+    """Base, LARV tiered, the linear ramp, LiNeS and guarded LARV (both chosen on validation
+    prompts), the per-block scales fitted on the validation answers and the references, through
+    the benchmark's in-process launcher."""
+    from larv_lab.reproduce import __main__ as cli
+
+    spec = f"testbed:{decoder_ci.root}"
+    out = tmp_path / "out"
+    argv = ["bench", "--pools", spec, "--launcher", "inprocess", "--merger", "ta",
+            "pretrained", "finetuned", "--variant", "base", "tiered", "linear", "lines-val",
+            "guarded", "fitted-scales-val", "--out", str(out), "-o", "fabric.accelerator=cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    runs = out / "runs" / "bench"  # one pool: the suite is the experiment's own
+    m = decoder_ci.report["tasks"]["arithmetic"]
+    for cell in ("ta/base", "ta/larv-tiered", "ta/sched-linear", "ta/lines-val",
+                 "ta/larv-guarded", "ta/fitted-scales-val", "pretrained/base", "finetuned/base"):  # fmt: skip
+        report = json.loads((runs / cell / "program_report.json").read_text())
+        if cell.startswith("finetuned"):  # one report per fine-tuned model, on its own task
+            report = report["arithmetic"]
+        assert 0.0 <= report["arithmetic"]["accuracy"] <= 1.0, cell
+        assert np.isfinite(report["arithmetic"]["loss"]), cell
+        assert (runs / cell / "per_sample.json").is_file(), cell
+    pre = json.loads((runs / "pretrained/base/program_report.json").read_text())
+    ft = json.loads((runs / "finetuned/base/program_report.json").read_text())["arithmetic"]
+    assert pre["arithmetic"]["accuracy"] == m["pretrained_acc"]
+    assert ft["arithmetic"]["accuracy"] == m["finetuned_acc"]
+    # LARV found the Llama's two decoder layers
+    layers = json.loads((runs / "ta/larv-tiered/larv_layers.json").read_text())
+    assert [rec["prefix"] for rec in layers["layers"]] == ["model.layers.0.", "model.layers.1."]
+    # the fit moved the scales from 1 (the base merge) and its loss fell
+    fit = json.loads((runs / "ta/fitted-scales-val/fitted_block_scales.json").read_text())
+    assert fit["groups"] == ["model.layers.0.", "model.layers.1.", "outside the blocks"]
+    assert any(abs(s - 1.0) > 1e-4 for s in fit["scales"][0])
+    assert fit["validation"]["uncovered_tasks"] == []
+    assert "arithmetic" in (out / "artefacts" / "bench.md").read_text()
+
+
+def test_adamerging_refuses_the_decoder_testbed(decoder_ci):
+    from larv_lab.testbed.adamerging import TestbedLayerWiseAdaMerging
+
+    with pytest.raises(ValueError, match="no heads"):
+        TestbedLayerWiseAdaMerging(testbed_dir=str(decoder_ci.root), init_values=0.3, max_steps=1)

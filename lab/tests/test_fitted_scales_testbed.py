@@ -52,6 +52,7 @@ class ValidationPool:
     tasks' frozen heads."""
 
     split = "validation"
+    modality = "image"  # a classification testbed: the fit goes through the heads
 
     def __init__(self, tasks, seed=0):
         g = torch.Generator().manual_seed(seed)

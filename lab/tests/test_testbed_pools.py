@@ -164,3 +164,24 @@ def test_demo_verdicts_against_the_committed_benchmark(tmp_path):
     assert "no significant difference" in iso and "seeds disagree in sign" in iso
     assert "not in the committed benchmark" in iso_cont
     assert all("no committed benchmark at" in ln for ln in verdicts(demo, tmp_path / "none.csv"))
+
+
+def test_every_recipe_has_a_model_pool_and_a_task_pool_config():
+    """``modelpool=LarvTestbed/<recipe>`` and ``taskpool=LarvTestbed/<recipe>`` exist for every
+    recipe of the three families, and name that recipe and the pool classes."""
+    from omegaconf import OmegaConf
+
+    from larv_lab import config_dir
+    from larv_lab.testbed.build import RECIPES
+    from larv_lab.testbed.decoder_build import DECODER_RECIPES
+    from larv_lab.testbed.pools import recipe_modality
+    from larv_lab.testbed.text_build import TEXT_RECIPES
+
+    families = {"image": RECIPES, "text": TEXT_RECIPES, "generation": DECODER_RECIPES}
+    for modality, recipes in families.items():
+        for name in recipes:
+            assert recipe_modality(name) == modality
+            for kind, cls in (("modelpool", "TestbedModelPool"), ("taskpool", "TestbedTaskPool")):
+                cfg = OmegaConf.load(config_dir() / kind / "LarvTestbed" / f"{name}.yaml")
+                assert cfg.recipe == name, (kind, name)
+                assert cfg._target_ == f"larv_lab.testbed.pools.{cls}", (kind, name)

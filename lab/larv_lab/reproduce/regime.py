@@ -8,7 +8,9 @@ own task) and ``acc_m`` (base merger ``m``), averages over the suite's tasks ``T
     normalized(m) = mean_T (acc_m / ft)                         (TA's: <= max_ta_normalized)
     spread        = max_m mean_T acc_m - min_m mean_T acc_m     (target >= min_base_spread_pp)
 
-over the data-free mergers present. A missing merger is listed, never imputed.
+over the data-free mergers present. A missing merger is listed, never imputed. A task whose
+fine-tuned accuracy is 0 (a generation task the fine-tuning did not teach) has no ratio
+acc_m / ft: ``normalized`` averages over the other tasks, and is None when none is left.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def regime_card(
     pre_avg = _mean(pretrained[t] for t in tasks)
     ft_avg = _mean(finetuned[t] for t in tasks)
     averages = {m: _mean(acc[t] for t in tasks) for m, acc in present.items()}
-    normalized = {m: _mean(acc[t] / finetuned[t] for t in tasks) for m, acc in present.items()}
+    scored = [t for t in tasks if finetuned[t] > 0]
+    normalized = {m: _mean(acc[t] / finetuned[t] for t in scored) if scored else None
+                  for m, acc in present.items()}  # fmt: skip
     spread = max(averages.values()) - min(averages.values()) if len(averages) > 1 else None
     ta = goals["ta_merger"]
     card = {

@@ -75,6 +75,12 @@ class TestbedLayerWiseAdaMerging(LayerWiseAdaMergingAlgorithm):
         self.testbed = open_testbed(
             config.get("recipe", "quick"), config.get("cache_dir"), config.get("testbed_dir")
         )
+        if self.testbed.modality == "generation":
+            raise ValueError(
+                f"layer-wise AdaMerging here minimises the entropy of each task head's class "
+                f"predictions; the decoder testbed {self.testbed.root} has generation tasks and "
+                "no heads (not implemented for it)"
+            )
         #: where the curve and λ go; default the program's report folder (set by launchers)
         self.report_dir: str | None = None
         self._iters: dict[str, Iterator] = {}

@@ -64,6 +64,8 @@ __all__ = [
     "DECODER_TESTBEDS",
     "DecoderRecipe",
     "DecoderTestbed",
+    "answer_batch",
+    "answer_loss",
     "build_decoder_testbed",
     "chat_ids",
     "decoder_family",
@@ -256,11 +258,35 @@ def evaluate_generation(model, tokenizer, prompts, labels, recipe, progress=Fals
     return float(correct.mean()) if len(correct) else 0.0, correct
 
 
+@torch.no_grad()
+def answer_loss(model, tokenizer, prompts, labels, recipe, batch_size: int) -> float:
+    """The mean cross-entropy per answer token, teacher-forced: each prompt (:func:`chat_ids`)
+    followed by its first accepted answer and ``<|im_end|>`` (:func:`target_ids`), the loss the
+    fine-tuning minimised, summed over every answer token of ``prompts`` and divided by their
+    number (prompt and padding masked). ``model``'s mode is restored after."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for sl in toolkit.batches(len(prompts), batch_size):
+        batch = answer_batch(tokenizer, prompts[sl], labels[sl], recipe, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target = batch["labels"][:, 1:]  # token i + 1 is predicted at position i
+        total += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+            reduction="sum"))  # fmt: skip
+        count += int((target != -100).sum())
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def _train_batch(tokenizer, prompts, labels, recipe, device) -> dict:
-    """Right-padded prompt + target sequences; ``labels`` -100 on the prompt and padding."""
+def answer_batch(tokenizer, prompts, labels, recipe, device) -> dict:
+    """Right-padded prompt + target sequences (:func:`chat_ids`, then :func:`target_ids` of the
+    first accepted answer); ``labels`` -100 on the prompt and padding: a causal LM called on it
+    returns the mean cross-entropy of the answer tokens as its ``loss``."""
     pad = tokenizer.pad_token_id
     seqs, masks = [], []
     for p, y in zip(prompts, labels, strict=True):
@@ -290,7 +316,7 @@ def finetune(model, tokenizer, prompts, labels, recipe, seed, device, progress, 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_of(idx: np.ndarray) -> torch.Tensor:
-        return model(**_train_batch(tokenizer, prompts[idx], labels[idx], recipe, device)).loss
+        return model(**answer_batch(tokenizer, prompts[idx], labels[idx], recipe, device)).loss
 
     out = toolkit.train_loop(model, params, len(labels), loss_of, recipe, seed, progress, desc)
     return {**out, "trained_parameters": int(sum(p.numel() for p in params))}

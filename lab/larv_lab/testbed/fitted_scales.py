@@ -7,7 +7,8 @@ The wrapper skeleton (:class:`~fusion_bench_larv.adapter.wrapper.UpdateRescaler`
 merger and keeps its output; :meth:`TestbedFittedBlockScales.measure` fits the scales
 (:func:`~fusion_bench_larv.core.fitted_scales.fit_block_scales`: Adam from s = 1, the base
 merge) on the cross-entropy of each task's labelled validation examples through the testbed's
-frozen heads (image or text), one batch per task and step, summed over the tasks, as
+frozen heads (image or text; on the decoder testbed, of the answer tokens given the prompt), one
+batch per task and step, summed over the tasks, as
 :mod:`.adamerging` sums its entropies. Two readings:
 
 - ``per_task: false``: one scale per block of the merged update Δθ = θ_merged − θ_0, plus one
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from copy import deepcopy
 from typing import Any
 
@@ -60,19 +61,34 @@ FITTED_SCALES = "fitted_block_scales.json"
 OUTSIDE = "outside the blocks"
 
 
-def labelled_batches(
-    x: Mapping[str, torch.Tensor], y: torch.Tensor, size: int, seed: int
-) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Endless ``(inputs, labels)`` batches of ``min(size, n)`` examples, reshuffled every pass
-    (seeded); a pass drops its last incomplete batch. Texts are cut to their longest."""
-    n = len(y)
+def index_batches(n: int, size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of ``min(size, n)`` indices into ``range(n)``, reshuffled every pass
+    (seeded); a pass drops its last incomplete batch."""
     size = min(size, n)
     g = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(n, generator=g)
         for start in range(0, n - size + 1, size):
-            idx = order[start : start + size]
-            yield trimmed({k: v[idx] for k, v in x.items()}), y[idx]
+            yield order[start : start + size]
+
+
+def labelled_batches(
+    x: Mapping[str, torch.Tensor], y: torch.Tensor, size: int, seed: int
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Endless ``(inputs, labels)`` batches of encoded examples (:func:`index_batches`). Texts
+    are cut to their longest."""
+    for idx in index_batches(len(y), size, seed):
+        yield trimmed({k: v[idx] for k, v in x.items()}), y[idx]
+
+
+def tied_aliases(module: nn.Module, names: Iterable[str]) -> list[str]:
+    """The names among ``names`` under which ``module`` holds a parameter it already holds
+    under an earlier name (tied weights: a decoder's ``lm_head.weight`` and
+    ``model.embed_tokens.weight``). The fit passes one value per tensor, under its first name
+    (:func:`torch.func.functional_call` ties the others to it)."""
+    first = {name for name, _ in module.named_parameters()}  # one name per tensor, the first
+    every = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    return [k for k in names if k in every and k not in first]
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -211,6 +227,8 @@ class TestbedFittedBlockScales(UpdateRescaler):
         fitted = self._fit(ctx, sources, tasks)
         fitted["lambda"], fitted["lambda_residual"] = lam, resid
         group = group_of(ctx.groups, ctx.names)
+        for k in tied_aliases(merged, group):  # one tensor, one scale: its first name's (as LARV)
+            del group[k]
         theta0 = {k: _float(ctx.theta0[k]) for k in ctx.names}
         with torch.no_grad():
             new = compose(theta0, sources, group, torch.tensor(fitted["scales"]))
@@ -271,20 +289,7 @@ class TestbedFittedBlockScales(UpdateRescaler):
         # (a copy: an in-memory model stays as it was); the merged model stays where it is
         with rng_kept():
             arch = deepcopy(ctx.pool.load_pretrained_model()).to(device).eval()
-        heads = {t: pool.testbed.classifier(t, backbone=arch).to(device) for t in covered}
-        batches = {
-            t: labelled_batches(*examples[t], self.batch_size, self.seed + i)
-            for i, t in enumerate(covered)
-        }
-
-        def loss(params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-            total = torch.zeros((), device=device)
-            for t in covered:
-                x, y = next(batches[t])
-                x = {k: v.to(device) for k, v in x.items()}
-                logits = call_with(heads[t], params, prefix="backbone.")(**x)
-                total = total + nn.functional.cross_entropy(logits, y.to(device))
-            return total
+        loss = self._loss(pool, arch, examples, covered, device)
 
         def on_step(step: int, value: float) -> None:
             if step % 50 == 0 or step == self.steps - 1:
@@ -292,6 +297,8 @@ class TestbedFittedBlockScales(UpdateRescaler):
                          value)  # fmt: skip
 
         group = group_of(ctx.groups, ctx.names)
+        for k in tied_aliases(arch, group):  # one tensor, one scale: its first name's (as LARV)
+            del group[k]
         theta0 = {k: _float(ctx.theta0[k]).to(device) for k in ctx.names}
         updates = [{k: v.to(device) for k, v in u.items()} for u in updates]
         fit = fit_block_scales(theta0, updates, group, ctx.groups.num_layers + 1, loss,
@@ -330,6 +337,46 @@ class TestbedFittedBlockScales(UpdateRescaler):
             },
             "warnings": warnings,
         }
+
+    def _loss(self, pool, arch: nn.Module, examples: dict, covered: list[str], device):
+        """ℓ(θ(s), step): the cross-entropy of one batch of each covered task's validation
+        examples, summed over the tasks; through each task's frozen head, or, on a decoder
+        testbed, of the answer tokens given each prompt
+        (:func:`~.decoder_build.answer_batch`)."""
+        if pool.testbed.modality == "generation":
+            from .decoder_build import answer_batch
+
+            tokenizer, recipe = pool.testbed.tokenizer(), pool.testbed.recipe
+            prompts = {t: examples[t] for t in covered}
+            batches = {t: index_batches(len(examples[t][1]), self.batch_size, self.seed + i)
+                       for i, t in enumerate(covered)}  # fmt: skip
+
+            def loss(params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+                total = torch.zeros((), device=device)
+                for t in covered:
+                    idx = next(batches[t]).numpy()
+                    x, y = prompts[t]
+                    batch = answer_batch(tokenizer, x[idx], y[idx], recipe, device)
+                    total = total + call_with(arch, params)(**batch).loss
+                return total
+
+            return loss
+        heads = {t: pool.testbed.classifier(t, backbone=arch).to(device) for t in covered}
+        batches = {
+            t: labelled_batches(*examples[t], self.batch_size, self.seed + i)
+            for i, t in enumerate(covered)
+        }
+
+        def loss(params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+            total = torch.zeros((), device=device)
+            for t in covered:
+                x, y = next(batches[t])
+                x = {k: v.to(device) for k, v in x.items()}
+                logits = call_with(heads[t], params, prefix="backbone.")(**x)
+                total = total + nn.functional.cross_entropy(logits, y.to(device))
+            return total
+
+        return loss
 
     def _fit_device(self) -> torch.device:
         device = self.device()

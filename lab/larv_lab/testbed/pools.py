@@ -3,7 +3,9 @@
     fusion_bench method=larv_ties modelpool=LarvTestbed/quick taskpool=LarvTestbed/quick
 
 merges the fine-tuned DINOv2 backbones (or, for a text testbed such as ``text_ci``, the
-fine-tuned MiniLM encoders) and evaluates every task with its own frozen head.
+fine-tuned MiniLM encoders) and evaluates every task with its own frozen head; for the decoder
+testbed (``decoder_full``), the fine-tuned causal LMs, each task scored by exact match of its
+greedy answers.
 (FusionBench's own DINOv2 pool needs Python ≥ 3.12 and a classification model with one shared
 head; here each task keeps its head and only the backbone is merged, as with CLIP's zero-shot
 heads.)
@@ -17,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from fusion_bench import BaseModelPool
 from fusion_bench.taskpool import BaseTaskPool
@@ -28,6 +31,17 @@ from fusion_bench_larv.evaluation.clip_taskpool import evaluation_tasks
 
 from .backbone import load_backbone
 from .build import Testbed, build_testbed, load_testbed, preprocess
+from .decoder_backbone import load_decoder
+from .decoder_build import (
+    DECODER_RECIPES,
+    DecoderTestbed,
+    answer_loss,
+    build_decoder_testbed,
+    generate_answers,
+    load_decoder_testbed,
+    per_sample_entry,
+    score,
+)
 from .sources import load_source, source_fingerprint
 from .text_backbone import load_text_backbone
 from .text_build import TEXT_RECIPES, TextTestbed, build_text_testbed, load_text_testbed
@@ -36,20 +50,40 @@ from .toolkit import held_out_split, split
 log = logging.getLogger(__name__)
 
 
+#: a testbed's modality -> (how to open a built one, how to build one)
+FAMILIES = {
+    "image": (load_testbed, build_testbed),
+    "text": (load_text_testbed, build_text_testbed),
+    "generation": (load_decoder_testbed, build_decoder_testbed),
+}
+#: a testbed's modality -> how to load one of its models (θ_0 or a fine-tuned copy)
+MODEL_LOADERS = {"image": load_backbone, "text": load_text_backbone, "generation": load_decoder}
+
+AnyTestbed = Testbed | TextTestbed | DecoderTestbed
+
+
+def recipe_modality(recipe: str) -> str:
+    """The modality of a named recipe: text and decoder recipes by their tables, else image."""
+    return (
+        "text" if recipe in TEXT_RECIPES else "generation" if recipe in DECODER_RECIPES else "image"
+    )
+
+
 def open_testbed(
     recipe: str = "quick",
     cache_dir: str | None = None,
     testbed_dir: str | None = None,
     build_if_missing: bool = False,
-) -> Testbed | TextTestbed:
-    """A built testbed, image or text, from an explicit folder (its ``testbed.json`` says which)
-    or by recipe name (built on demand if asked)."""
+) -> AnyTestbed:
+    """A built testbed, image, text or decoder, from an explicit folder (its ``testbed.json``
+    says which) or by recipe name (built on demand if asked)."""
     if testbed_dir is not None:
         meta = Path(testbed_dir) / "testbed.json"
-        text = meta.is_file() and json.loads(meta.read_text()).get("modality") == "text"
-        return (load_text_testbed if text else load_testbed)(Path(testbed_dir))
-    text = recipe in TEXT_RECIPES
-    load, build = (load_text_testbed, build_text_testbed) if text else (load_testbed, build_testbed)
+        modality = (
+            json.loads(meta.read_text()).get("modality", "image") if meta.is_file() else "image"
+        )
+        return FAMILIES[modality][0](Path(testbed_dir))
+    load, build = FAMILIES[recipe_modality(recipe)]
     try:
         return load(recipe, cache_dir)
     except FileNotFoundError:
@@ -180,8 +214,7 @@ class TestbedModelPool(BaseModelPool):
 
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
         if isinstance(model_name_or_config, str) and model_name_or_config in self._models:
-            load = load_text_backbone if self.testbed.modality == "text" else load_backbone
-            return load(self._models[model_name_or_config])
+            return MODEL_LOADERS[self.testbed.modality](self._models[model_name_or_config])
         return super().load_model(model_name_or_config, *args, **kwargs)
 
     def load_train_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
@@ -198,17 +231,20 @@ SPLITS = ("test", "validation")
 
 
 class TestbedTaskPool(BaseTaskPool):
-    """Evaluates a backbone on every task's test set with that task's frozen linear head.
+    """Evaluates a backbone on every task's test set with that task's frozen linear head, or (a
+    decoder testbed) a causal LM by exact match of its greedy answers
+    (:func:`~.decoder_build.generate_answers`, :func:`~.decoder_build.score`; the loss is the
+    teacher-forced cross-entropy per answer token, :func:`~.decoder_build.answer_loss`).
     Report format as FusionBench's CLIP task pool: ``{task: {accuracy, loss}, average: {...}}``.
-    Each evaluation's per-sample correctness (one bool per test image, test-set order) is kept
+    Each evaluation's per-sample correctness (one bool per test example, test-set order) is kept
     in ``per_sample_evaluations`` and, under FusionBench's program, written to
     ``per_sample.json`` beside the program's report (:mod:`fusion_bench_larv.evaluation.per_sample`).
 
     ``split: validation`` evaluates on a labelled split held out from each task's training pool
-    instead (:func:`~.toolkit.held_out_split`, ``val_size`` images per task; never a test image),
-    for methods that choose a hyperparameter on validation data. A task whose pool has no
-    held-out image (a legacy split, :class:`~.toolkit.BaseRecipe`) is left out of that report
-    (and named in its ``average``); its per-sample correctness is kept in
+    instead (:func:`~.toolkit.held_out_split`, ``val_size`` examples per task; never a test
+    example), for methods that choose a hyperparameter on validation data. A task whose pool has
+    no held-out example (a legacy split, :class:`~.toolkit.BaseRecipe`) is left out of that
+    report (and named in its ``average``); its per-sample correctness is kept in
     ``per_sample_evaluations`` for the choice's guard and never written to ``per_sample.json``."""
 
     __test__ = False
@@ -236,27 +272,61 @@ class TestbedTaskPool(BaseTaskPool):
         self.batch_size = batch_size or self.testbed.recipe.eval_batch_size
         self.device = device
         self.split, self.val_size = split, val_size
-        self._held_out: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._held_out: dict[str, tuple[Any, np.ndarray | torch.Tensor]] = {}
 
-    def examples(self, task: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The task's inputs of this pool's split, encoded as the classifier takes them
-        (:func:`encode_inputs`), and their labels."""
+    @property
+    def generative(self) -> bool:
+        """Whether the testbed's tasks are generation tasks (a decoder testbed)."""
+        return self.testbed.modality == "generation"
+
+    def examples(self, task: str) -> tuple[Any, np.ndarray | torch.Tensor]:
+        """The task's inputs of this pool's split and their labels: encoded as the classifier
+        takes them (:func:`encode_inputs`) with integer labels, or, on a decoder testbed, the
+        prompts and their accepted answers (object arrays of str)."""
         if self.split == "test":
             raw, labels = self.testbed.test_set(task)
+            if self.generative:
+                return raw, labels
             return encode_inputs(self.testbed, raw), torch.from_numpy(labels).long()
         if task not in self._held_out:
             raw, labels = held_out_split(
                 source_as_built(self.testbed, task), self.testbed.recipe, self.val_size
             )
-            # a task whose training pool the build used up has none (a tokenizer fails on [])
-            x = encode_inputs(self.testbed, raw) if len(labels) else {}
-            self._held_out[task] = (x, torch.from_numpy(labels).long())
+            if self.generative:
+                self._held_out[task] = (raw, labels)
+            else:
+                # a task whose training pool the build used up has none (a tokenizer fails on [])
+                x = encode_inputs(self.testbed, raw) if len(labels) else {}
+                self._held_out[task] = (x, torch.from_numpy(labels).long())
         return self._held_out[task]
 
     def _device(self) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _classify(self, model: nn.Module, task: str, device) -> tuple[np.ndarray, float, dict]:
+        """(per-example correctness, mean loss, per-sample entry) of one classification task."""
+        clf = self.testbed.classifier(task, backbone=model).to(device)
+        x, y = self.examples(task)
+        hit, loss_sum = torch.zeros(len(y), dtype=torch.bool), 0.0
+        for idx, batch in input_batches(x, self.batch_size):
+            logits = clf(**{k: v.to(device) for k, v in batch.items()})
+            yb = y[idx].to(device)
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            hit[idx] = (logits.argmax(-1) == yb).cpu()
+        hit = hit.numpy()
+        return hit, loss_sum / len(y), per_sample_mod.encode_task(hit, y.cpu().numpy())
+
+    def _generate(self, model: nn.Module, task: str) -> tuple[np.ndarray, float, dict]:
+        """(per-prompt correctness, answer loss, per-sample entry) of one generation task."""
+        prompts, answers = self.examples(task)
+        r, tokenizer = self.testbed.recipe, self.testbed.tokenizer()
+        preds = generate_answers(model, tokenizer, prompts, r.max_prompt_tokens, r.max_new_tokens,
+                                 self.batch_size)  # fmt: skip
+        hit = score(preds, answers)
+        loss = answer_loss(model, tokenizer, prompts, answers, r, self.batch_size)
+        return hit, loss, per_sample_entry(hit, answers)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -271,17 +341,11 @@ class TestbedTaskPool(BaseTaskPool):
             if not tasks:
                 raise ValueError("no task of this testbed has held-out validation examples")
         for task in tasks:
-            clf = self.testbed.classifier(task, backbone=model).to(device)
-            x, y = self.examples(task)
-            hit, loss_sum = torch.zeros(len(y), dtype=torch.bool), 0.0
-            for idx, batch in input_batches(x, self.batch_size):
-                logits = clf(**{k: v.to(device) for k, v in batch.items()})
-                yb = y[idx].to(device)
-                loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
-                hit[idx] = (logits.argmax(-1) == yb).cpu()
-            hit = hit.numpy()
-            report[task] = {"accuracy": int(hit.sum()) / len(y), "loss": loss_sum / len(y)}
-            per_sample[task] = per_sample_mod.encode_task(hit, y.cpu().numpy())
+            if self.generative:
+                hit, loss, per_sample[task] = self._generate(model, task)
+            else:
+                hit, loss, per_sample[task] = self._classify(model, task, device)
+            report[task] = {"accuracy": int(hit.sum()) / len(hit), "loss": loss}
         report["average"] = {
             "accuracy": sum(report[t]["accuracy"] for t in tasks) / len(tasks),
             "loss": sum(report[t]["loss"] for t in tasks) / len(tasks),
