@@ -30,7 +30,6 @@ def suites_side_by_side(
     merger_blocks(side, res, cols, cells, sel.variants(cells, order), None, row_labels(cells), lin)
     t.lines += ["", "**Average per suite, side by side**", "", *side.lines]
     table5_side_by_side(t, cells, res)
-    versus_layerwise(t, cells, res)
 
 
 def versus_layerwise(t: Table, cells: Sequence[Cell], res: Results) -> None:

@@ -10,7 +10,7 @@ from fusion_bench_larv.core.io import write_text_atomic
 
 from . import plots
 from . import selection as sel
-from .bench_sections import questions, suites_side_by_side
+from .bench_sections import questions, suites_side_by_side, versus_layerwise
 from .ceiling import ceiling_section
 from .columns import FINETUNED
 from .experiments import BENCH_VARIANTS, CONTINUOUS_MEDIAN, EXPERIMENTS, Cell
@@ -33,6 +33,7 @@ def bench_artefacts(cells: Sequence[Cell], res: Results, folder: Path) -> list[P
     t = per_task_table("bench", title, cells, res, None, order, relative=True, linear=True)
     if len(sel.suites(cells)) > 1:
         suites_side_by_side(t, cells, res, order)
+    versus_layerwise(t, cells, res)  # one suite too (a folder of one build)
     questions(t, cells, res)
     written += ceiling_section(t, cells, res, folder)
     written += regime_cards(t, cells, res, folder)
