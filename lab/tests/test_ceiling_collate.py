@@ -90,11 +90,40 @@ def test_the_bench_table_shows_each_share_or_says_it_is_undefined(tmp_path):
     sh = share_bootstrap(base, ramp, ceil)
     lines = table.splitlines()
     i = lines.index(next(x for x in lines if x.startswith("| Task Arithmetic: ceiling − base |")))
-    assert lines[i + 1] == (f"| ↳ linear ramp's share of it | {100 * sh.share:.0f} % "
+    assert lines[i + 1] == (f"| ↳ linear ramp's share of the ceiling | {100 * sh.share:.0f} % "
                             f"[{100 * sh.lo:.0f}, {100 * sh.hi:.0f}] |")  # fmt: skip
-    assert any(x.startswith("| ↳ linear ramp's share of it | undefined") for x in lines[i + 2 :])
-    assert sum(x.startswith("| ↳ linear ramp's share of it |") for x in lines) == 2
+    assert any(
+        x.startswith("| ↳ linear ramp's share of the ceiling | undefined") for x in lines[i + 2 :]
+    )
+    assert sum(x.startswith("| ↳ linear ramp's share of the ceiling |") for x in lines) == 2
     with open(art / "ceiling_shares.csv") as f:
         rows = list(csv.DictReader(f))
     rec = next(r for r in rows if r["merger"] == "ta" and r["quantity"] == "linear ramp / ceiling")
     assert float(rec["value"]) == pytest.approx(sh.share, abs=1e-4)
+
+
+def test_adamerging_is_read_against_task_arithmetics_ceilings(tmp_path):
+    # AdaMerging (a reference row over TA's task vectors) − TA's base, and its share of the
+    # per-task ceiling's gain and of the ceiling's, as share_bootstrap computes them
+    n = {"t1": 400, "t2": 250}
+    rng = np.random.default_rng(2)
+    base = {t: rng.random(k) < 0.6 for t, k in n.items()}
+    per_task = {t: b | (rng.random(b.size) < 0.4) for t, b in base.items()}
+    ceil = {t: np.where(rng.random(b.size) < 0.5, per_task[t], b) for t, b in base.items()}
+    ada = {t: np.where(rng.random(b.size) < 0.8, per_task[t], b) for t, b in base.items()}
+    cells = X.filter_cells(X.EXPERIMENTS["bench"].cells(), mergers=["ta", "testbed_adamerging"],
+                           variants=["base", "fitted-scales-val", "fitted-scales-val-per-task"])  # fmt: skip
+    for c in cells:
+        acc = {"base": base, "fitted-scales-val": ceil, "fitted-scales-val-per-task": per_task}
+        _write(c, tmp_path, ada if c.merger == "testbed_adamerging" else acc[c.variant.slug])
+    assert {c.merger for c in cells} == {"ta", "testbed_adamerging"}
+    collate.collate(tmp_path, {"bench": cells})
+    lines = (tmp_path / "artefacts" / "bench.md").read_text().splitlines()
+    head = "| Task Arithmetic: layer-wise AdaMerging (unlabelled test inputs) − base | "
+    i = lines.index(next(x for x in lines if x.startswith(head)))
+    gain = np.mean([ada[t].mean() - base[t].mean() for t in n])
+    assert lines[i].startswith(f"{head}{100 * gain:+.1f} [")
+    for j, (ceiling, name) in enumerate(((per_task, "per-task ceiling"), (ceil, "ceiling"))):
+        sh = share_bootstrap(base, ada, ceiling)
+        assert lines[i + 1 + j] == (f"| ↳ its share of the {name} | {100 * sh.share:.0f} % "
+                                    f"[{100 * sh.lo:.0f}, {100 * sh.hi:.0f}] |")  # fmt: skip

@@ -28,6 +28,10 @@ from .tablefmt import Table, delta_text, write_csv
 #: the rows whose gain is read as a share of the ceiling's: (variant slug, label)
 SHARED = ((sel.LINEAR, "linear ramp"), (TIERED.slug, "LARV tiered"),
           (LINES_VAL.slug, "LiNeS (β on val.)"))  # fmt: skip
+#: rows of another merger read against a merger's ceilings: (merger, its cell, label).
+#: Layer-wise AdaMerging learns one λ per task vector and block over Task Arithmetic's task
+#: vectors (on unlabelled test inputs): the per-task ceiling's reading, without labels
+OVER = {"ta": (("testbed_adamerging", "base"), "layer-wise AdaMerging (unlabelled test inputs)")}
 CSV = "ceiling_shares.csv"
 
 
@@ -173,7 +177,8 @@ def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path)
                 rows.append({"suite": s.key, "merger": m, "variant": v,
                              "quantity": f"{label} / ceiling", "value": sh.share, "lo": sh.lo,
                              "hi": sh.hi})  # fmt: skip
-            side.row(f"↳ {label}'s share of it", shown)
+            side.row(f"↳ {label}'s share of the ceiling", shown)
+        rows += _over_rows(side, res, suites, m, have)
     t.lines += [
         "",
         "**The ceiling of per-block rescaling** (per-block scales fitted on validation labels; "
@@ -186,3 +191,45 @@ def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path)
     ]
     keys = ["suite", "merger", "variant", "quantity", "value", "lo", "hi"]
     return [write_csv(folder / CSV, keys, rows)]
+
+
+def _over_rows(side: Table, res: Results, suites, merger: str, have: set) -> list[dict]:
+    """For a merger of :data:`OVER` whose other cell ran: that cell − the merger's base (paired
+    interval), and its share of the per-task ceiling's gain and of the ceiling's
+    (:func:`share_bootstrap`); the CSV's rows."""
+    if merger not in OVER:
+        return []
+    (other_m, other_v), label = OVER[merger]
+    cis = [res.interval(s.key, other_m, other_v, None, (merger, "base")) for s in suites]
+    if not any(ci is not None for ci in cis):
+        return []
+    side.row(f"{display_label(merger)}: {label} − base", [
+        "—" if ci is None else delta_text(ci.delta, ci) + ("*" if ci.significant else "")
+        for ci in cis])  # fmt: skip
+    rows = [{"suite": s.key, "merger": other_m, "variant": other_v,
+             "quantity": f"{label} − {merger} base", "value": ci.delta / 100,
+             "lo": ci.lo / 100, "hi": ci.hi / 100}
+            for s, ci in zip(suites, cis, strict=True) if ci is not None]  # fmt: skip
+    for ceiling, name in ((FITTED_PER_TASK.slug, "per-task ceiling"), (FITTED.slug, "ceiling")):
+        if ceiling not in have:
+            continue
+        shown = []
+        for s in suites:
+            runs = [res.get(s.key, merger, "base"), res.get(s.key, other_m, other_v),
+                    res.get(s.key, merger, ceiling)]  # fmt: skip
+            paired = _paired(runs)
+            gain = res.interval(s.key, merger, ceiling)
+            if paired is None or gain is None:
+                shown.append("—")
+                continue
+            if not gain.significant:
+                shown.append(f"undefined (the {name}'s gain interval includes 0)")
+                continue
+            sh = share_bootstrap(*({k: p[i] for k, p in paired.items()} for i in range(3)),
+                                 res.resamples, res.seed)  # fmt: skip
+            shown.append(f"{_pct(sh.share)} % [{_pct(sh.lo)}, {_pct(sh.hi)}]")
+            rows.append({"suite": s.key, "merger": other_m, "variant": other_v,
+                         "quantity": f"{label} / {merger} {name}", "value": sh.share,
+                         "lo": sh.lo, "hi": sh.hi})  # fmt: skip
+        side.row(f"↳ its share of the {name}", shown)
+    return rows
