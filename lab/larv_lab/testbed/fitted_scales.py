@@ -91,6 +91,15 @@ def tied_aliases(module: nn.Module, names: Iterable[str]) -> list[str]:
     return [k for k in names if k in every and k not in first]
 
 
+def fitted_groups(ctx: MergeContext, module: nn.Module) -> dict[str, int]:
+    """b(k) of every name the fit scales (:func:`group_of`), a tied tensor under its first name
+    only (:func:`tied_aliases` of ``module``): one tensor, one scale, as LARV gives it."""
+    group = group_of(ctx.groups, ctx.names)
+    for k in tied_aliases(module, group):
+        del group[k]
+    return group
+
+
 def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LarvConfigError(f"fitted block scales config `{key}` = {value!r}: a positive integer")
@@ -226,9 +235,7 @@ class TestbedFittedBlockScales(UpdateRescaler):
         del taus
         fitted = self._fit(ctx, sources, tasks)
         fitted["lambda"], fitted["lambda_residual"] = lam, resid
-        group = group_of(ctx.groups, ctx.names)
-        for k in tied_aliases(merged, group):  # one tensor, one scale: its first name's (as LARV)
-            del group[k]
+        group = fitted_groups(ctx, merged)
         theta0 = {k: _float(ctx.theta0[k]) for k in ctx.names}
         with torch.no_grad():
             new = compose(theta0, sources, group, torch.tensor(fitted["scales"]))
@@ -296,9 +303,7 @@ class TestbedFittedBlockScales(UpdateRescaler):
                 log.info("fitted block scales: step %d of %d, loss %.4f", step + 1, self.steps,
                          value)  # fmt: skip
 
-        group = group_of(ctx.groups, ctx.names)
-        for k in tied_aliases(arch, group):  # one tensor, one scale: its first name's (as LARV)
-            del group[k]
+        group = fitted_groups(ctx, arch)
         theta0 = {k: _float(ctx.theta0[k]).to(device) for k in ctx.names}
         updates = [{k: v.to(device) for k, v in u.items()} for u in updates]
         fit = fit_block_scales(theta0, updates, group, ctx.groups.num_layers + 1, loss,
@@ -347,33 +352,29 @@ class TestbedFittedBlockScales(UpdateRescaler):
             from .decoder_build import answer_batch
 
             tokenizer, recipe = pool.testbed.tokenizer(), pool.testbed.recipe
-            prompts = {t: examples[t] for t in covered}
             batches = {t: index_batches(len(examples[t][1]), self.batch_size, self.seed + i)
                        for i, t in enumerate(covered)}  # fmt: skip
 
-            def loss(params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-                total = torch.zeros((), device=device)
-                for t in covered:
-                    idx = next(batches[t]).numpy()
-                    x, y = prompts[t]
-                    batch = answer_batch(tokenizer, x[idx], y[idx], recipe, device)
-                    total = total + call_with(arch, params)(**batch).loss
-                return total
+            def task_loss(params: Mapping[str, torch.Tensor], t: str) -> torch.Tensor:
+                idx = next(batches[t]).numpy()
+                x, y = examples[t]
+                batch = answer_batch(tokenizer, x[idx], y[idx], recipe, device)
+                return call_with(arch, params)(**batch).loss
+        else:
+            heads = {t: pool.testbed.classifier(t, backbone=arch).to(device) for t in covered}
+            batches = {t: labelled_batches(*examples[t], self.batch_size, self.seed + i)
+                       for i, t in enumerate(covered)}  # fmt: skip
 
-            return loss
-        heads = {t: pool.testbed.classifier(t, backbone=arch).to(device) for t in covered}
-        batches = {
-            t: labelled_batches(*examples[t], self.batch_size, self.seed + i)
-            for i, t in enumerate(covered)
-        }
+            def task_loss(params: Mapping[str, torch.Tensor], t: str) -> torch.Tensor:
+                x, y = next(batches[t])
+                x = {k: v.to(device) for k, v in x.items()}
+                logits = call_with(heads[t], params, prefix="backbone.")(**x)
+                return nn.functional.cross_entropy(logits, y.to(device))
 
         def loss(params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
             total = torch.zeros((), device=device)
             for t in covered:
-                x, y = next(batches[t])
-                x = {k: v.to(device) for k, v in x.items()}
-                logits = call_with(heads[t], params, prefix="backbone.")(**x)
-                total = total + nn.functional.cross_entropy(logits, y.to(device))
+                total = total + task_loss(params, t)
             return total
 
         return loss

@@ -29,9 +29,7 @@ from torch.utils.data import Dataset
 from fusion_bench_larv.evaluation import per_sample as per_sample_mod
 from fusion_bench_larv.evaluation.clip_taskpool import evaluation_tasks
 
-from .backbone import load_backbone
 from .build import Testbed, build_testbed, load_testbed, preprocess
-from .decoder_backbone import load_decoder
 from .decoder_build import (
     DECODER_RECIPES,
     DecoderTestbed,
@@ -43,7 +41,6 @@ from .decoder_build import (
     score,
 )
 from .sources import load_source, source_fingerprint
-from .text_backbone import load_text_backbone
 from .text_build import TEXT_RECIPES, TextTestbed, build_text_testbed, load_text_testbed
 from .toolkit import held_out_split, split
 
@@ -56,8 +53,6 @@ FAMILIES = {
     "text": (load_text_testbed, build_text_testbed),
     "generation": (load_decoder_testbed, build_decoder_testbed),
 }
-#: a testbed's modality -> how to load one of its models (θ_0 or a fine-tuned copy)
-MODEL_LOADERS = {"image": load_backbone, "text": load_text_backbone, "generation": load_decoder}
 
 AnyTestbed = Testbed | TextTestbed | DecoderTestbed
 
@@ -214,7 +209,7 @@ class TestbedModelPool(BaseModelPool):
 
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
         if isinstance(model_name_or_config, str) and model_name_or_config in self._models:
-            return MODEL_LOADERS[self.testbed.modality](self._models[model_name_or_config])
+            return self.testbed.family.load_backbone(self._models[model_name_or_config])
         return super().load_model(model_name_or_config, *args, **kwargs)
 
     def load_train_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
