@@ -253,11 +253,13 @@ def test_generation_scorer_finds_a_planted_answer(tmp_path):
     model = db.load_decoder(model_dir)
     ids = tok("42", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(CHAT_END)]
 
-    # left padding changes nothing: batched greedy answers are those of one prompt at a time
+    # left padding and batches formed by prompt length change nothing: batched greedy answers
+    # are those of one prompt at a time, in the prompts' order
     prompts = np.array(
-        ["What is 6 x 7?", "Sum: 40 + 2, and a much longer prompt than the other"], object
-    )
-    one = [db.generate_answers(model, tok, prompts[i : i + 1], 64, 5, 1)[0] for i in range(2)]
+        ["Sum: 40 + 2, and a much longer prompt than the other", "What is 6 x 7?",
+         "A prompt of a middling length here", "Hi", "What is 6 x 7?"], object,
+    )  # fmt: skip
+    one = [db.generate_answers(model, tok, prompts[i : i + 1], 64, 5, 1)[0] for i in range(5)]
     assert db.generate_answers(model, tok, prompts, 64, 5, batch_size=2) == one
     # the lm_head's output is replaced: step k of the generation (the prompt's prefill is step
     # 0) makes ids[k] the only likely token, whatever the prompt and its padding
@@ -276,6 +278,37 @@ def test_generation_scorer_finds_a_planted_answer(tmp_path):
     got = db.generate_answers(model, tok, prompts, 64, 4, batch_size=2)
     assert got == ["42", "42"]
     assert db.score(got, ["42", f"41{ANSWER_SEP}42"]).all()
+
+
+def test_answer_token_loss_is_the_causal_lms_own_loss(tmp_path):
+    """The answer tokens' cross-entropy with the vocabulary projected at the answer positions
+    only: the value and the gradient of the model's own ``loss`` on the same labels (transformers'
+    causal-LM loss is the oracle), also run as a module with other parameters."""
+    model = db.load_decoder(_tiny_model_dir(tmp_path / "tiny")).train()
+    tok = db.load_decoder_tokenizer(tmp_path / "tiny")
+    recipe = db.DECODER_RECIPES["decoder_ci"]
+    prompts = np.array(["What is 6 x 7?", "Sum: 40 + 2, and a much longer prompt", "Hi"], object)
+    answers = np.array(["42", f"42{ANSWER_SEP}forty-two", "hello there"], object)
+    batch = db.answer_batch(tok, prompts, answers, recipe, "cpu")
+    own = model(**batch).loss
+    (g_own,) = torch.autograd.grad(own, [model.model.layers[0].mlp.up_proj.weight])
+    ours = db.answer_token_loss(model, batch)
+    (g_ours,) = torch.autograd.grad(ours, [model.model.layers[0].mlp.up_proj.weight])
+    assert float(ours.detach()) == pytest.approx(float(own.detach()), rel=1e-6)
+    assert torch.allclose(g_ours, g_own, rtol=1e-4, atol=1e-7)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    total = db.answer_token_loss(model, batch, reduction="sum")
+    assert float(total.detach()) == pytest.approx(float(own.detach()) * n, rel=1e-6)
+    # as a module under functional_call, with every weight halved: the halved model's own loss
+    from fusion_bench_larv.core.fitted_scales import call_with
+
+    halved = {k: v.detach() * 0.5 for k, v in model.named_parameters()}
+    got = call_with(db.AnswerLoss(model), halved, prefix="lm.")(**batch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+        expected = float(model(**batch).loss)
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.skipif(

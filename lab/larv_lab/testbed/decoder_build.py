@@ -15,10 +15,11 @@ task, seeded from ``recipe.seed`` and the task's name:
    per-block energies e_ℓ LARV reads) for ``finetune_steps`` AdamW steps, the toolkit's warm-up
    and cosine schedule, on the cross-entropy of the target tokens only (prompt and padding
    masked).
-4. **Evaluate** (:func:`generate_answers`, :func:`score`): greedy decoding, batched with left
-   padding, at most ``max_new_tokens`` new tokens, stopped at ``<|im_end|>``; a prediction is
-   correct when it equals an accepted answer after :func:`.decoder_sources.normalise` (first line,
-   whitespace collapsed, lower-cased, trailing ``.``/``!``/quotes dropped). Per-prompt correctness
+4. **Evaluate** (:func:`generate_answers`, :func:`score`): greedy decoding, batched by prompt
+   length with left padding, at most ``max_new_tokens`` new tokens, stopped at ``<|im_end|>``; a
+   prediction is correct when it equals an accepted answer after
+   :func:`.decoder_sources.normalise` (first line, whitespace collapsed, lower-cased, trailing
+   ``.``/``!``/quotes dropped). Per-prompt correctness
    is kept in the per-sample format (:func:`per_sample_entry`).
 5. **Save**: fine-tuned models with ``save_pretrained`` (safetensors), test sets as JSON
    (prompts, accepted answers), each task's metrics (``tasks/<task>.json``, which lets an
@@ -64,8 +65,10 @@ __all__ = [
     "DECODER_TESTBEDS",
     "DecoderRecipe",
     "DecoderTestbed",
+    "AnswerLoss",
     "answer_batch",
     "answer_loss",
+    "answer_token_loss",
     "build_decoder_testbed",
     "chat_ids",
     "decoder_family",
@@ -76,7 +79,7 @@ __all__ = [
 ]
 
 #: bump whenever the build changes in a way that changes its outputs (invalidates caches)
-DECODER_BUILD_VERSION = 1
+DECODER_BUILD_VERSION = 2  # 2: batches by prompt length, the answer-token loss
 
 
 @dataclass(frozen=True)
@@ -201,23 +204,28 @@ def generate_answers(
 ) -> list[str]:  # fmt: skip
     """Greedy answers to ``prompts`` (:func:`chat_ids`), batched with left padding, at most
     ``max_new_tokens`` new tokens each, stopped at ``<|im_end|>``; the new tokens decoded without
-    special tokens. ``model``'s mode is restored after."""
+    special tokens, in the order of ``prompts``. The batches are formed in order of prompt length
+    (padding is compute spent on nothing). ``model``'s mode is restored after."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     end = tokenizer.convert_tokens_to_ids(CHAT_END)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
-    out: list[str] = []
-    chunks = list(toolkit.batches(len(prompts), batch_size))
+    ids = [chat_ids(tokenizer, str(p), max_prompt_tokens) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # stable: ties keep their order
+    out: list[str] = [""] * len(ids)
+    chunks = list(toolkit.batches(len(ids), batch_size))
     for sl in toolkit.progress_bar(chunks, progress, desc=desc, unit="batch"):
-        enc = _left_pad([chat_ids(tokenizer, str(p), max_prompt_tokens) for p in prompts[sl]],
-                        pad, device)  # fmt: skip
+        batch = order[sl]
+        enc = _left_pad([ids[i] for i in batch], pad, device)
         gen = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=end, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
         )  # fmt: skip
         new = gen[:, enc["input_ids"].shape[1] :].cpu()
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for i, text in zip(batch, texts, strict=True):
+            out[i] = text
     model.train(was_training)
     return out
 
@@ -258,24 +266,55 @@ def evaluate_generation(model, tokenizer, prompts, labels, recipe, progress=Fals
     return float(correct.mean()) if len(correct) else 0.0, correct
 
 
+def answer_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """The cross-entropy of the answer tokens of ``batch`` (:func:`answer_batch`): the value the
+    causal LM's own ``loss`` gives for ``batch["labels"]`` (token i + 1 predicted at position i,
+    ``-100`` ignored, in float32), with the vocabulary projection computed at the positions that
+    predict an answer token only: most of a batch is prompt, and the projection onto SmolLM2's
+    49,152 tokens is about a fifth of its forward pass. A model whose head transforms its logits
+    further (a soft cap, a logit scale) is called whole."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target = batch["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+            reduction=reduction)  # fmt: skip
+    hidden = model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction=reduction)
+
+
+class AnswerLoss(torch.nn.Module):
+    """:func:`answer_token_loss` of ``lm`` as a module (its parameters named ``lm.<name>``), so
+    that :func:`torch.func.functional_call` can run it with other parameters."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **batch) -> torch.Tensor:
+        return answer_token_loss(self.lm, batch)
+
+
 @torch.no_grad()
 def answer_loss(model, tokenizer, prompts, labels, recipe, batch_size: int) -> float:
     """The mean cross-entropy per answer token, teacher-forced: each prompt (:func:`chat_ids`)
     followed by its first accepted answer and ``<|im_end|>`` (:func:`target_ids`), the loss the
-    fine-tuning minimised, summed over every answer token of ``prompts`` and divided by their
-    number (prompt and padding masked). ``model``'s mode is restored after."""
+    fine-tuning minimised (:func:`answer_token_loss`), summed over every answer token of
+    ``prompts`` and divided by their number. ``model``'s mode is restored after."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for sl in toolkit.batches(len(prompts), batch_size):
         batch = answer_batch(tokenizer, prompts[sl], labels[sl], recipe, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        target = batch["labels"][:, 1:]  # token i + 1 is predicted at position i
-        total += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
-            reduction="sum"))  # fmt: skip
-        count += int((target != -100).sum())
+        total += float(answer_token_loss(model, batch, reduction="sum"))
+        count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was_training)
     return total / count if count else float("nan")
 
@@ -316,7 +355,8 @@ def finetune(model, tokenizer, prompts, labels, recipe, seed, device, progress, 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_of(idx: np.ndarray) -> torch.Tensor:
-        return model(**answer_batch(tokenizer, prompts[idx], labels[idx], recipe, device)).loss
+        return answer_token_loss(model, answer_batch(tokenizer, prompts[idx], labels[idx], recipe,
+                                                     device))  # fmt: skip
 
     out = toolkit.train_loop(model, params, len(labels), loss_of, recipe, seed, progress, desc)
     return {**out, "trained_parameters": int(sum(p.numel() for p in params))}

@@ -347,19 +347,20 @@ class TestbedFittedBlockScales(UpdateRescaler):
         """ℓ(θ(s), step): the cross-entropy of one batch of each covered task's validation
         examples, summed over the tasks; through each task's frozen head, or, on a decoder
         testbed, of the answer tokens given each prompt
-        (:func:`~.decoder_build.answer_batch`)."""
+        (:func:`~.decoder_build.answer_token_loss`)."""
         if pool.testbed.modality == "generation":
-            from .decoder_build import answer_batch
+            from .decoder_build import AnswerLoss, answer_batch
 
             tokenizer, recipe = pool.testbed.tokenizer(), pool.testbed.recipe
             batches = {t: index_batches(len(examples[t][1]), self.batch_size, self.seed + i)
                        for i, t in enumerate(covered)}  # fmt: skip
+            loss_module = AnswerLoss(arch)
 
             def task_loss(params: Mapping[str, torch.Tensor], t: str) -> torch.Tensor:
                 idx = next(batches[t]).numpy()
                 x, y = examples[t]
                 batch = answer_batch(tokenizer, x[idx], y[idx], recipe, device)
-                return call_with(arch, params)(**batch).loss
+                return call_with(loss_module, params, prefix="lm.")(**batch)
         else:
             heads = {t: pool.testbed.classifier(t, backbone=arch).to(device) for t in covered}
             batches = {t: labelled_batches(*examples[t], self.batch_size, self.seed + i)
