@@ -127,3 +127,11 @@ def test_adamerging_is_read_against_task_arithmetics_ceilings(tmp_path):
         sh = share_bootstrap(base, ada, ceiling)
         assert lines[i + 1 + j] == (f"| ↳ its share of the {name} | {100 * sh.share:.0f} % "
                                     f"[{100 * sh.lo:.0f}, {100 * sh.hi:.0f}] |")  # fmt: skip
+    # the forest plot draws it too: a row after Task Arithmetic's, against TA's base cell
+    from larv_lab.reproduce.plots import forest_rows
+    from larv_lab.reproduce.results import Results
+
+    rows, labels = forest_rows(cells, Results(cells, tmp_path))
+    assert rows[-1] == ("ta", ("testbed_adamerging", "base"))
+    assert labels[rows[-1][1]] == "layer-wise AdaMerging (unlabelled test inputs)"
+    assert ("testbed_adamerging", "base") not in rows

@@ -28,10 +28,6 @@ from .tablefmt import Table, delta_text, write_csv
 #: the rows whose gain is read as a share of the ceiling's: (variant slug, label)
 SHARED = ((sel.LINEAR, "linear ramp"), (TIERED.slug, "LARV tiered"),
           (LINES_VAL.slug, "LiNeS (β on val.)"))  # fmt: skip
-#: rows of another merger read against a merger's ceilings: (merger, its cell, label).
-#: Layer-wise AdaMerging learns one λ per task vector and block over Task Arithmetic's task
-#: vectors (on unlabelled test inputs): the per-task ceiling's reading, without labels
-OVER = {"ta": (("testbed_adamerging", "base"), "layer-wise AdaMerging (unlabelled test inputs)")}
 CSV = "ceiling_shares.csv"
 
 
@@ -194,12 +190,12 @@ def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path)
 
 
 def _over_rows(side: Table, res: Results, suites, merger: str, have: set) -> list[dict]:
-    """For a merger of :data:`OVER` whose other cell ran: that cell − the merger's base (paired
+    """For a merger of :data:`.selection.OVER` whose other cell ran: that cell − the merger's base (paired
     interval), and its share of the per-task ceiling's gain and of the ceiling's
     (:func:`share_bootstrap`); the CSV's rows."""
-    if merger not in OVER:
+    if merger not in sel.OVER:
         return []
-    (other_m, other_v), label = OVER[merger]
+    (other_m, other_v), label = sel.OVER[merger]
     cis = [res.interval(s.key, other_m, other_v, None, (merger, "base")) for s in suites]
     if not any(ci is not None for ci in cis):
         return []

@@ -6,8 +6,9 @@
 - Figure 4: Δ (schedule − base) heatmaps over (s_middle, s_deep), one panel per s_shallow and
   merger.
 - Forest plot (the benchmark's ``forest_bench.png``): Δ average accuracy (variant − base merger)
-  with its paired bootstrap 95% interval, one row per merger × variant, one marker per suite;
-  beside it, LARV's rows against the linear depth ramp (``sched-linear``) where it was run.
+  with its paired bootstrap 95% interval, one row per merger × variant (and layer-wise
+  AdaMerging against Task Arithmetic, ``selection.OVER``), one marker per suite; beside it,
+  LARV's rows against the linear depth ramp (``sched-linear``) where it was run.
 """
 
 from __future__ import annotations
@@ -215,9 +216,33 @@ def fig4(cells: Sequence[Cell], res, path: Path) -> Path | None:
     return _save(fig, path, dpi=110)
 
 
+def forest_rows(cells: Sequence[Cell], res, order: Sequence[str] = ()) -> tuple[list, dict]:
+    """The forest plot's rows and their labels: ``(merger, variant slug)`` for every variant (not
+    the base) that ran with its merger's base cell, in ``order`` then the cells' order, and after
+    a merger of :data:`.selection.OVER` ``(merger, (other merger, its cell))`` where that cell
+    ran (AdaMerging against Task Arithmetic)."""
+    suites = sel.suites(cells)
+    # row labels as in the tables, without markdown's backticks
+    labels: dict = {c.variant.slug: c.variant.label.removeprefix("+").replace("`", "")
+                    for c in cells}  # fmt: skip
+    have = {c.variant.slug for c in cells}
+    variants = [v for v in [*order, *labels] if v != "base" and v in have]
+    variants = list(dict.fromkeys(variants))
+    rows: list = []
+    for m in sel.mergers(cells):
+        base = [s for s in suites if res.get(s.key, m, "base")]
+        rows += [(m, v) for v in variants if any(res.get(s.key, m, v) for s in base)]
+        if m in sel.OVER:
+            other, label = sel.OVER[m]
+            if any(res.get(s.key, *other) for s in base):
+                rows.append((m, other))
+                labels[other] = label
+    return rows, labels
+
+
 def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) -> Path | None:
-    """Forest plot: one row per merger × variant (not the base), the Δ of the average accuracy
-    against the merger's base cell (pp) as a point with its paired bootstrap 95% interval
+    """Forest plot: one row per merger × variant (:func:`forest_rows`), the Δ of the average
+    accuracy against the merger's base cell (pp) as a point with its paired bootstrap 95% interval
     (``res.interval``) as a horizontal bar, a vertical line at 0; one marker and colour per
     suite, the suites of a row side by side (slightly offset). A Δ whose cells have no
     per-sample files is drawn hollow, without a bar (no interval is made up). When the cells
@@ -226,18 +251,8 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
     plt = _plt()
 
     suites = sel.suites(cells)
-    mergers = sel.mergers(cells)
-    # row labels as in the tables, without markdown's backticks
-    labels = {c.variant.slug: c.variant.label.removeprefix("+").replace("`", "") for c in cells}
     have = {c.variant.slug for c in cells}
-    variants = [v for v in [*order, *labels] if v != "base" and v in have]
-    variants = list(dict.fromkeys(variants))
-    rows = [
-        (m, v)
-        for m in mergers
-        for v in variants
-        if any(res.get(s.key, m, v) and res.get(s.key, m, "base") for s in suites)
-    ]
+    rows, labels = forest_rows(cells, res, order)
     if not rows:
         return None
     panels = [("base", "Δ average accuracy vs the base merger (pp)")]
@@ -255,8 +270,9 @@ def forest(cells: Sequence[Cell], res, path: Path, order: Sequence[str] = ()) ->
         ax.set_xlabel(xlabel + ",\npaired bootstrap 95% interval", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     ax0 = axes[0][0]
-    ax0.set_yticks(range(len(rows)), [f"{display_label(m)} + {labels[v]}" for m, v in rows],
-                   fontsize=8)  # fmt: skip
+    ticks = [f"{display_label(m)}{': ' if isinstance(v, tuple) else ' + '}{labels[v]}"
+             for m, v in rows]  # fmt: skip
+    ax0.set_yticks(range(len(rows)), ticks, fontsize=8)
     ax0.set_ylim(len(rows) - 0.5, -0.5)
     title = f"Δ with 95% intervals over test examples (B = {res.resamples}, seed {res.seed})"
     if hollow:
@@ -284,10 +300,12 @@ def _forest_panel(ax, plt, suites, rows, shown, res, against: str) -> bool:
         for ri, (m, v) in enumerate(rows):
             if (m, v) not in shown:
                 continue
-            run, ref = res.get(s.key, m, v), res.get(s.key, m, against)
+            # v: a variant of m, or (merger, variant): another merger's cell (sel.OVER)
+            cell, base = (v, (m, against)) if isinstance(v, tuple) else ((m, v), against)
+            run, ref = res.get(s.key, *cell), res.get(s.key, m, against)
             if run is None or ref is None:
                 continue
-            ci = res.interval(s.key, m, v, against=against)
+            ci = res.interval(s.key, *cell, against=base)
             if ci is None:
                 hx.append(run.average - ref.average)
                 hy.append(ri + off)

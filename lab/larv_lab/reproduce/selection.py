@@ -15,6 +15,10 @@ VS_LINEAR = (
     *(v.slug for v in BENCH_VARIANTS if v.larv is not None and v.larv.get("gate") != "schedule"),
     MAX,
 )
+#: another merger's cell read against a merger's rows (tables and figures): (merger, its cell,
+#: label). Layer-wise AdaMerging learns one λ per task vector and block over Task Arithmetic's
+#: task vectors (on unlabelled test inputs): the per-task ceiling's reading, without labels
+OVER = {"ta": (("testbed_adamerging", "base"), "layer-wise AdaMerging (unlabelled test inputs)")}
 
 
 def mergers(cells: Sequence[Cell]) -> list[str]:
