@@ -143,37 +143,17 @@ def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path)
             if v == FITTED.slug:
                 gains = {s.key: ci for s, ci in zip(suites, cis, strict=True)}
             if v in have and any(ci is not None for ci in cis):
-                side.row(f"{display_label(m)}: {label}", [
-                    "—" if ci is None else delta_text(ci.delta, ci) + ("*" if ci.significant else "")
-                    for ci in cis])  # fmt: skip
-                rows += [{"suite": s.key, "merger": m, "variant": v, "quantity": label,
-                          "value": ci.delta / 100, "lo": ci.lo / 100, "hi": ci.hi / 100}
-                         for s, ci in zip(suites, cis, strict=True) if ci is not None]  # fmt: skip
+                rows += _delta_row(side, f"{display_label(m)}: {label}", suites, cis, m, v, label)
         if not any(ci is not None for ci in gains.values()):
             continue  # no ceiling for this merger in any suite: no share to read
         for v, label in SHARED:
             if v not in have:
                 continue
-            shown = []
-            for s in suites:
-                runs = [res.get(s.key, m, x) for x in ("base", v, FITTED.slug)]
-                paired = _paired(runs)
-                ceiling = gains.get(s.key)
-                if paired is None or ceiling is None:
-                    shown.append("—")
-                    continue
-                if not ceiling.significant:
-                    shown.append("undefined (the ceiling's gain interval includes 0)")
-                    continue
-                sh = share_bootstrap({k: p[0] for k, p in paired.items()},
-                                     {k: p[1] for k, p in paired.items()},
-                                     {k: p[2] for k, p in paired.items()},
-                                     res.resamples, res.seed)  # fmt: skip
-                shown.append(f"{_pct(sh.share)} % [{_pct(sh.lo)}, {_pct(sh.hi)}]")
-                rows.append({"suite": s.key, "merger": m, "variant": v,
-                             "quantity": f"{label} / ceiling", "value": sh.share, "lo": sh.lo,
-                             "hi": sh.hi})  # fmt: skip
-            side.row(f"↳ {label}'s share of the ceiling", shown)
+            rows += _share_row(
+                side, res, suites, f"↳ {label}'s share of the ceiling", "ceiling",
+                lambda s, m=m, v=v: [res.get(s.key, m, x) for x in ("base", v, FITTED.slug)],
+                gains.get, (m, v, f"{label} / ceiling"),
+            )  # fmt: skip
         rows += _over_rows(side, res, suites, m, have)
     t.lines += [
         "",
@@ -189,9 +169,47 @@ def ceiling_section(t: Table, cells: Sequence[Cell], res: Results, folder: Path)
     return [write_csv(folder / CSV, keys, rows)]
 
 
+def _delta_row(side: Table, label: str, suites, cis, merger: str, variant: str,
+               quantity: str) -> list[dict]:  # fmt: skip
+    """One row of average Δ (its paired interval, * where it excludes 0, — where missing) per
+    suite; the CSV's rows (fractions)."""
+    side.row(label, [
+        "—" if ci is None else delta_text(ci.delta, ci) + ("*" if ci.significant else "")
+        for ci in cis])  # fmt: skip
+    return [{"suite": s.key, "merger": merger, "variant": variant, "quantity": quantity,
+             "value": ci.delta / 100, "lo": ci.lo / 100, "hi": ci.hi / 100}
+            for s, ci in zip(suites, cis, strict=True) if ci is not None]  # fmt: skip
+
+
+def _share_row(side: Table, res: Results, suites, label: str, name: str, runs_of, gain_of,
+               csv_key: tuple[str, str, str]) -> list[dict]:  # fmt: skip
+    """One row of shares per suite: ``runs_of(suite)`` = (base, row, ceiling) runs, whose
+    gains' ratio is :func:`share_bootstrap`'s; undefined where ``gain_of(suite.key)`` (the
+    ceiling − base interval, named ``name``) includes 0, — where a cell or its pairing is
+    missing. ``csv_key``: (merger, variant, quantity) of the CSV's rows."""
+    merger, variant, quantity = csv_key
+    shown, rows = [], []
+    for s in suites:
+        paired = _paired(runs_of(s))
+        gain = gain_of(s.key)
+        if paired is None or gain is None:
+            shown.append("—")
+            continue
+        if not gain.significant:
+            shown.append(f"undefined (the {name}'s gain interval includes 0)")
+            continue
+        sh = share_bootstrap(*({k: p[i] for k, p in paired.items()} for i in range(3)),
+                             res.resamples, res.seed)  # fmt: skip
+        shown.append(f"{_pct(sh.share)} % [{_pct(sh.lo)}, {_pct(sh.hi)}]")
+        rows.append({"suite": s.key, "merger": merger, "variant": variant, "quantity": quantity,
+                     "value": sh.share, "lo": sh.lo, "hi": sh.hi})  # fmt: skip
+    side.row(label, shown)
+    return rows
+
+
 def _over_rows(side: Table, res: Results, suites, merger: str, have: set) -> list[dict]:
-    """For a merger of :data:`.selection.OVER` whose other cell ran: that cell − the merger's base (paired
-    interval), and its share of the per-task ceiling's gain and of the ceiling's
+    """For a merger of :data:`.selection.OVER` whose other cell ran: that cell − the merger's
+    base (paired interval), and its share of the per-task ceiling's gain and of the ceiling's
     (:func:`share_bootstrap`); the CSV's rows."""
     if merger not in sel.OVER:
         return []
@@ -199,33 +217,16 @@ def _over_rows(side: Table, res: Results, suites, merger: str, have: set) -> lis
     cis = [res.interval(s.key, other_m, other_v, None, (merger, "base")) for s in suites]
     if not any(ci is not None for ci in cis):
         return []
-    side.row(f"{display_label(merger)}: {label} − base", [
-        "—" if ci is None else delta_text(ci.delta, ci) + ("*" if ci.significant else "")
-        for ci in cis])  # fmt: skip
-    rows = [{"suite": s.key, "merger": other_m, "variant": other_v,
-             "quantity": f"{label} − {merger} base", "value": ci.delta / 100,
-             "lo": ci.lo / 100, "hi": ci.hi / 100}
-            for s, ci in zip(suites, cis, strict=True) if ci is not None]  # fmt: skip
+    rows = _delta_row(side, f"{display_label(merger)}: {label} − base", suites, cis, other_m,
+                      other_v, f"{label} − {merger} base")  # fmt: skip
     for ceiling, name in ((FITTED_PER_TASK.slug, "per-task ceiling"), (FITTED.slug, "ceiling")):
         if ceiling not in have:
             continue
-        shown = []
-        for s in suites:
-            runs = [res.get(s.key, merger, "base"), res.get(s.key, other_m, other_v),
-                    res.get(s.key, merger, ceiling)]  # fmt: skip
-            paired = _paired(runs)
-            gain = res.interval(s.key, merger, ceiling)
-            if paired is None or gain is None:
-                shown.append("—")
-                continue
-            if not gain.significant:
-                shown.append(f"undefined (the {name}'s gain interval includes 0)")
-                continue
-            sh = share_bootstrap(*({k: p[i] for k, p in paired.items()} for i in range(3)),
-                                 res.resamples, res.seed)  # fmt: skip
-            shown.append(f"{_pct(sh.share)} % [{_pct(sh.lo)}, {_pct(sh.hi)}]")
-            rows.append({"suite": s.key, "merger": other_m, "variant": other_v,
-                         "quantity": f"{label} / {merger} {name}", "value": sh.share,
-                         "lo": sh.lo, "hi": sh.hi})  # fmt: skip
-        side.row(f"↳ its share of the {name}", shown)
+        rows += _share_row(
+            side, res, suites, f"↳ its share of the {name}", name,
+            lambda s, c=ceiling: [res.get(s.key, merger, "base"), res.get(s.key, other_m, other_v),
+                                  res.get(s.key, merger, c)],
+            lambda key, c=ceiling: res.interval(key, merger, c),
+            (other_m, other_v, f"{label} / {merger} {name}"),
+        )  # fmt: skip
     return rows

@@ -19,8 +19,8 @@ task, seeded from ``recipe.seed`` and the task's name:
    length with left padding, at most ``max_new_tokens`` new tokens, stopped at ``<|im_end|>``; a
    prediction is correct when it equals an accepted answer after
    :func:`.decoder_sources.normalise` (first line, whitespace collapsed, lower-cased, trailing
-   ``.``/``!``/quotes dropped). Per-prompt correctness
-   is kept in the per-sample format (:func:`per_sample_entry`).
+   ``.``/``!``/quotes dropped). Per-prompt correctness is kept in the per-sample format
+   (:func:`per_sample_entry`).
 5. **Save**: fine-tuned models with ``save_pretrained`` (safetensors), test sets as JSON
    (prompts, accepted answers), each task's metrics (``tasks/<task>.json``, which lets an
    interrupted build resume per task).
@@ -273,19 +273,15 @@ def answer_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tens
     predict an answer token only: most of a batch is prompt, and the projection onto SmolLM2's
     49,152 tokens is about a fifth of its forward pass. A model whose head transforms its logits
     further (a soft cap, a logit scale) is called whole."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    target = batch["labels"][:, 1:]  # token i + 1 is predicted at position i
+    keep = target != -100
     config = model.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        target = batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
-            reduction=reduction)  # fmt: skip
-    hidden = model.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    target = batch["labels"][:, 1:]
-    keep = target != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = model(**inputs).logits[:, :-1][keep]
+    else:
+        hidden = model.base_model(**inputs).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction=reduction)
 
 
