@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="decoder recipes: a causal LM folder with a ChatML tokenizer instead of SmolLM2",
     )
+    parser.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help="a pilot: the recipe with this fine-tuning learning rate (a cache key of its own, "
+        "the recipe's own once its learning rate is set to this value)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print report.json at the end")
     parser.add_argument(
@@ -71,14 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(
         num_threads=args.threads, device=args.device, progress=not args.quiet, force=args.force
     )
+    recipe = {**RECIPES, **TEXT_RECIPES, **DECODER_RECIPES}[args.recipe]
+    if args.finetune_lr is not None:
+        recipe = recipe.replace(finetune_lr=args.finetune_lr)
     try:
         if args.recipe in DECODER_RECIPES:
-            testbed = build_decoder_testbed(args.recipe, args.cache_dir, args.model_dir, **common)
+            testbed = build_decoder_testbed(recipe, args.cache_dir, args.model_dir, **common)
         elif args.recipe in TEXT_RECIPES:
-            testbed = build_text_testbed(args.recipe, args.cache_dir, **common)
+            testbed = build_text_testbed(recipe, args.cache_dir, **common)
         else:
             testbed = build_testbed(
-                args.recipe, args.cache_dir, check_onnx=not args.no_onnx_check, **common
+                recipe, args.cache_dir, check_onnx=not args.no_onnx_check, **common
             )
     except SourceMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)

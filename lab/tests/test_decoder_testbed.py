@@ -209,6 +209,22 @@ def _cli_main():
     return module.main
 
 
+def test_build_cli_finetune_lr_builds_a_pilot_of_its_own(tmp_path, monkeypatch):
+    """``--finetune-lr`` builds the recipe with that learning rate into a folder of its own: the
+    recipe it records carries the rate, and its key is the recipe's once the rate is set."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = _tiny_model_dir(tmp_path / "tiny")
+    main = _cli_main()
+    common = ["--recipe", "decoder_ci", "--model-dir", str(model_dir), "--quiet", "--threads", "1"]
+    assert main([*common, "--cache-dir", str(tmp_path / "a"), "--finetune-lr", "2e-3"]) == 0
+    assert main([*common, "--cache-dir", str(tmp_path / "b")]) == 0
+    (pilot,), (plain,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
+    assert pilot.name != plain.name
+    assert json.loads((pilot / "testbed.json").read_text())["recipe"]["finetune_lr"] == 2e-3
+    recipe = db.DECODER_RECIPES["decoder_ci"].replace(finetune_lr=2e-3)
+    assert db.decoder_family(model_dir).folder(recipe, tmp_path / "a") == pilot
+
+
 def test_build_end_to_end_resumes_and_scores(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model_dir = _tiny_model_dir(tmp_path / "tiny")
