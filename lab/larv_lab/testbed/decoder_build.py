@@ -105,11 +105,13 @@ class DecoderRecipe(toolkit.BaseRecipe):
 
 
 #: the decoder regime (issue 33): six tasks, 100 full fine-tuning steps x 8 per task (one pass
-#: over 800 training prompts), 300 test prompts per task, two build seeds. The learning rate is a
-#: placeholder until a pilot chooses it from base rows only against the other testbeds' regime
-#: targets (larv_lab/config/larv/regime.yaml: fine-tuning gain >= 15 pp, Task Arithmetic <= 85 %
-#: of fine-tuned accuracy, data-free base mergers >= 5 pp apart).
-_DECODER_REGIME = dict(tasks=DECODER_TASKS, n_train=800, n_test=300, finetune_steps=100)
+#: over 800 training prompts), 300 test prompts per task, two build seeds. The learning rate is
+#: the lowest of the pilot's (1e-4, 3e-4) that meets the other testbeds' regime targets on base
+#: rows only (larv_lab/config/larv/regime.yaml: fine-tuning gain >= 15 pp, Task Arithmetic <= 85 %
+#: of fine-tuned accuracy, data-free base mergers >= 5 pp apart; docs/testbeds.md).
+_DECODER_REGIME = dict(
+    tasks=DECODER_TASKS, n_train=800, n_test=300, finetune_steps=100, finetune_lr=1e-4
+)
 DECODER_RECIPES: dict[str, DecoderRecipe] = {
     "decoder_full": DecoderRecipe(name="decoder_full", **_DECODER_REGIME),
     "decoder_full_seed1": DecoderRecipe(name="decoder_full_seed1", seed=1, **_DECODER_REGIME),
