@@ -123,12 +123,20 @@ def test_registry_is_read_from_the_yaml(tmp_path):
     assert reg.paper_mergers() == ["ta", "ties", "iso_c", "iso_cts", "tsvm"]
     assert not reg.mergers["lot"].data_free and reg.mergers["ta"].data_free
     for name, m in reg.mergers.items():
-        assert (larv_config_dir() / "method" / f"{m.larv_config}.yaml").is_file()
+        trees = (larv_config_dir(), lab_config_dir())  # the plugin's configs, or the lab's own
+        assert any((t / "method" / f"{m.larv_config}.yaml").is_file() for t in trees)
         assert m.larv_config == f"larv_{name}"
     assert reg.mergers["ties"].base_config == "ties_merging"
     assert reg.mergers["ties"].base_values == {
         "scaling_factor": 0.3, "threshold": 20, "merge_func": "sum",
     }  # fmt: skip
+    # a larv config built on another (larv_ties_streamed on larv_ties): that base, its values
+    # with the block merged over them
+    assert reg.mergers["ties_streamed"].base_config == "ties_merging"
+    assert reg.mergers["ties_streamed"].base_values == {
+        **reg.mergers["ties"].base_values,
+        "_target_": "larv_lab.testbed.ties_streamed.StreamedTiesMergingAlgorithm",
+    }
     assert reg.mergers["iso_c"].base_values == {
         "scaling_factor": "${oc.select:larv_suite.iso_c_scaling,1.30}"
     }
@@ -201,6 +209,11 @@ def test_base_cell_runs_the_larv_configs_base_method_node(tmp_path):
             assert larv["_target_"] == "fusion_bench_larv.LARVAlgorithm"
             assert base == larv["base_method"], (s.key, m)
         assert methods[f"{s.key}/iso_c/base"]["scaling_factor"] == want_iso_c
+    # the lab's own configs over FusionBench's TIES and Iso-CTS: the same node, another _target_
+    for lab, own, target in [("ties_streamed", "ties", "ties_streamed.StreamedTiesMergingAlgorithm"),
+                             ("iso_cts_retry", "iso_cts", "iso_cts_retry.IsoCTSWithRetry")]:  # fmt: skip
+        ours, theirs = (methods[f"{X.FLAN_T5.key}/{m}/base"] for m in (lab, own))
+        assert ours == {**theirs, "_target_": f"larv_lab.testbed.{target}"}
     scalings = {s.key: s.larv_suite()["iso_c_scaling"] for s in X.vit_suites(tasks=("TALL20",))}
     assert sorted(scalings.values()) == [1.3, 1.4, 1.5]  # the paper's, App. C.2
     # a suite mapped to other pools keeps its larv_suite values (same hyperparameters)

@@ -107,21 +107,26 @@ class Registry:
         return [m for m, x in self.mergers.items() if x.paper]
 
 
-def _base_of(path: Path) -> tuple[str, dict[str, Any]]:
+def _base_of(path: Path, roots: Sequence[Path]) -> tuple[str, dict[str, Any]]:
     """FusionBench's method config named in a ``larv_*`` config's defaults list and the
-    ``base_method:`` block merged over it (unresolved)."""
+    ``base_method:`` block merged over it (unresolved). A ``larv_*`` config may instead build on
+    another one (``/method/larv_<other>@_here_``): its base, with this block merged over it."""
     doc = yaml.safe_load(path.read_text()) or {}
-    base = None
+    base, values = None, {}
     for entry in doc.get("defaults", []):
-        if isinstance(entry, str) and entry.endswith("@base_method"):
-            name = entry.removesuffix("@base_method").strip()
-            base = name.removeprefix("/").removeprefix("method/")
+        if not isinstance(entry, str):
+            continue
+        name = entry.rsplit("@", 1)[0].strip().removeprefix("/").removeprefix("method/")
+        if entry.endswith("@base_method"):
+            base = name
+        elif entry.endswith("@_here_") and name.startswith("larv_"):
+            base, values = _base_of(find_config(Path("method") / f"{name}.yaml", roots), roots)
     if base is None:
         raise ValueError(f"{path}: no `/method/<option>@base_method` entry in its defaults list")
-    values = doc.get("base_method") or {}
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{path}: `base_method` must be a mapping, got {values!r}")
-    return base, dict(values)
+    own = doc.get("base_method") or {}
+    if not isinstance(own, Mapping):
+        raise ValueError(f"{path}: `base_method` must be a mapping, got {own!r}")
+    return base, {**values, **own}
 
 
 @cache
@@ -135,7 +140,7 @@ def _load(roots: tuple[Path, ...]) -> Registry:
             path = find_config(Path("method") / f"{larv_config}.yaml", roots)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"merger {name!r} ({registry_file}): {e}") from None
-        base_config, base_values = _base_of(path)
+        base_config, base_values = _base_of(path, roots)
         mergers[name] = Merger(
             name=name,
             label=str(meta.get("label", name)),
