@@ -12,7 +12,7 @@ TEXT=(testbed:text_full testbed:text_full_seed1 testbed:text_lora testbed:text_l
 export OMP_NUM_THREADS=1
 "${R[@]}" --pools "${TEXT[@]}" --out lab/results/text_regime --merger ta ties iso_c iso_cts tsvm wudi simple_average pretrained finetuned testbed_adamerging --collate-only
 "${R[@]}" --pools testbed:full testbed:full_seed1 --out lab/results/testbed_regime --merger ta ties iso_c iso_cts tsvm wudi simple_average lot pretrained finetuned testbed_adamerging --collate-only
-"${R[@]}" --pools testbed:decoder_full testbed:decoder_full_seed1 --out lab/results/decoder_regime --merger "${B[@]}" --variant base --collate-only
+"${R[@]}" --pools testbed:decoder_full testbed:decoder_full_seed1 --out lab/results/decoder_regime --merger "${B[@]}" ties_streamed iso_cts_retry --variant base --collate-only
 "${R[@]}" --pools testbed:full --out lab/results/ceiling_rebuild --merger "${B[@]}" testbed_adamerging --variant base sched-linear larv-tiered 'fitted-scales-val*' lines-val signed-ramp-val larv-guarded --collate-only
 "${R[@]}" --pools testbed:text_full --out lab/results/ceiling_text --merger "${B[@]}" wudi testbed_adamerging --variant base sched-linear larv-tiered 'fitted-scales-val*' lines-val signed-ramp-val larv-guarded --collate-only
 for pilot in full_lr1e-3:text_full_lr1e-3-48171d1cd1a14b9f/ full_lr5e-4:text_full_lr5e-4-539130533bb538b0/ \

@@ -8,7 +8,9 @@ own task) and ``acc_m`` (base merger ``m``), averages over the suite's tasks ``T
     normalized(m) = mean_T (acc_m / ft)                         (TA's: <= max_ta_normalized)
     spread        = max_m mean_T acc_m - min_m mean_T acc_m     (target >= min_base_spread_pp)
 
-over the data-free mergers present. A missing merger is listed, never imputed. A task whose
+over the data-free mergers present. A missing merger is listed, never imputed; a lab config that
+computes it (a registry ``stands_in_for``: TIES one tensor at a time, ...) counts as it, and the
+card says so. A task whose
 fine-tuned accuracy is 0 (a generation task the fine-tuning did not teach) has no ratio
 acc_m / ft: ``normalized`` averages over the other tasks, and is None when none is left.
 """
@@ -43,14 +45,17 @@ def regime_card(
     finetuned: Mapping[str, float],
     bases: Mapping[str, Mapping[str, float]],
     goals: Mapping | None = None,
+    stand_ins: Mapping[str, str] | None = None,
 ) -> dict:
-    """The card (module docstring); ``bases``: merger -> task -> accuracy in %."""
+    """The card (module docstring); ``bases``: merger -> task -> accuracy in %; ``stand_ins``:
+    lab config -> the merger it computes (the registry's ``stands_in_for``)."""
     goals = dict(goals or targets())
     tasks = list(finetuned)
     if set(pretrained) != set(tasks):
         raise ValueError(f"pretrained and fine-tuned tasks differ: {sorted(pretrained)} vs {tasks}")
     wanted = list(goals["data_free_mergers"])
-    present = {m: bases[m] for m in wanted if m in bases}
+    used = {m: lab for lab, m in (stand_ins or {}).items() if lab in bases and m not in bases}
+    present = {m: bases[used.get(m, m)] for m in wanted if m in bases or m in used}
     for m, acc in present.items():
         if set(acc) != set(tasks):
             raise ValueError(f"{m}: tasks {sorted(acc)} differ from the suite's {sorted(tasks)}")
@@ -75,6 +80,7 @@ def regime_card(
         "best_base": max(averages, key=averages.get) if averages else None,
         "worst_base": min(averages, key=averages.get) if averages else None,
         "missing_mergers": [m for m in wanted if m not in present],
+        **({"stand_ins": used} if used else {}),
         "targets": goals,
     }
     checks = {

@@ -69,6 +69,7 @@ class Merger:
     paper: bool = False
     default: bool = True
     needs_data: str | None = None
+    stands_in_for: str | None = None  # a lab config computing that merger (mergers.yaml)
 
     @property
     def data_free(self) -> bool:
@@ -105,6 +106,10 @@ class Registry:
 
     def paper_mergers(self) -> list[str]:
         return [m for m, x in self.mergers.items() if x.paper]
+
+    def stand_ins(self) -> dict[str, str]:
+        """Lab config -> the merger it computes (``stands_in_for``)."""
+        return {m: x.stands_in_for for m, x in self.mergers.items() if x.stands_in_for}
 
 
 def _base_of(path: Path, roots: Sequence[Path]) -> tuple[str, dict[str, Any]]:
@@ -150,6 +155,7 @@ def _load(roots: tuple[Path, ...]) -> Registry:
             paper=bool(meta.get("paper", False)),
             default=bool(meta.get("default", True)),
             needs_data=meta.get("needs_data"),
+            stands_in_for=meta.get("stands_in_for"),
         )
     references = {
         name: Reference(
