@@ -15,8 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from larv_lab.reproduce.regime import regime_card, targets
-from larv_lab.reproduce.registry import registry
+from larv_lab.reproduce.regime import card_mergers, regime_card
 
 
 def pilot_card(build: Path, results: Path) -> dict:
@@ -27,14 +26,13 @@ def pilot_card(build: Path, results: Path) -> dict:
     suites = sorted(p.name for p in (results / "runs").iterdir() if p.is_dir())
     if len(suites) != 1:
         raise SystemExit(f"{results}: one pilot's cells expected, found suites {suites}")
-    stand_ins = registry().stand_ins()
     bases = {}
-    for merger in [*targets()["data_free_mergers"], *stand_ins]:
+    for merger in card_mergers():
         path = results / "runs" / suites[0] / merger / "base" / "program_report.json"
         if path.is_file():
             rows = json.loads(path.read_text())
             bases[merger] = {t: 100 * rows[t]["accuracy"] for t in tasks}
-    card = regime_card(pre, ft, bases, stand_ins=stand_ins)
+    card = regime_card(pre, ft, bases)
     return {"build": build.name, "finetune_lr": report["recipe"]["finetune_lr"], **card}
 
 

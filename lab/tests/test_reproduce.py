@@ -122,8 +122,8 @@ def test_registry_is_read_from_the_yaml(tmp_path):
                                           "simple_average"}  # fmt: skip
     assert reg.paper_mergers() == ["ta", "ties", "iso_c", "iso_cts", "tsvm"]
     assert not reg.mergers["lot"].data_free and reg.mergers["ta"].data_free
+    trees = (larv_config_dir(), lab_config_dir())  # the plugin's configs, or the lab's own
     for name, m in reg.mergers.items():
-        trees = (larv_config_dir(), lab_config_dir())  # the plugin's configs, or the lab's own
         assert any((t / "method" / f"{m.larv_config}.yaml").is_file() for t in trees)
         assert m.larv_config == f"larv_{name}"
     assert reg.mergers["ties"].base_config == "ties_merging"

@@ -15,8 +15,7 @@ from .ceiling import ceiling_section
 from .columns import FINETUNED
 from .experiments import BENCH_VARIANTS, CONTINUOUS_MEDIAN, EXPERIMENTS, Cell
 from .layouts import per_task_table
-from .regime import regime_card, targets
-from .registry import registry
+from .regime import card_mergers, regime_card
 from .results import Results
 from .tablefmt import Table, layer_csv
 from .timings import run_times
@@ -73,19 +72,12 @@ def regime_cards(t: Table, cells: Sequence[Cell], res: Results, folder: Path) ->
     written = []
     for suite in sel.suites(cells):
         pre, ft = res.get(suite.key, "pretrained", "base"), res.get(suite.key, FINETUNED, "base")
-        stand_ins = registry().stand_ins()
         bases = {
-            m: r.acc
-            for m in [*targets()["data_free_mergers"], *stand_ins]
-            if (r := res.get(suite.key, m, "base")) is not None
+            m: r.acc for m in card_mergers() if (r := res.get(suite.key, m, "base")) is not None
         }
         if pre is None or ft is None or not bases:
             continue
-        card = {
-            "suite": suite.key,
-            "pools": suite.label,
-            **regime_card(pre.acc, ft.acc, bases, stand_ins=stand_ins),
-        }
+        card = {"suite": suite.key, "pools": suite.label, **regime_card(pre.acc, ft.acc, bases)}
         path = folder / f"regime_{suite.key}.json"
         write_text_atomic(path, json.dumps(card, indent=2) + "\n")
         written.append(path)

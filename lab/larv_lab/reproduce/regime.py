@@ -23,9 +23,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .registry import find_config
+from .registry import find_config, registry
 
-__all__ = ["regime_card", "targets"]
+__all__ = ["card_mergers", "regime_card", "targets"]
 
 
 @cache
@@ -33,6 +33,11 @@ def targets() -> dict:
     """``config/larv/regime.yaml`` as a plain dict."""
     path = find_config(Path("larv") / "regime.yaml")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+def card_mergers() -> list[str]:
+    """The base rows a card reads: the targets' data-free mergers and the registry's stand-ins."""
+    return [*targets()["data_free_mergers"], *registry().stand_ins()]
 
 
 def _mean(xs) -> float:
@@ -48,13 +53,14 @@ def regime_card(
     stand_ins: Mapping[str, str] | None = None,
 ) -> dict:
     """The card (module docstring); ``bases``: merger -> task -> accuracy in %; ``stand_ins``:
-    lab config -> the merger it computes (the registry's ``stands_in_for``)."""
+    lab config -> the merger it computes (default: the registry's ``stands_in_for``)."""
     goals = dict(goals or targets())
+    stand_ins = registry().stand_ins() if stand_ins is None else stand_ins
     tasks = list(finetuned)
     if set(pretrained) != set(tasks):
         raise ValueError(f"pretrained and fine-tuned tasks differ: {sorted(pretrained)} vs {tasks}")
     wanted = list(goals["data_free_mergers"])
-    used = {m: lab for lab, m in (stand_ins or {}).items() if lab in bases and m not in bases}
+    used = {m: lab for lab, m in stand_ins.items() if lab in bases and m not in bases}
     present = {m: bases[used.get(m, m)] for m in wanted if m in bases or m in used}
     for m, acc in present.items():
         if set(acc) != set(tasks):

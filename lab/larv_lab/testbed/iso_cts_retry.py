@@ -32,21 +32,16 @@ def iso_cts_with_retry(
     exclude_keys: Sequence[str] | None = None,
 ) -> tuple[dict[str, Tensor], list[str]]:
     """FusionBench's ``iso_cts`` key by key: (the merged task vector, the keys merged in float64)."""
+    kwargs = dict(common_space_fraction=common_space_fraction, accelerator=accelerator,
+                  exclude_keys=list(exclude_keys or []))  # fmt: skip
     merged, retried = {}, []
     for key in task_vectors[0]:
         one = [{key: tv[key]} for tv in task_vectors]
-        kwargs = dict(common_space_fraction=common_space_fraction, accelerator=accelerator,
-                      exclude_keys=list(exclude_keys or []))  # fmt: skip
         try:
             merged[key] = iso_cts(one, **kwargs)[key]
         except torch.linalg.LinAlgError as e:
-            log.warning(
-                "iso_cts: %s did not converge in %s (%s); merged in float64",
-                key,
-                one[0][key].dtype,
-                e,
-            )
             dtype = one[0][key].dtype
+            log.warning("iso_cts: %s did not converge in %s (%s); merged in float64", key, dtype, e)
             merged[key] = iso_cts([{key: tv[key].double()} for tv in one], **kwargs)[key].to(dtype)
             retried.append(key)
     return merged, retried

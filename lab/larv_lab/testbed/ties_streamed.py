@@ -39,23 +39,27 @@ def trim_thresholds(
     finetuned: Sequence[Mapping[str, Tensor]],
     keys: Sequence[str],
     threshold: float,
-) -> list[Tensor]:
-    """κ_t per task: the (d − ⌊d·k⌋)-th smallest |τ_t| over the keys' entries, one task at a time."""
+) -> Tensor:
+    """κ_t per task, shape (n,): the (d − ⌊d·k⌋)-th smallest |τ_t| over the keys' entries, one
+    task at a time."""
     kappas = []
     for ft in finetuned:
         magnitude = torch.cat([(ft[k] - pretrained[k]).reshape(-1) for k in keys]).abs_()
         d = magnitude.numel()
         kappas.append(magnitude.kthvalue(d - int(d * _kept_fraction(threshold))).values)
         del magnitude
-    return kappas
+    return torch.stack(kappas)
 
 
 def _trimmed(
-    pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], key: str, kappas
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    key: str,
+    kappas: Tensor,
 ) -> Tensor:
     """τ̂_t for one key, stacked over the tasks: (n, numel)."""
     tv = torch.stack([(ft[key] - pretrained[key]).reshape(-1) for ft in finetuned])
-    return tv * (tv.abs() >= torch.stack(kappas).unsqueeze(1))
+    return tv * (tv.abs() >= kappas.unsqueeze(1))
 
 
 def ties_merge(
@@ -74,7 +78,8 @@ def ties_merge(
     keys = sorted(k for k in pretrained if k not in set(remove_keys))
     kappas = trim_thresholds(pretrained, finetuned, keys, threshold)
     # γ before its zeros are resolved, flattened in key order: FusionBench's majority sign is the
-    # float32 sum over exactly this vector, so the same sum gives the same sign.
+    # float32 sum over exactly this vector, so the same sum gives the same sign. τ̂ is computed
+    # again per key below rather than kept: keeping it would hold every task vector at once.
     signs = torch.cat(
         [torch.sign(_trimmed(pretrained, finetuned, k, kappas).sum(dim=0)) for k in keys]
     )
